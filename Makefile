@@ -1,0 +1,40 @@
+# Every target with a "## " comment is listed by `make help`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-all lint format summary clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F '\t' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+# Reinstalls only when pyproject.toml changed since the last install.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install the project (editable) with dev tools
+
+test: install ## Run the fast test suite (CPU, a few minutes)
+	$(PY) -m pytest -m "not slow"
+
+test-all: install ## Run every test, slow ones included
+	$(PY) -m pytest
+
+lint: install ## Check style with ruff (lint and formatting)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install ## Reformat the code with ruff
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+summary: install ## Print parameters and training FLOPs of the reference model
+	$(PY) -m soda.models.summary
+
+clean: ## Remove caches (keeps .venv)
+	rm -rf .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,213 @@
+"""Frozen-feature probes: k-NN and a linear probe.
+
+Both take features that were computed once. `evaluate_probes` holds one feature bank (the
+training set's) and streams the test set through the encoder batch by batch, so memory stays at
+one bank however large the test set is. Everything runs on whatever device the features are on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KNN_VOTES = ("uniform", "weighted")
+
+
+def _check_bank(features: torch.Tensor, labels: torch.Tensor, name: str) -> None:
+    if features.dim() != 2:
+        raise ValueError(f"{name}_features must be [count, dim]; got shape {tuple(features.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"{name}_labels has {labels.shape[0] if labels.dim() else 0} entries but {name}_features has "
+            f"{features.shape[0]} rows; they must be the same length"
+        )
+
+
+@torch.no_grad()
+def knn_predict(
+    bank_features: torch.Tensor,
+    bank_labels: torch.Tensor,
+    query_features: torch.Tensor,
+    k: int = 20,
+    vote: str = "uniform",
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int = 512,
+) -> torch.Tensor:
+    """Class predictions for `query_features` from their k nearest neighbours in the bank.
+
+    vote="uniform": the reference's rule (scikit-learn's KNeighborsClassifier): the k smallest
+    Euclidean distances, one vote each, ties between classes to the smallest label.
+    vote="weighted": DINO / solo-learn's rule: the k largest cosine similarities, each voting
+    exp(similarity / temperature). Features are expected L2-normalised for both.
+    Queries are processed `chunk_size` at a time, so the distance matrix never exceeds
+    chunk_size x bank size.
+    """
+    _check_bank(bank_features, bank_labels, "bank")
+    if vote not in KNN_VOTES:
+        raise ValueError(f"vote={vote!r} is not known; allowed: {', '.join(KNN_VOTES)}")
+    if query_features.dim() != 2 or query_features.shape[1] != bank_features.shape[1]:
+        raise ValueError(
+            f"query_features has shape {tuple(query_features.shape)}; expected [count, {bank_features.shape[1]}] "
+            "like bank_features"
+        )
+    if not 1 <= k <= bank_features.shape[0]:
+        raise ValueError(f"k={k} must be between 1 and the bank size ({bank_features.shape[0]})")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be positive")
+    num_classes = int(bank_labels.max()) + 1 if num_classes is None else num_classes
+    bank_features = bank_features.float()
+    bank_labels = bank_labels.to(bank_features.device)
+    bank_sq_norms = (bank_features * bank_features).sum(dim=1)
+
+    predictions = []
+    for start in range(0, query_features.shape[0], chunk_size):
+        query = query_features[start : start + chunk_size].to(bank_features.device).float()
+        similarity = query @ bank_features.T
+        if vote == "uniform":
+            # Squared Euclidean distance; the query's own norm does not change the ranking.
+            distance = bank_sq_norms[None, :] - 2 * similarity
+            _, neighbours = distance.topk(k, dim=1, largest=False)
+            weights = torch.ones(neighbours.shape, device=query.device)
+        else:
+            top_similarity, neighbours = similarity.topk(k, dim=1)
+            weights = (top_similarity / temperature).exp()
+        votes = torch.zeros(query.shape[0], num_classes, device=query.device)
+        votes.scatter_add_(1, bank_labels[neighbours], weights)
+        predictions.append(votes.argmax(dim=1))  # first maximum = smallest label on ties
+    return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
+
+
+def knn_accuracy(bank_features, bank_labels, query_features, query_labels, **knn_kwargs) -> float:
+    _check_bank(query_features, query_labels, "query")
+    predictions = knn_predict(bank_features, bank_labels, query_features, **knn_kwargs)
+    return (predictions.cpu() == query_labels.cpu()).float().mean().item()
+
+
+def train_linear_probe(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    epochs: int = 15,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> nn.Module:
+    """BatchNorm1d(affine=False) + Linear trained with Adam and a per-epoch cosine schedule on
+    features computed once. Deterministic for a fixed seed; the global RNG is left untouched."""
+    _check_bank(features, labels, "train")
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise ValueError(f"linear probe needs epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}")
+    device = features.device
+    features = features.float()
+    labels = labels.to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        probe = nn.Sequential(
+            nn.BatchNorm1d(features.shape[1], affine=False, eps=1e-6),
+            nn.Linear(features.shape[1], num_classes),
+        ).to(device)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    order_rng = torch.Generator().manual_seed(seed)
+    probe.train()
+    for _ in range(epochs):
+        order = torch.randperm(features.shape[0], generator=order_rng).to(device)
+        for start in range(0, features.shape[0], batch_size):
+            batch = order[start : start + batch_size]
+            if batch.numel() < 2:  # BatchNorm cannot normalise a single example
+                continue
+            loss = F.cross_entropy(probe(features[batch]), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        schedule.step()
+    return probe.eval()
+
+
+@torch.no_grad()
+def probe_predict(probe: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    return probe(features.float()).argmax(dim=1)
+
+
+def linear_probe_accuracy(
+    train_features, train_labels, test_features, test_labels, num_classes: int, **probe_kwargs
+) -> float:
+    _check_bank(test_features, test_labels, "test")
+    probe = train_linear_probe(train_features, train_labels, num_classes, **probe_kwargs)
+    predictions = probe_predict(probe, test_features.to(train_features.device))
+    return (predictions.cpu() == test_labels.cpu()).float().mean().item()
+
+
+@torch.no_grad()
+def extract_features(
+    encode: Callable[[torch.Tensor], torch.Tensor], batches: Iterable, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run `encode` over (images, labels) batches; features stay on `device` (default: where
+    `encode` put them)."""
+    features, labels = [], []
+    for images, batch_labels in batches:
+        batch_features = encode(images).float()
+        features.append(batch_features if device is None else batch_features.to(device))
+        labels.append(batch_labels.to(features[-1].device))
+    if not features:
+        raise ValueError("no batches to extract features from: the data set is empty")
+    return torch.cat(features), torch.cat(labels)
+
+
+def evaluate_probes(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    train_batches: Iterable,
+    test_batches: Iterable,
+    num_classes: int,
+    knn_k: int = 20,
+    knn_vote: str = "uniform",
+    knn_temperature: float = 0.07,
+    probe_epochs: int = 15,
+    probe_lr: float = 1e-3,
+    probe_batch_size: int = 128,
+    probe_augmented_batches: Iterable[Iterable] = (),
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
+    """k-NN and linear-probe top-1 accuracy of `encode` (images -> L2-normalised features).
+
+    The k-NN bank is the training set as given (deterministic views); the probe trains on that
+    bank plus one extra copy per entry of `probe_augmented_batches` (augmented passes over the
+    training set). The test set is then streamed once: each batch is classified by both probes
+    and dropped.
+    """
+    bank, bank_labels = extract_features(encode, train_batches, device)
+    probe_features, probe_labels = [bank], [bank_labels]
+    for augmented in probe_augmented_batches:
+        extra, extra_labels = extract_features(encode, augmented, bank.device)
+        probe_features.append(extra)
+        probe_labels.append(extra_labels)
+    probe_bank = torch.cat(probe_features) if len(probe_features) > 1 else bank
+    probe = train_linear_probe(
+        probe_bank,
+        torch.cat(probe_labels) if len(probe_labels) > 1 else bank_labels,
+        num_classes,
+        epochs=probe_epochs,
+        lr=probe_lr,
+        batch_size=probe_batch_size,
+        seed=seed,
+    )
+    del probe_bank, probe_features, probe_labels
+
+    knn_correct = linear_correct = total = 0
+    for images, labels in test_batches:
+        features = encode(images).float().to(bank.device)
+        labels = labels.to(bank.device)
+        knn = knn_predict(
+            bank, bank_labels, features, k=knn_k, vote=knn_vote, temperature=knn_temperature, num_classes=num_classes
+        )
+        knn_correct += (knn == labels).sum().item()
+        linear_correct += (probe_predict(probe, features) == labels).sum().item()
+        total += labels.numel()
+    if total == 0:
+        raise ValueError("no test batches to evaluate: the test set is empty")
+    return {"knn_acc": knn_correct / total, "linear_acc": linear_correct / total}

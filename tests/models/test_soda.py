@@ -1,0 +1,98 @@
+import torch
+
+from tests.models.helpers import tiny_soda
+
+
+def test_loss_goes_down_on_a_fixed_tiny_batch():
+    torch.manual_seed(0)
+    model = tiny_soda(latent_drop_prob=0.0, source_noise_std=0.0, dropout=0.0)
+    images = torch.rand(8, 3, 8, 8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+
+    def fixed_loss():
+        # The same timesteps and noise each time, so the two figures are comparable.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(123)
+            model.eval()
+            with torch.no_grad():
+                value = sum(model.loss(images, images).item() for _ in range(4)) / 4
+            model.train()
+        return value
+
+    before = fixed_loss()
+    for _ in range(40):
+        loss = model.loss(images, images)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = fixed_loss()
+    assert after < 0.8 * before, (before, after)
+
+
+def test_loss_passes_a_sampled_keep_mask_to_the_decoder():
+    model = tiny_soda(layer_groups=2, latent_drop_prob=0.5, layer_mask_prob=0.5)
+    seen = {}
+
+    def capture(module, args):
+        seen["keep"] = args[3]
+
+    model.decoder.register_forward_pre_hook(capture)
+    model.loss(torch.rand(64, 3, 8, 8), torch.rand(64, 3, 8, 8))
+    keep = seen["keep"]
+    assert keep.shape == (64, 2) and set(keep.unique().tolist()) == {0.0, 1.0}
+
+
+def test_keep_mask_drops_latents_and_groups_at_the_configured_rates():
+    model = tiny_soda(layer_groups=2, latent_drop_prob=0.1, layer_mask_prob=0.3)
+    keep = model.sample_keep(200_000, "cpu")
+    whole_dropped = (keep.sum(1) == 0).float().mean().item()
+    # A group survives when neither the whole latent (0.1) nor the group (0.3) is dropped.
+    assert abs(keep[:, 0].mean().item() - 0.9 * 0.7) < 0.005
+    assert abs(keep[:, 1].mean().item() - 0.9 * 0.7) < 0.005
+    assert abs(whole_dropped - (0.1 + 0.9 * 0.3 * 0.3)) < 0.005
+    # Groups are masked independently: both kept together at the product rate.
+    assert abs((keep.sum(1) == 2).float().mean().item() - 0.9 * 0.7 * 0.7) < 0.005
+
+
+def test_reference_setting_without_layer_masking_drops_whole_latents_only():
+    model = tiny_soda(latent_drop_prob=0.1)
+    keep = model.sample_keep(100_000, "cpu")
+    assert keep.shape == (100_000, 1)
+    assert abs(1 - keep.mean().item() - 0.1) < 0.005
+
+
+def test_encode_is_l2_normalised_on_request():
+    model = tiny_soda().eval()
+    images = torch.rand(4, 3, 8, 8)
+    normalized = model.encode(images)
+    assert torch.allclose(normalized.norm(dim=1), torch.ones(4), atol=1e-5)
+    raw = model.encode(images, normalize=False)
+    assert torch.allclose(torch.nn.functional.normalize(raw, dim=1), normalized, atol=1e-6)
+
+
+def test_ddim_with_guidance_returns_images_in_unit_range_deterministic_for_eta_zero():
+    model = tiny_soda()
+    latents = torch.randn(3, 16)
+    noise = torch.randn(3, 3, 8, 8)
+    first = model.sample(
+        latents, steps=5, eta=0.0, guidance=0.3, noise=noise, generator=torch.Generator().manual_seed(1)
+    )
+    second = model.sample(
+        latents, steps=5, eta=0.0, guidance=0.3, noise=noise, generator=torch.Generator().manual_seed(2)
+    )
+    assert first.shape == (3, 3, 8, 8)
+    assert first.min() >= 0 and first.max() <= 1
+    assert torch.equal(first, second)
+    assert model.training, "sampling must restore training mode"
+    # eta > 0 draws fresh noise each step; guidance changes the prediction.
+    stochastic = model.sample(latents, steps=5, eta=1.0, noise=noise, generator=torch.Generator().manual_seed(2))
+    assert not torch.equal(first, stochastic)
+    unguided = model.sample(latents, steps=5, eta=0.0, guidance=0.0, noise=noise)
+    assert not torch.equal(first, unguided)
+
+
+def test_reconstruct_returns_one_image_per_input():
+    model = tiny_soda()
+    images = torch.rand(2, 3, 8, 8)
+    out = model.reconstruct(images, steps=3, generator=torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and 0 <= out.min() and out.max() <= 1

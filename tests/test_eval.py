@@ -1,0 +1,122 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.neighbors import KNeighborsClassifier
+
+from soda.eval import evaluate_probes, knn_accuracy, knn_predict, linear_probe_accuracy, train_linear_probe
+
+
+def _random_bank(n_bank=600, n_query=300, dim=16, classes=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bank = F.normalize(torch.randn(n_bank, dim, generator=g), dim=1)
+    query = F.normalize(torch.randn(n_query, dim, generator=g), dim=1)
+    bank_labels = torch.randint(0, classes, (n_bank,), generator=g)
+    return bank, bank_labels, query
+
+
+@pytest.mark.parametrize("chunk_size", [7, 512])
+def test_uniform_knn_agrees_exactly_with_scikit_learn(chunk_size):
+    bank, bank_labels, query = _random_bank()
+    reference = KNeighborsClassifier(n_neighbors=20).fit(bank.double().numpy(), bank_labels.numpy())
+    expected = reference.predict(query.double().numpy())
+    ours = knn_predict(bank, bank_labels, query, k=20, vote="uniform", chunk_size=chunk_size)
+    assert np.array_equal(ours.numpy(), expected)
+
+
+def test_weighted_knn_agrees_with_a_brute_force_temperature_vote():
+    bank, bank_labels, query = _random_bank(seed=1)
+    similarity = query.double() @ bank.double().T
+    expected = []
+    for row in similarity:
+        top = row.argsort(descending=True)[:20]
+        votes = np.zeros(7)
+        for j in top:
+            votes[bank_labels[j]] += np.exp(row[j].item() / 0.07)
+        expected.append(votes.argmax())
+    ours = knn_predict(bank, bank_labels, query, k=20, vote="weighted", temperature=0.07, chunk_size=50)
+    assert np.array_equal(ours.numpy(), np.array(expected))
+
+
+def test_knn_classifies_clustered_features():
+    g = torch.Generator().manual_seed(0)
+    centers = F.normalize(torch.randn(5, 32, generator=g), dim=1)
+    labels = torch.arange(5).repeat(100)
+    features = F.normalize(centers[labels] + 0.05 * torch.randn(500, 32, generator=g), dim=1)
+    assert knn_accuracy(features[:400], labels[:400], features[400:], labels[400:]) == 1.0
+
+
+def _separable(n=2000, dim=32, classes=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    directions = torch.randn(classes, dim, generator=g)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    features = directions[labels] * 3 + torch.randn(n, dim, generator=g)
+    return features, labels
+
+
+def test_linear_probe_separates_linearly_separable_features():
+    features, labels = _separable()
+    accuracy = linear_probe_accuracy(
+        features[:1500], labels[:1500], features[1500:], labels[1500:], 10, epochs=15, lr=1e-2
+    )
+    assert accuracy > 0.95
+
+
+def test_linear_probe_is_near_chance_on_noise():
+    g = torch.Generator().manual_seed(0)
+    features, labels = torch.randn(3000, 32, generator=g), torch.randint(0, 10, (3000,), generator=g)
+    accuracy = linear_probe_accuracy(features[:2000], labels[:2000], features[2000:], labels[2000:], 10, epochs=5)
+    assert 0.05 < accuracy < 0.16
+
+
+def test_linear_probe_is_deterministic_for_a_seed_and_leaves_global_rng_alone():
+    features, labels = _separable(n=500)
+    torch.manual_seed(42)
+    state = torch.get_rng_state()
+    first = train_linear_probe(features, labels, 10, epochs=3, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    second = train_linear_probe(features, labels, 10, epochs=3, seed=7)
+    third = train_linear_probe(features, labels, 10, epochs=3, seed=8)
+    assert torch.equal(first[1].weight, second[1].weight)
+    assert not torch.equal(first[1].weight, third[1].weight)
+
+
+def test_evaluate_probes_streams_test_batches_against_one_bank():
+    features, labels = _separable(n=1200, classes=4)
+    images = features.view(1200, 2, 4, 4)  # "images" whose encoder is a reshape + normalise
+
+    def encode(batch):
+        return F.normalize(batch.flatten(1), dim=1)
+
+    def batches(start, stop):
+        return [(images[i : i + 100], labels[i : i + 100]) for i in range(start, stop, 100)]
+
+    augmented = [[(x + 0.1 * torch.randn_like(x), y) for x, y in batches(0, 1000)]]
+    result = evaluate_probes(
+        encode,
+        batches(0, 1000),
+        batches(1000, 1200),
+        num_classes=4,
+        probe_epochs=5,
+        probe_lr=1e-2,
+        probe_augmented_batches=augmented,
+    )
+    assert set(result) == {"knn_acc", "linear_acc"}
+    assert result["knn_acc"] > 0.9 and result["linear_acc"] > 0.9
+    # The same figures as computing everything at once.
+    bank = encode(images[:1000])
+    assert result["knn_acc"] == knn_accuracy(bank, labels[:1000], encode(images[1000:]), labels[1000:], num_classes=4)
+
+
+def test_mismatched_feature_banks_are_value_errors():
+    bank, bank_labels, query = _random_bank()
+    with pytest.raises(ValueError, match=r"bank_labels has 599 entries but bank_features has 600 rows"):
+        knn_predict(bank, bank_labels[:-1], query)
+    with pytest.raises(ValueError, match=r"query_features has shape \(300, 8\)"):
+        knn_predict(bank, bank_labels, query[:, :8])
+    with pytest.raises(ValueError, match=r"vote='majority'.*uniform, weighted"):
+        knn_predict(bank, bank_labels, query, vote="majority")
+    with pytest.raises(ValueError, match=r"k=601 must be between 1 and the bank size \(600\)"):
+        knn_predict(bank, bank_labels, query, k=601)
+    with pytest.raises(ValueError, match=r"train_labels has 10 entries but train_features has 600 rows"):
+        train_linear_probe(bank, bank_labels[:10], 7)
