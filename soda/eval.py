@@ -114,6 +114,13 @@ def train_linear_probe(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     order_rng = torch.Generator().manual_seed(seed)
     probe.train()
+    with torch.enable_grad():  # callers often evaluate under no_grad
+        _fit_probe(probe, features, labels, optimizer, schedule, order_rng, epochs, batch_size)
+    return probe.eval()
+
+
+def _fit_probe(probe, features, labels, optimizer, schedule, order_rng, epochs, batch_size) -> None:
+    device = features.device
     for _ in range(epochs):
         order = torch.randperm(features.shape[0], generator=order_rng).to(device)
         for start in range(0, features.shape[0], batch_size):
@@ -125,7 +132,6 @@ def train_linear_probe(
             loss.backward()
             optimizer.step()
         schedule.step()
-    return probe.eval()
 
 
 @torch.no_grad()

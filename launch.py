@@ -1,0 +1,64 @@
+"""Entry point: compose conf/, train one run, return the objective (for sweepers).
+
+python launch.py experiment=demo
+python launch.py -m sweep=augment_ablation
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+import soda.config  # noqa: F401 - registers the config schema with Hydra
+from soda.errors import SodaError
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from soda.train import run
+
+    try:
+        return run(cfg)
+    except SodaError as error:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the sweeper records the failed trial and goes on
+        # One run: say what is wrong in one line (Hydra would add its own "Error executing job").
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _one_line(error: BaseException) -> str:
+    """Hydra's composition errors span several lines (option lists, search paths); keep the
+    lines that say what is wrong and join them."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    kept = []
+    for line in lines:
+        if line.startswith("Config search path") or line.startswith("Set the environment"):
+            break
+        if line:
+            kept.append(line)
+    return " ".join(kept).replace(": ", ": ", 1) or type(error).__name__
+
+
+if __name__ == "__main__":
+    # Let errors reach us instead of Hydra's multi-line report; known ones become one line.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        main()
+    except SodaError as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as error:
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        if isinstance(error, HydraException | OmegaConfBaseException):
+            print(f"error: {_one_line(error)}", file=sys.stderr)
+            sys.exit(2)
+        raise

@@ -1,0 +1,123 @@
+"""Augmentation of a batch of uint8 images into one view, with per-image random parameters.
+
+The reference's per-image PIL pipeline: RandomApply([RandomResizedCrop, RandomHorizontalFlip],
+p=crop_prob), RandomApply([RandAugment], p=randaugment_prob). Here crop and flip are one batched
+resampling (an affine grid per image, so any device runs it in one op); RandAugment runs per
+selected image through torchvision's own implementation, so its operations and magnitudes are
+exactly torchvision's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+
+def sample_crop_boxes(
+    count: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    attempts: int = 10,
+    device=None,
+) -> torch.Tensor:
+    """RandomResizedCrop's boxes (top, left, h, w), float [count, 4], by torchvision's rule: up to
+    `attempts` tries of area ~ U(scale) and log-ratio ~ U(log ratio), else a centred crop with the
+    ratio clamped into range."""
+    area = height * width
+    target_area = area * torch.empty(count, attempts, device=device).uniform_(scale[0], scale[1])
+    log_ratio = torch.empty(count, attempts, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    aspect = log_ratio.exp()
+    w = torch.sqrt(target_area * aspect).round()
+    h = torch.sqrt(target_area / aspect).round()
+    fits = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+    first = torch.where(fits.any(1), fits.float().argmax(1), torch.full((count,), -1, device=device))
+
+    # Fallback (no attempt fits): the whole image cropped to the nearest allowed ratio.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fallback_w, fallback_h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        fallback_w, fallback_h = round(height * ratio[1]), height
+    else:
+        fallback_w, fallback_h = width, height
+    rows = torch.arange(count, device=device)
+    chosen = first.clamp(min=0)
+    w = torch.where(first >= 0, w[rows, chosen], torch.full((count,), float(fallback_w), device=device))
+    h = torch.where(first >= 0, h[rows, chosen], torch.full((count,), float(fallback_h), device=device))
+    # Integer offsets uniform over the valid range, as torch.randint(0, H - h + 1) does.
+    top = (torch.rand(count, device=device) * (height - h + 1)).floor()
+    left = (torch.rand(count, device=device) * (width - w + 1)).floor()
+    centred = first < 0
+    top = torch.where(centred, ((height - h) / 2).round(), top)
+    left = torch.where(centred, ((width - w) / 2).round(), left)
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def resized_crop_flip(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear crop of each box to size x size, mirrored where `flip`; float images in, float out."""
+    count, _, height, width = images.shape
+    top, left, h, w = boxes.unbind(1)
+    scale_x = w / width
+    scale_y = h / height
+    shift_x = (2 * left + w) / width - 1
+    shift_y = (2 * top + h) / height - 1
+    theta = torch.zeros(count, 2, 3, device=images.device)
+    theta[:, 0, 0] = torch.where(flip, -scale_x, scale_x)
+    theta[:, 0, 2] = shift_x
+    theta[:, 1, 1] = scale_y
+    theta[:, 1, 2] = shift_y
+    grid = F.affine_grid(theta, (count, images.shape[1], size, size), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class ViewAugmentation:
+    """uint8 [batch, 3, H, W] -> float [batch, 3, size, size] in [0, 1]."""
+
+    def __init__(
+        self,
+        size: int,
+        crop_prob: float = 0.95,
+        crop_scale=(0.08, 1.0),
+        crop_ratio=(3 / 4, 4 / 3),
+        flip_prob: float = 0.5,
+        randaugment_prob: float = 0.65,
+        randaugment_ops: int = 2,
+        randaugment_magnitude: int = 9,
+    ):
+        self.size = size
+        self.crop_prob = crop_prob
+        self.crop_scale = tuple(crop_scale)
+        self.crop_ratio = tuple(crop_ratio)
+        self.flip_prob = flip_prob
+        self.randaugment_prob = randaugment_prob
+        self.randaugment = v2.RandAugment(num_ops=randaugment_ops, magnitude=randaugment_magnitude)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.crop_prob == 0 and self.randaugment_prob == 0
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        count, _, height, width = images.shape
+        device = images.device
+        if self.crop_prob > 0:
+            cropped = torch.rand(count, device=device) < self.crop_prob
+            boxes = sample_crop_boxes(count, height, width, self.crop_scale, self.crop_ratio, device=device)
+            whole = torch.tensor([0.0, 0.0, height, width], device=device).expand(count, 4)
+            boxes = torch.where(cropped[:, None], boxes, whole)
+            flip = cropped & (torch.rand(count, device=device) < self.flip_prob)
+            images = resized_crop_flip(images.float(), boxes, flip, self.size).round().clamp(0, 255).to(torch.uint8)
+        elif (height, width) != (self.size, self.size):
+            images = F.interpolate(images.float(), size=(self.size, self.size), mode="bilinear", antialias=True)
+            images = images.round().clamp(0, 255).to(torch.uint8)
+        if self.randaugment_prob > 0:
+            chosen = (torch.rand(count, device=device) < self.randaugment_prob).nonzero().flatten().tolist()
+            if chosen:
+                images = images.clone()
+                for index in chosen:
+                    images[index] = self.randaugment(images[index])
+        return images.float() / 255

@@ -1,0 +1,204 @@
+"""MLflow tracking for one run: checked reachable before any work, resumable after a restart.
+
+A restarted run (same run directory) continues the same MLflow run: its id is kept in
+`<run_dir>/mlflow_run_id`, and metrics already recorded at a step are not recorded again, so a
+replayed epoch leaves no duplicate points.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from soda.errors import TrackingError
+
+log = logging.getLogger(__name__)
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def git_state(repo: Path) -> dict[str, str]:
+    """The commit that produced a run, and whether the work tree had uncommitted changes."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+        return {"git_sha": sha, "git_dirty": str(bool(status.strip())).lower()}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_sha": "unknown", "git_dirty": "unknown"}
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """Nested dicts -> {"a.b.c": "value"} (lists kept whole, as their string)."""
+    if isinstance(tree, dict):
+        out: dict[str, str] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: str(tree)}
+
+
+@contextlib.contextmanager
+def _quick_http_failures():
+    """MLflow retries an unreachable server for minutes by default; a start-up check should not."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def check_reachable(uri: str) -> None:
+    """Fail now, with what to do, if the tracking store cannot be written."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((host, port), timeout=5).close()
+        except OSError as error:
+            raise TrackingError(
+                f"MLflow tracking server {uri} is unreachable ({error.strerror or error}); start it "
+                f"(make mlflow-server), fix tracking.uri, or use tracking=local"
+            ) from None
+    elif parsed.scheme == "sqlite":
+        database = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+        if database is not None:
+            try:
+                database.parent.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                pass
+            if not os.access(database if database.exists() else database.parent, os.W_OK):
+                raise TrackingError(
+                    f"MLflow store {uri} is not writable (check the folder's permissions), or set tracking.uri"
+                )
+    import mlflow
+
+    try:
+        with _quick_http_failures():
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as error:
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise TrackingError(
+            f"MLflow tracking store {uri} cannot be used ({reason}); fix tracking.uri or use tracking=local"
+        ) from None
+
+
+class Tracker:
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        artifact_location: str | None = None,
+        run_name: str | None = None,
+        system_metrics: bool = True,
+        tags: dict[str, str] | None = None,
+    ):
+        self.uri = uri
+        self.experiment = experiment
+        self.artifact_location = artifact_location
+        self.run_name = run_name
+        self.system_metrics = system_metrics
+        self.tags = dict(tags or {})
+        self.run_id: str | None = None
+        self.resumed = False
+        self._recorded_steps: dict[str, int] = {}  # key -> last step already in the store
+
+    def check(self) -> None:
+        check_reachable(self.uri)
+
+    def start(self, run_dir: Path, params: dict[str, str], config_yaml: str, tags: dict[str, str]) -> str:
+        """Start the run, or continue the one this run directory already has."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        experiment_id = self._experiment_id(mlflow)
+        id_file = Path(run_dir) / RUN_ID_FILE
+        previous = id_file.read_text().strip() if id_file.exists() else None
+        if previous and self._run_exists(mlflow, previous):
+            run = mlflow.start_run(run_id=previous, log_system_metrics=self.system_metrics)
+            self.resumed = True
+            self._recorded_steps = self._last_steps(mlflow, previous)
+            mlflow.set_tag("resumed", "true")
+            log.info("continuing MLflow run %s", previous)
+        else:
+            run = mlflow.start_run(
+                experiment_id=experiment_id, run_name=self.run_name, log_system_metrics=self.system_metrics
+            )
+            id_file.parent.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(run.info.run_id + "\n")
+            mlflow.log_params(params)
+            mlflow.log_text(config_yaml, "config.yaml")
+        mlflow.set_tags({**tags, **self.tags})
+        self.run_id = run.info.run_id
+        return self.run_id
+
+    def _experiment_id(self, mlflow) -> str:
+        existing = mlflow.get_experiment_by_name(self.experiment)
+        if existing is not None:
+            return existing.experiment_id
+        try:
+            return mlflow.create_experiment(self.experiment, artifact_location=self.artifact_location)
+        except Exception:
+            # Another run created it in the meantime.
+            existing = mlflow.get_experiment_by_name(self.experiment)
+            if existing is None:
+                raise
+            return existing.experiment_id
+
+    @staticmethod
+    def _run_exists(mlflow, run_id: str) -> bool:
+        try:
+            mlflow.get_run(run_id)
+            return True
+        except Exception:
+            return False
+
+    @staticmethod
+    def _last_steps(mlflow, run_id: str) -> dict[str, int]:
+        client = mlflow.MlflowClient()
+        keys = mlflow.get_run(run_id).data.metrics.keys()
+        return {
+            key: max(m.step for m in client.get_metric_history(run_id, key))
+            for key in keys
+            if not key.startswith("system/")
+        }
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import mlflow
+
+        fresh = {k: float(v) for k, v in metrics.items() if step > self._recorded_steps.get(k, -1)}
+        if fresh:
+            mlflow.log_metrics(fresh, step=step)
+
+    def log_artifact(self, path: Path, folder: str) -> None:
+        import mlflow
+
+        mlflow.log_artifact(str(path), folder)
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        import mlflow
+
+        if mlflow.active_run() is None:
+            return
+        if error:
+            mlflow.set_tag("error", error[:5000])
+        mlflow.end_run(status=status)

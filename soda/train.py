@@ -1,0 +1,376 @@
+"""One training run: config in; a trained encoder, probe accuracies and an MLflow record out.
+
+`run(cfg)` unpacks the composed Hydra config (the only place that reads it) and hands plain
+values to the pieces: the model, the data, the `Trainer` loop, the tracker and checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from ema_pytorch import EMA
+from omegaconf import DictConfig, OmegaConf
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from soda.checkpoint import load_checkpoint, save_checkpoint
+from soda.config import REPO_ROOT, Config, to_settings
+from soda.data import LabelledImages, ViewAugmentation, load_split
+from soda.errors import ConfigError
+from soda.eval import evaluate_probes
+from soda.models import SODA, build_soda
+from soda.tracking import Tracker, flatten, git_state
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoints/last.pt"
+PRECISION_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
+    """Train, evaluate and record one run; returns the metric named by `objective`."""
+    settings = to_settings(cfg)
+    run_dir = Path(run_dir) if run_dir is not None else _hydra_output_dir()
+    device = _resolve_device(settings.device)
+    torch.manual_seed(settings.seed)
+
+    # Everything that can be wrong is checked before any data is read or time is spent.
+    model = build_model(settings)
+    tracker = Tracker(**{k: v for k, v in asdict(settings.tracking).items() if k != "name"})
+    tracker.check()
+    checkpoint_path = run_dir / CHECKPOINT
+    signature = _signature(settings)
+    resume = load_checkpoint(checkpoint_path, signature) if checkpoint_path.exists() else None
+
+    train_set, test_set = load_data(settings)
+    if settings.schedule.batch_size > len(train_set):
+        raise ConfigError(
+            f"schedule.batch_size={settings.schedule.batch_size} is larger than the training set "
+            f"({len(train_set)} images); lower it"
+        )
+
+    trainer = Trainer(model, train_set, test_set, settings, run_dir, device, tracker)
+    if resume is not None:
+        trainer.load_state(resume)
+        log.info("resuming from %s at epoch %d", checkpoint_path, trainer.epoch)
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved.pop("hydra", None)
+    tags = {**git_state(REPO_ROOT), "seed": str(settings.seed), "run_dir": str(run_dir.resolve())}
+    tracker.start(run_dir, flatten(resolved), OmegaConf.to_yaml(resolved), tags)
+    try:
+        metrics = trainer.fit()
+    except KeyboardInterrupt:
+        tracker.finish("KILLED", error="interrupted")
+        raise
+    except BaseException as error:
+        tracker.finish("FAILED", error=f"{type(error).__name__}: {error}")
+        raise
+    tracker.finish("FINISHED")
+    summary = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+    print(f"final {summary} (epoch {trainer.epoch}, mlflow run {tracker.run_id}, {run_dir})", flush=True)
+    return metrics[settings.objective]
+
+
+def build_model(settings: Config) -> SODA:
+    m, d = settings.model, settings.dataset
+    try:
+        return build_soda(
+            arch=m.arch,
+            latent_dim=m.latent_dim,
+            small_images=m.small_images,
+            image_size=d.image_size,
+            base_channels=m.base_channels,
+            channel_mults=tuple(m.channel_mults),
+            attention_levels=tuple(m.attention_levels),
+            blocks_per_level=m.blocks_per_level,
+            attention_heads=m.attention_heads,
+            dropout=m.dropout,
+            layer_groups=m.layer_groups,
+            norm_groups=m.norm_groups,
+            schedule=m.noise_schedule,
+            timesteps=m.timesteps,
+            beta_start=m.beta_start,
+            beta_end=m.beta_end,
+            latent_drop_prob=m.latent_drop_prob,
+            layer_mask_prob=m.layer_mask_prob,
+            source_noise_std=m.source_noise_std,
+            input_mean=tuple(d.mean),
+            input_std=tuple(d.std),
+        )
+    except ValueError as error:
+        raise ConfigError(f"model: {error}") from None
+
+
+def load_data(settings: Config) -> tuple[LabelledImages, LabelledImages]:
+    d = settings.dataset
+    splits = []
+    for split, size, limit in (("train", d.train_size, d.train_limit), ("test", d.test_size, d.test_limit)):
+        data = load_split(
+            d.name, d.root, split, d.image_size, d.num_classes, download=d.download, seed=settings.seed, size=size
+        )
+        splits.append(data.head(limit))
+    return splits[0], splits[1]
+
+
+def _signature(settings: Config) -> dict:
+    """What a checkpoint must share with the run resuming it."""
+    d = settings.dataset
+    return {
+        **flatten(asdict(settings.model), "model."),
+        "dataset.name": d.name,
+        "dataset.image_size": str(d.image_size),
+        "dataset.num_classes": str(d.num_classes),
+        "seed": str(settings.seed),
+    }
+
+
+def _hydra_output_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+class Trainer:
+    """The loop of SEED.md: AdamW, linear warm-up then constant lr, grad-norm clipping, EMA every
+    step, mixed precision; probes on the EMA encoder every `eval.every` epochs and at the end."""
+
+    def __init__(
+        self,
+        model: SODA,
+        train_set: LabelledImages,
+        test_set: LabelledImages,
+        settings: Config,
+        run_dir: Path,
+        device: torch.device,
+        tracker: Tracker,
+    ):
+        s = settings.schedule
+        self.settings = settings
+        self.schedule = s
+        self.run_dir = run_dir
+        self.device = device
+        self.tracker = tracker
+        self.model = model.to(device)
+        self.train_set = train_set
+        self.test_set = test_set
+        # The decoded data set sits on the training device; batches are indexed from it directly.
+        self.train_images = train_set.images.to(device)
+        size = settings.dataset.image_size
+        self.source_augment = ViewAugmentation(size, **asdict(settings.augmentation.source))
+        self.target_augment = ViewAugmentation(size, **asdict(settings.augmentation.target))
+
+        decoder_lr = s.decoder_lr
+        self.base_lrs = [decoder_lr * s.encoder_lr_ratio, decoder_lr]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": model.encoder.parameters()}, {"params": model.decoder.parameters()}],
+            lr=decoder_lr,
+            betas=tuple(s.adam_betas),
+            weight_decay=s.weight_decay,
+            fused=device.type == "cuda",
+        )
+        self.autocast_dtype = PRECISION_DTYPES[s.precision]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=s.precision == "fp16")
+        self.ema = EMA(
+            model,
+            beta=s.ema_decay,
+            update_after_step=0,
+            update_every=s.ema_update_every,
+            power=s.ema_warmup_power,
+            include_online_model=False,
+        )
+        self.steps_per_epoch = len(train_set) // s.batch_size
+        self.warmup_steps = max(1, round(s.warmup_epochs * self.steps_per_epoch))
+        self.epoch = 0
+        self.global_step = 0
+        self.metrics: dict[str, float] = {}
+
+    # ----------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, float]:
+        s, e = self.schedule, self.settings.eval
+        if self.epoch == 0 and e.at_start:
+            self.evaluate(epoch=0)
+        while self.epoch < s.epochs:
+            epoch = self.epoch + 1
+            self.train_epoch(epoch)
+            self.epoch = epoch
+            last = epoch == s.epochs
+            if last or epoch % e.every == 0:
+                self.evaluate(epoch)
+            if last or epoch % s.checkpoint_every == 0:
+                save_checkpoint(self.run_dir / CHECKPOINT, self.state_dict())
+        if not self.metrics:  # resumed a run that had already finished
+            raise ConfigError("this run directory holds a finished run without metrics; use a new run directory")
+        return self.metrics
+
+    def train_epoch(self, epoch: int) -> None:
+        s = self.schedule
+        order_rng = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.train_set), generator=order_rng).to(self.device)
+        self.model.train()
+        running, count = torch.zeros((), device=self.device), 0
+        started = time.perf_counter()
+        bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch}/{s.epochs}", leave=False, disable=None)
+        for index in bar:
+            images = self.train_images[order[index * s.batch_size : (index + 1) * s.batch_size]]
+            loss = self.train_step(images)
+            running += loss.detach()
+            count += 1
+            if self.global_step % s.log_every == 0:
+                # The only host sync of the loop, once every log_every steps.
+                value = (running / count).item()
+                if not math.isfinite(value):
+                    raise FloatingPointError(
+                        f"train/loss is {value} at step {self.global_step}; lower the learning rate"
+                    )
+                self.tracker.log_metrics(
+                    {"train/loss": value, "train/lr": self._lr_factor() * s.decoder_lr}, step=self.global_step
+                )
+                bar.set_postfix(loss=f"{value:.4f}")
+                running, count = torch.zeros((), device=self.device), 0
+        seconds = time.perf_counter() - started
+        throughput = self.steps_per_epoch * s.batch_size / seconds
+        self.tracker.log_metrics({"train/epoch_seconds": seconds, "train/images_per_second": throughput}, step=epoch)
+        log.info("epoch %d/%d  %.1f s  %.0f images/s", epoch, s.epochs, seconds, throughput)
+
+    def train_step(self, images: torch.Tensor) -> torch.Tensor:
+        s = self.schedule
+        source_view = self.source_augment(images)
+        target_view = self.target_augment(images)
+
+        # Learning rate: linear warm-up, then constant.
+        factor = self._lr_factor()
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+
+        # Accumulate gradients.
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            loss = self.model.loss(source_view, target_view)
+        self.scaler.scale(loss).backward()
+
+        # Clip and step.
+        if s.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        # Update EMA.
+        self.ema.update()
+        self.global_step += 1
+        return loss
+
+    def _lr_factor(self) -> float:
+        return min(1.0, (self.global_step + 1) / self.warmup_steps)
+
+    # ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """Probes (and reconstructions) of the EMA model. Runs under its own seeded RNG so that
+        evaluating, or not, never changes the training that follows."""
+        e = self.settings.eval
+        ema_model: SODA = self.ema.ema_model
+        ema_model.eval()
+        devices = [self.device] if self.device.type == "cuda" else []
+        started = time.perf_counter()
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.settings.seed * 7_919 + epoch)
+            metrics = self._probe(ema_model)
+            if e.num_reconstructions > 0:
+                metrics["eval/recon_mse"] = self._reconstruct(ema_model, epoch)
+        metrics = {k: float(v) for k, v in metrics.items()}
+        self.tracker.log_metrics({**metrics, "eval/seconds": time.perf_counter() - started}, step=epoch)
+        shown = "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+        log.info("eval epoch %d: %s", epoch, shown)
+        self.metrics = metrics
+        return metrics
+
+    def _probe(self, ema_model: SODA) -> dict[str, float]:
+        e = self.settings.eval
+        autocast = self.autocast_dtype if self.device.type == "cuda" else None
+
+        def encode(images: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
+                return ema_model.encode(images.to(self.device).float() / 255, normalize=True)
+
+        def batches(data: LabelledImages, augment: ViewAugmentation | None = None):
+            for start in range(0, len(data), e.batch_size):
+                images = data.images[start : start + e.batch_size].to(self.device)
+                if augment is not None:
+                    images = (augment(images) * 255).round().to(torch.uint8)
+                yield images, data.labels[start : start + e.batch_size]
+
+        probe_augment = ViewAugmentation(self.settings.dataset.image_size, **asdict(e.probe_augmentation))
+        result = evaluate_probes(
+            encode,
+            batches(self.train_set),
+            batches(self.test_set),
+            self.settings.dataset.num_classes,
+            knn_k=min(e.knn_k, len(self.train_set)),
+            knn_vote=e.knn_vote,
+            knn_temperature=e.knn_temperature,
+            probe_epochs=e.probe_epochs,
+            probe_lr=e.probe_lr,
+            probe_batch_size=e.probe_batch_size,
+            probe_augmented_batches=[batches(self.train_set, probe_augment) for _ in range(e.probe_augmented_copies)],
+            seed=self.settings.seed,
+            device=self.device,
+        )
+        return {"eval/knn_acc": result["knn_acc"], "eval/linear_acc": result["linear_acc"]}
+
+    def _reconstruct(self, ema_model: SODA, epoch: int) -> float:
+        e = self.settings.eval
+        originals = self.test_set.images[: e.num_reconstructions].to(self.device).float() / 255
+        generator = torch.Generator(device=self.device).manual_seed(self.settings.seed)
+        reconstructions = ema_model.reconstruct(
+            originals, steps=e.sample_steps, eta=e.sample_eta, guidance=e.guidance, generator=generator
+        )
+        path = self.run_dir / "samples" / f"reconstructions_epoch{epoch:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Top row: test images; bottom row: their reconstructions from the latent alone.
+        save_image(torch.cat([originals, reconstructions]).cpu(), path, nrow=len(originals), padding=1)
+        self.tracker.log_artifact(path, "samples")
+        return torch.mean((reconstructions - originals) ** 2).item()
+
+    # ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "signature": _signature(self.settings),
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+            "metrics": self.metrics,
+            "mlflow_run_id": self.tracker.run_id or "",
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if self.device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.epoch = state["epoch"]
+        self.global_step = state["global_step"]
+        self.metrics = dict(state["metrics"])

@@ -1,0 +1,54 @@
+"""Shared pieces for tests that compose the real config."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+import soda.config  # noqa: F401 - registers the schema
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+# A run that finishes in seconds on a CPU: tiny data, tiny model, one short epoch.
+SMOKE = [
+    "dataset=shapes",
+    "model=tiny",
+    "schedule=short",
+    "dataset.train_size=96",
+    "dataset.test_size=48",
+    "dataset.image_size=16",
+    "schedule.epochs=1",
+    "schedule.batch_size=32",
+    "schedule.log_every=1",
+    "eval.every=1",
+    "eval.batch_size=48",
+    "eval.probe_epochs=2",
+    "eval.num_reconstructions=4",
+    "eval.sample_steps=2",
+    "tracking.system_metrics=false",
+]
+
+
+def compose_config(overrides: list[str], tmp_path: Path | None = None):
+    extra = []
+    if tmp_path is not None:
+        extra = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_location={tmp_path}/artifacts"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=[*overrides, *extra])
+
+
+def launch(
+    args: list[str], cwd: Path = REPO, timeout: int = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )

@@ -1,0 +1,48 @@
+import pickle
+
+import pytest
+import torch
+
+from soda.checkpoint import load_checkpoint, save_checkpoint
+from soda.errors import CheckpointError
+
+SIGNATURE = {"model.arch": "resnet18", "seed": "0"}
+
+
+def test_round_trip_keeps_tensors_and_counters(tmp_path):
+    path = tmp_path / "ckpt" / "last.pt"
+    save_checkpoint(path, {"signature": SIGNATURE, "epoch": 3, "weights": torch.arange(5.0)})
+    state = load_checkpoint(path, SIGNATURE)
+    assert state["epoch"] == 3 and torch.equal(state["weights"], torch.arange(5.0))
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary files left
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"signature": SIGNATURE, "epoch": 1})
+    with pytest.raises(pickle.PicklingError):
+        save_checkpoint(path, {"signature": SIGNATURE, "epoch": 2, "bad": lambda: None})  # not picklable
+    assert load_checkpoint(path, SIGNATURE)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"signature": SIGNATURE, "epoch": 1, "weights": torch.randn(1000)})
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(CheckpointError, match=r"unreadable \(truncated or corrupt"):
+        load_checkpoint(path, SIGNATURE)
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"signature": SIGNATURE, "epoch": 1})
+    with pytest.raises(CheckpointError, match=r"other settings \(model.arch: 'resnet18' -> 'resnet50'\)"):
+        load_checkpoint(path, {**SIGNATURE, "model.arch": "resnet50"})
+
+
+def test_a_file_that_is_not_a_soda_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "last.pt"
+    torch.save({"something": 1}, path)
+    with pytest.raises(CheckpointError, match=r"not a SODA checkpoint"):
+        load_checkpoint(path, SIGNATURE)

@@ -1,0 +1,88 @@
+from pathlib import Path
+
+import pytest
+
+from soda.config import to_settings
+from soda.errors import ConfigError
+from tests.helpers import CONF, compose_config, launch
+
+GROUPS = ["model", "dataset", "augmentation", "schedule", "eval", "tracking"]
+
+
+def _options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_config_option_composes_and_validates(group, option):
+    settings = to_settings(compose_config([f"{group}={option}"]))
+    assert getattr(settings, group).name == option
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_experiment_composes_and_validates(experiment):
+    settings = to_settings(compose_config([f"experiment={experiment}"]))
+    assert settings.dataset.name
+
+
+def test_defaults_are_the_reference():
+    settings = to_settings(compose_config([]))
+    assert settings.model.name == "soda_r18_ddpm" and settings.dataset.name == "cifar10"
+    assert settings.augmentation.name == "seed" and settings.schedule.epochs == 800
+    assert settings.schedule.decoder_lr == 4e-4 and settings.schedule.batch_size == 512
+    assert settings.eval.knn_k == 20 and settings.eval.knn_vote == "uniform"
+    assert settings.tracking.uri.startswith("sqlite:///") and settings.tracking.uri.endswith("/mlflow.db")
+    assert settings.objective == "eval/linear_acc"
+
+
+def test_demo_is_a_delta_on_the_defaults():
+    demo = to_settings(compose_config(["experiment=demo"]))
+    assert demo.dataset.name == "shapes" and demo.model.name == "tiny"
+    assert demo.augmentation.name == "seed"  # untouched groups keep the defaults
+
+
+def test_clean_target_keeps_the_reference_source_and_only_flips_the_target():
+    settings = to_settings(compose_config(["augmentation=clean_target"]))
+    seed = to_settings(compose_config(["augmentation=seed"]))
+    assert settings.augmentation.source == seed.augmentation.source
+    target = settings.augmentation.target
+    assert target.randaugment_prob == 0 and list(target.crop_scale) == [1.0, 1.0] and target.flip_prob == 0.5
+
+
+def test_data_root_follows_soda_data(monkeypatch):
+    monkeypatch.setenv("SODA_DATA", "/somewhere/else")
+    assert to_settings(compose_config(["dataset=cifar10"])).dataset.root == "/somewhere/else/cifar10"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("schedule.epochs=-1", "schedule.epochs=-1 must be at least 1"),
+        ("schedule.precision=fp8", "schedule.precision='fp8'"),
+        ("augmentation.source.crop_prob=1.5", "augmentation.source.crop_prob=1.5 must be a probability"),
+        ("eval.knn_vote=majority", "eval.knn_vote='majority'"),
+        ("device=tpu", "device='tpu'"),
+    ],
+)
+def test_out_of_range_values_fail_validation(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        to_settings(compose_config([override]))
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("dataset=nope", "Could not find 'dataset/nope'"),
+        ("schedule.epochs=-1", "schedule.epochs=-1 must be at least 1"),
+        ("schedule.epochz=3", "epochz"),
+        ("schedule.epochs=many", "schedule.epochs"),
+        ("model.latent_dim=100 model.layer_groups=3", "latent_dim=100 does not divide into layer_groups=3"),
+    ],
+)
+def test_bad_overrides_exit_nonzero_with_one_line(override, expected, tmp_path: Path):
+    result = launch([*override.split(), f"hydra.run.dir={tmp_path}/run"], timeout=120)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()

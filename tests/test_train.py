@@ -1,0 +1,127 @@
+"""End-to-end runs of the real config on tiny sizes, read back from MLflow."""
+
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from soda import train
+from soda.checkpoint import load_checkpoint
+from soda.errors import CheckpointError, TrackingError
+from tests.helpers import SMOKE, compose_config, launch
+
+
+def _runs(tmp_path: Path, experiment: str = "soda"):
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    found = client.get_experiment_by_name(experiment)
+    return [] if found is None else client.search_runs([found.experiment_id])
+
+
+@pytest.mark.parametrize("experiment", ["demo"])
+def test_experiment_smoke_run_writes_a_complete_mlflow_record(experiment, tmp_path):
+    cfg = compose_config([f"experiment={experiment}", *SMOKE, "tracking.experiment=soda"], tmp_path)
+    objective = train.run(cfg, run_dir=tmp_path / "run")
+
+    (run,) = _runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+    assert params["model.name"] == "tiny" and params["dataset.name"] == "shapes"
+    assert params["schedule.epochs"] == "1" and params["seed"] == "0"
+    assert len(tags["git_sha"]) in (40, 7) or tags["git_sha"] == "unknown"
+    assert tags["git_dirty"] in ("true", "false", "unknown") and tags["seed"] == "0"
+    for key in ("eval/knn_acc", "eval/linear_acc"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert objective == metrics["eval/linear_acc"]
+    assert metrics["train/loss"] > 0 and "eval/recon_mse" in metrics
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    history = client.get_metric_history(run.info.run_id, "eval/linear_acc")
+    assert [m.step for m in history] == [0, 1]  # demo evaluates the untrained encoder too
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "config.yaml" in artifacts and "samples" in artifacts
+    samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+    assert samples == ["samples/reconstructions_epoch0000.png", "samples/reconstructions_epoch0001.png"]
+    config_text = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text()
+    assert "name: tiny" in config_text and "hydra" not in config_text
+
+
+def _interrupt_at(monkeypatch, epoch_to_fail: int):
+    original = train.Trainer.train_epoch
+
+    def failing(self, epoch):
+        if epoch == epoch_to_fail:
+            raise RuntimeError("simulated preemption")
+        return original(self, epoch)
+
+    monkeypatch.setattr(train.Trainer, "train_epoch", failing)
+
+
+def test_resume_after_an_interruption_matches_the_uninterrupted_run(tmp_path, monkeypatch):
+    overrides = [*SMOKE, "schedule.epochs=3", "schedule.checkpoint_every=1", "eval.at_start=false"]
+    straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
+    straight = train.run(compose_config(overrides, straight_dir), run_dir=straight_dir / "run")
+
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 3)
+        with pytest.raises(RuntimeError, match="simulated preemption"):
+            train.run(compose_config(overrides, resumed_dir), run_dir=resumed_dir / "run")
+    (failed,) = _runs(resumed_dir)
+    assert failed.info.status == "FAILED" and "simulated preemption" in failed.data.tags["error"]
+    assert (
+        load_checkpoint(
+            resumed_dir / "run" / train.CHECKPOINT, train._signature(train.to_settings(compose_config(overrides)))
+        )["epoch"]
+        == 2
+    )
+
+    resumed = train.run(compose_config(overrides, resumed_dir), run_dir=resumed_dir / "run")
+    assert resumed == straight
+    (run,) = _runs(resumed_dir)  # the same MLflow run, continued
+    assert run.info.run_id == failed.info.run_id and run.info.status == "FINISHED"
+    client = mlflow.MlflowClient(f"sqlite:///{resumed_dir}/mlflow.db")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/knn_acc")] == [1, 2, 3]
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert len({m.step for m in losses}) == len(losses)  # no step recorded twice
+    a = torch.load(straight_dir / "run" / train.CHECKPOINT, weights_only=True)["model"]
+    b = torch.load(resumed_dir / "run" / train.CHECKPOINT, weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_corrupt_checkpoint_stops_the_run_before_anything_is_recorded(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / train.CHECKPOINT).write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        train.run(compose_config(SMOKE, tmp_path), run_dir=run_dir)
+    assert _runs(tmp_path) == []
+    assert (run_dir / train.CHECKPOINT).read_bytes() == b"not a checkpoint"
+
+
+def test_unreachable_tracking_server_fails_at_start(tmp_path):
+    cfg = compose_config([*SMOKE, "tracking=server", "tracking.uri=http://127.0.0.1:9"])
+    with pytest.raises(TrackingError, match=r"http://127.0.0.1:9 is unreachable"):
+        train.run(cfg, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_launch_runs_a_job_and_prints_the_final_summary_line(tmp_path):
+    result = launch(
+        [
+            "experiment=demo",
+            *SMOKE,
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            f"tracking.artifact_location={tmp_path}/artifacts",
+            f"hydra.run.dir={tmp_path}/run",
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    final = [line for line in result.stdout.splitlines() if line.startswith("final ")]
+    assert len(final) == 1 and "eval/knn_acc=" in final[0] and "eval/linear_acc=" in final[0]
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+def test_unreachable_tracking_server_is_one_line_from_launch(tmp_path):
+    result = launch([*SMOKE, "tracking=server", "tracking.uri=http://127.0.0.1:9", f"hydra.run.dir={tmp_path}/run"])
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "unreachable" in lines[0] and "tracking=local" in lines[0]
