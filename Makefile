@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format summary clean
+.PHONY: help install demo test test-all lint format summary mlflow-ui clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F '\t' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install the project (editable) with dev tools
+
+demo: install ## Train the demo run: synthetic shapes, tiny model, CPU, offline, a few minutes
+	$(PY) launch.py experiment=demo
 
 test: install ## Run the fast test suite (CPU, a few minutes)
 	$(PY) -m pytest -m "not slow"
@@ -34,6 +37,9 @@ format: install ## Reformat the code with ruff
 
 summary: install ## Print parameters and training FLOPs of the reference model
 	$(PY) -m soda.models.summary
+
+mlflow-ui: install ## Browse the runs in the embedded store (http://127.0.0.1:5000)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
 
 clean: ## Remove caches (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache

@@ -34,16 +34,23 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def _one_line(error: BaseException) -> str:
-    """Hydra's composition errors span several lines (option lists, search paths); keep the
-    lines that say what is wrong and join them."""
-    lines = [line.strip() for line in str(error).splitlines()]
-    kept = []
-    for line in lines:
-        if line.startswith("Config search path") or line.startswith("Set the environment"):
+    """Hydra's composition errors span several lines (option lists, search paths, hints that do
+    not apply under a typed schema); keep what says what is wrong, and the cause, on one line."""
+    kept: list[str] = []
+    for line in str(error).splitlines():
+        text = line.strip()
+        if text.startswith(("Config search path", "Set the environment")):
             break
-        if line:
-            kept.append(line)
-    return " ".join(kept).replace(": ", ": ", 1) or type(error).__name__
+        if not text or text.startswith("To append to your config"):
+            continue
+        if line.startswith("\t") and kept:  # an entry of "Available options in ...:"
+            kept[-1] += (" " if kept[-1].endswith(":") else ", ") + text
+        else:
+            kept.append(text)
+    cause = error.__cause__
+    if cause is not None and str(cause).strip():
+        kept.append(str(cause).strip().splitlines()[0])
+    return "; ".join(k.rstrip(".") for k in kept) or type(error).__name__
 
 
 if __name__ == "__main__":

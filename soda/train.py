@@ -113,7 +113,7 @@ def load_data(settings: Config) -> tuple[LabelledImages, LabelledImages]:
         data = load_split(
             d.name, d.root, split, d.image_size, d.num_classes, download=d.download, seed=settings.seed, size=size
         )
-        splits.append(data.head(limit))
+        splits.append(data.subset(limit))
     return splits[0], splits[1]
 
 

@@ -33,10 +33,13 @@ class LabelledImages:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def head(self, limit: int | None) -> LabelledImages:
+    def subset(self, limit: int | None) -> LabelledImages:
+        """`limit` images drawn by a fixed permutation (the same for every run, whatever its
+        seed), so a limited run sees every class and runs of one study see the same images."""
         if limit is None or limit >= len(self):
             return self
-        return LabelledImages(self.images[:limit], self.labels[:limit], self.classes)
+        chosen = torch.randperm(len(self), generator=torch.Generator().manual_seed(0))[:limit].sort().values
+        return LabelledImages(self.images[chosen], self.labels[chosen], self.classes)
 
 
 def load_split(
