@@ -19,3 +19,7 @@ class CheckpointError(SodaError):
 
 class TrackingError(SodaError):
     pass
+
+
+class DivergenceError(SodaError):
+    """The loss became NaN or infinite."""

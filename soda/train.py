@@ -21,7 +21,7 @@ from tqdm import tqdm
 from soda.checkpoint import load_checkpoint, save_checkpoint
 from soda.config import REPO_ROOT, Config, to_settings
 from soda.data import LabelledImages, ViewAugmentation, load_split
-from soda.errors import ConfigError
+from soda.errors import ConfigError, DivergenceError
 from soda.eval import evaluate_probes
 from soda.models import SODA, build_soda
 from soda.tracking import Tracker, flatten, git_state
@@ -232,8 +232,9 @@ class Trainer:
                 # The only host sync of the loop, once every log_every steps.
                 value = (running / count).item()
                 if not math.isfinite(value):
-                    raise FloatingPointError(
-                        f"train/loss is {value} at step {self.global_step}; lower the learning rate"
+                    raise DivergenceError(
+                        f"train/loss is {value} at step {self.global_step}; lower schedule.decoder_lr, "
+                        f"keep schedule.grad_clip, or try schedule.precision=bf16"
                     )
                 self.tracker.log_metrics(
                     {"train/loss": value, "train/lr": self._lr_factor() * s.decoder_lr}, step=self.global_step

@@ -125,3 +125,14 @@ def test_unreachable_tracking_server_is_one_line_from_launch(tmp_path):
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "unreachable" in lines[0] and "tracking=local" in lines[0]
+
+
+def test_a_nan_loss_fails_the_run_with_its_reason_recorded(tmp_path, monkeypatch):
+    from soda.errors import DivergenceError
+    from soda.models import SODA
+
+    monkeypatch.setattr(SODA, "loss", lambda self, source, target: self.encoder(source).sum() * float("nan"))
+    with pytest.raises(DivergenceError, match=r"train/loss is nan at step 1"):
+        train.run(compose_config([*SMOKE, "eval.at_start=false"], tmp_path), run_dir=tmp_path / "run")
+    (run,) = _runs(tmp_path)
+    assert run.info.status == "FAILED" and "train/loss is nan" in run.data.tags["error"]
