@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all lint format summary mlflow-ui clean
+.PHONY: help install demo test test-all lint format summary mlflow-ui slurm-up slurm-down clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F '\t' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -40,6 +40,12 @@ summary: install ## Print parameters and training FLOPs of the reference model
 
 mlflow-ui: install ## Browse the runs in the embedded store (http://127.0.0.1:5000)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
+
+slurm-up: ## Install (if needed) and start a single-node SLURM cluster on this machine (root)
+	bash scripts/slurm-up.sh
+
+slurm-down: ## Stop the single-node SLURM cluster
+	bash scripts/slurm-up.sh down
 
 clean: ## Remove caches (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache

@@ -12,6 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+import hydra_plugins.soda_launchers.launchers  # noqa: F401 - registers hydra/launcher configs
 import soda.config  # noqa: F401 - registers the config schema with Hydra
 from soda.errors import SodaError
 

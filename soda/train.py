@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -15,9 +17,11 @@ from pathlib import Path
 import torch
 from ema_pytorch import EMA
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+from soda import dist
 from soda.checkpoint import load_checkpoint, save_checkpoint
 from soda.config import REPO_ROOT, Config, to_settings
 from soda.data import LabelledImages, ViewAugmentation, load_split
@@ -28,20 +32,31 @@ from soda.tracking import Tracker, flatten, git_state
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoints/last.pt"
+PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 PRECISION_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
-    """Train, evaluate and record one run; returns the metric named by `objective`."""
+def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
+    """Train, evaluate and record one run; returns the metric named by `objective` on global
+    rank 0 and None on the other ranks."""
     settings = to_settings(cfg)
     run_dir = Path(run_dir) if run_dir is not None else _hydra_output_dir()
     device = _resolve_device(settings.device)
-    torch.manual_seed(settings.seed)
+    world = dist.setup(use_cuda=device.type == "cuda")
+    if world.enabled and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    if settings.schedule.batch_size % world.world_size:
+        raise ConfigError(
+            f"schedule.batch_size={settings.schedule.batch_size} is not divisible by the world size "
+            f"{world.world_size} (nodes x tasks per node); choose a multiple of {world.world_size}"
+        )
 
     # Everything that can be wrong is checked before any data is read or time is spent.
+    torch.manual_seed(settings.seed)  # the same initial weights on every rank
     model = build_model(settings)
-    tracker = Tracker(**{k: v for k, v in asdict(settings.tracking).items() if k != "name"})
-    tracker.check()
+    tracker = Tracker(**{k: v for k, v in asdict(settings.tracking).items() if k != "name"}) if world.is_main else None
+    if tracker is not None:
+        tracker.check()
     checkpoint_path = run_dir / CHECKPOINT
     signature = _signature(settings)
     resume = load_checkpoint(checkpoint_path, signature) if checkpoint_path.exists() else None
@@ -53,27 +68,69 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
             f"({len(train_set)} images); lower it"
         )
 
-    trainer = Trainer(model, train_set, test_set, settings, run_dir, device, tracker)
+    trainer = Trainer(model, train_set, test_set, settings, run_dir, device, tracker, world)
     if resume is not None:
         trainer.load_state(resume)
-        log.info("resuming from %s at epoch %d", checkpoint_path, trainer.epoch)
+        log.info("resuming from %s at epoch %d, step %d", checkpoint_path, trainer.epoch, trainer.step_in_epoch)
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved.pop("hydra", None)
-    tags = {**git_state(REPO_ROOT), "seed": str(settings.seed), "run_dir": str(run_dir.resolve())}
-    tracker.start(run_dir, flatten(resolved), OmegaConf.to_yaml(resolved), tags)
+    if tracker is not None:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        resolved.pop("hydra", None)
+        tags = {
+            **git_state(REPO_ROOT),
+            "seed": str(settings.seed),
+            "run_dir": str(run_dir.resolve()),
+            "world_size": str(world.world_size),
+        }
+        tracker.start(run_dir, flatten(resolved), OmegaConf.to_yaml(resolved), tags)
+    # SLURM's warning signal: submitit asks for USR2, a plain `sbatch --signal` often USR1.
+    previous_handlers = {sig: signal.signal(sig, trainer.request_preemption) for sig in PREEMPTION_SIGNALS}
     try:
         metrics = trainer.fit()
+    except Preempted as preempted:
+        if tracker is not None:
+            tracker.finish("KILLED", error=str(preempted))
+        log.warning("%s", preempted)
+        _hand_over_preemption(previous_handlers[trainer.preempt_signal], trainer.preempt_signal, world)
+        raise SystemExit(str(preempted)) from None
     except KeyboardInterrupt:
-        tracker.finish("KILLED", error="interrupted")
+        if tracker is not None:
+            tracker.finish("KILLED", error="interrupted")
         raise
     except BaseException as error:
-        tracker.finish("FAILED", error=f"{type(error).__name__}: {error}")
+        if tracker is not None:
+            tracker.finish("FAILED", error=f"{type(error).__name__}: {error}")
+        if world.enabled:
+            # One rank failing must end the job now, not leave the others waiting in a
+            # collective until a timeout: report and leave the process at once.
+            log.exception("rank %d failed", world.rank)
+            logging.shutdown()
+            os._exit(1)
         raise
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+    if tracker is None:
+        return None
     tracker.finish("FINISHED")
     summary = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
     print(f"final {summary} (epoch {trainer.epoch}, mlflow run {tracker.run_id}, {run_dir})", flush=True)
     return metrics[settings.objective]
+
+
+class Preempted(Exception):
+    """Raised by the loop after it saved a checkpoint because SIGUSR1 arrived."""
+
+
+def _hand_over_preemption(previous_handler, signum: int, world: dist.Distributed) -> None:
+    """After our checkpoint, let submitit do its part: on rank 0 it requeues the job and exits.
+    The other ranks must not exit first (srun --kill-on-bad-exit would end rank 0 before it
+    requeues), so under SLURM they wait for the requeue to stop them."""
+    if not callable(previous_handler):
+        return
+    previous_handler(signum, None)
+    if not world.is_main and "SLURM_JOB_ID" in os.environ:
+        time.sleep(600)
 
 
 def build_model(settings: Config) -> SODA:
@@ -155,15 +212,26 @@ class Trainer:
         settings: Config,
         run_dir: Path,
         device: torch.device,
-        tracker: Tracker,
+        tracker: Tracker | None,
+        world: dist.Distributed | None = None,
     ):
         s = settings.schedule
         self.settings = settings
         self.schedule = s
         self.run_dir = run_dir
         self.device = device
-        self.tracker = tracker
+        self.tracker = tracker  # None on every rank but global rank 0
+        self.world = world or dist.Distributed()
+        if self.world.enabled and device.type == "cuda":
+            # Batch statistics over the global batch; NCCL only (PyTorch's SyncBatchNorm needs a GPU).
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(device)
+        # The loss goes through DDP when there are several ranks (gradients averaged across them).
+        self.forward = self.model
+        if self.world.enabled:
+            self.forward = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
         self.train_set = train_set
         self.test_set = test_set
         # The decoded data set sits on the training device; batches are indexed from it directly.
@@ -183,67 +251,115 @@ class Trainer:
         )
         self.autocast_dtype = PRECISION_DTYPES[s.precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=s.precision == "fp16")
-        self.ema = EMA(
-            model,
-            beta=s.ema_decay,
-            update_after_step=0,
-            update_every=s.ema_update_every,
-            power=s.ema_warmup_power,
-            include_online_model=False,
-        )
+        # Only rank 0 evaluates, so only rank 0 keeps the EMA copy.
+        self.ema = None
+        if self.world.is_main:
+            self.ema = EMA(
+                model,
+                beta=s.ema_decay,
+                update_after_step=0,
+                update_every=s.ema_update_every,
+                power=s.ema_warmup_power,
+                include_online_model=False,
+            )
+        self.rank_batch = s.batch_size // self.world.world_size
         self.steps_per_epoch = len(train_set) // s.batch_size
         self.warmup_steps = max(1, round(s.warmup_epochs * self.steps_per_epoch))
-        self.epoch = 0
+        self.epoch = 0  # last completed epoch
+        self.step_in_epoch = 0  # steps of epoch + 1 already done (a preempted epoch resumes there)
         self.global_step = 0
         self.metrics: dict[str, float] = {}
+        self.preempt_requested = False
+        self.preempt_signal = signal.SIGUSR1
+        # Augmentation, timestep and noise draws differ per rank, seeded from the global rank.
+        torch.manual_seed(settings.seed * 1_000 + self.world.rank)
+
+    def request_preemption(self, signum=signal.SIGUSR1, frame=None) -> None:
+        """SIGUSR1/SIGUSR2 (SLURM's warning before a time limit or preemption): finish the
+        current step, write a checkpoint, then stop; the requeued job resumes from it."""
+        self.preempt_requested = True
+        self.preempt_signal = signum
 
     # ----------------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
         s, e = self.schedule, self.settings.eval
-        if self.epoch == 0 and e.at_start:
-            self.evaluate(epoch=0)
+        if self.epoch == 0 and self.step_in_epoch == 0 and e.at_start:
+            self._evaluate_on_main(epoch=0)
         while self.epoch < s.epochs:
             epoch = self.epoch + 1
             self.train_epoch(epoch)
-            self.epoch = epoch
+            self.epoch, self.step_in_epoch = epoch, 0
             last = epoch == s.epochs
             if last or epoch % e.every == 0:
-                self.evaluate(epoch)
+                self._evaluate_on_main(epoch)
             if last or epoch % s.checkpoint_every == 0:
-                save_checkpoint(self.run_dir / CHECKPOINT, self.state_dict())
-        if not self.metrics:  # resumed a run that had already finished
+                self.save()
+        if self.world.is_main and not self.metrics:  # resumed a run that had already finished
             raise ConfigError("this run directory holds a finished run without metrics; use a new run directory")
         return self.metrics
 
+    def _evaluate_on_main(self, epoch: int) -> None:
+        """Rank 0 evaluates; the others wait on a gloo barrier, which costs them nothing. The
+        probes are cheap next to training, and a single process keeps them deterministic."""
+        if self.world.is_main:
+            self.evaluate(epoch)
+        dist.wait_for_all()
+
+    def save(self) -> None:
+        """Checkpoint on rank 0 (with every rank's RNG state); all ranks leave together."""
+        rng_states = dist.gather_to_main(self._rng_state())
+        if self.world.is_main:
+            save_checkpoint(self.run_dir / CHECKPOINT, self.state_dict(rng_states))
+        dist.wait_for_all()
+
     def train_epoch(self, epoch: int) -> None:
         s = self.schedule
+        # One global order per epoch, the same on every rank; each rank takes its slice of each
+        # global batch, so the global batch is the same whatever the number of ranks.
         order_rng = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.train_set), generator=order_rng).to(self.device)
+        offset = self.world.rank * self.rank_batch
         self.model.train()
         running, count = torch.zeros((), device=self.device), 0
-        started = time.perf_counter()
-        bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch}/{s.epochs}", leave=False, disable=None)
+        started, first = time.perf_counter(), self.step_in_epoch
+        bar = tqdm(
+            range(first, self.steps_per_epoch),
+            desc=f"epoch {epoch}/{s.epochs}",
+            leave=False,
+            disable=None if self.world.is_main else True,
+        )
         for index in bar:
-            images = self.train_images[order[index * s.batch_size : (index + 1) * s.batch_size]]
-            loss = self.train_step(images)
+            start = index * s.batch_size + offset
+            loss = self.train_step(self.train_images[order[start : start + self.rank_batch]])
+            self.step_in_epoch = index + 1
             running += loss.detach()
             count += 1
             if self.global_step % s.log_every == 0:
                 # The only host sync of the loop, once every log_every steps.
-                value = (running / count).item()
+                value = dist.all_mean(running / count).item()
                 if not math.isfinite(value):
                     raise DivergenceError(
                         f"train/loss is {value} at step {self.global_step}; lower schedule.decoder_lr, "
                         f"keep schedule.grad_clip, or try schedule.precision=bf16"
                     )
-                self.tracker.log_metrics(
-                    {"train/loss": value, "train/lr": self._lr_factor() * s.decoder_lr}, step=self.global_step
-                )
+                if self.tracker is not None:
+                    self.tracker.log_metrics(
+                        {"train/loss": value, "train/lr": self._lr_factor() * s.decoder_lr}, step=self.global_step
+                    )
                 bar.set_postfix(loss=f"{value:.4f}")
                 running, count = torch.zeros((), device=self.device), 0
+                if dist.any_rank(self.preempt_requested, self.device):
+                    self.save()
+                    raise Preempted(
+                        f"preempted: checkpoint saved at epoch {epoch - 1} + {self.step_in_epoch} steps; "
+                        "rerun the same command (or let SLURM requeue the job) to resume"
+                    )
         seconds = time.perf_counter() - started
-        throughput = self.steps_per_epoch * s.batch_size / seconds
-        self.tracker.log_metrics({"train/epoch_seconds": seconds, "train/images_per_second": throughput}, step=epoch)
+        throughput = (self.steps_per_epoch - first) * s.batch_size / seconds
+        if self.tracker is not None:
+            self.tracker.log_metrics(
+                {"train/epoch_seconds": seconds, "train/images_per_second": throughput}, step=epoch
+            )
         log.info("epoch %d/%d  %.1f s  %.0f images/s", epoch, s.epochs, seconds, throughput)
 
     def train_step(self, images: torch.Tensor) -> torch.Tensor:
@@ -258,7 +374,7 @@ class Trainer:
 
         # Accumulate gradients.
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            loss = self.model.loss(source_view, target_view)
+            loss = self.forward(source_view, target_view)
         self.scaler.scale(loss).backward()
 
         # Clip and step.
@@ -270,7 +386,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
         # Update EMA.
-        self.ema.update()
+        if self.ema is not None:
+            self.ema.update()
         self.global_step += 1
         return loss
 
@@ -347,31 +464,47 @@ class Trainer:
         return torch.mean((reconstructions - originals) ** 2).item()
 
     # ----------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        rng = {"torch": torch.get_rng_state()}
+    def _rng_state(self) -> dict:
+        state = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def state_dict(self, rng_states: list[dict]) -> dict:
         return {
             "signature": _signature(self.settings),
             "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": rng,
+            "rng": rng_states,  # one entry per rank
             "metrics": self.metrics,
             "mlflow_run_id": self.tracker.run_id or "",
         }
 
     def load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if self.device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        rng_states = state["rng"]
+        if len(rng_states) == self.world.world_size:
+            mine = rng_states[self.world.rank]
+            torch.set_rng_state(mine["torch"])
+            if self.device.type == "cuda" and "cuda" in mine:
+                torch.cuda.set_rng_state(mine["cuda"], self.device)
+        else:
+            log.warning(
+                "checkpoint has %d RNG states for %d ranks: resuming with fresh per-rank seeds, "
+                "so the run will not repeat an uninterrupted one bit for bit",
+                len(rng_states),
+                self.world.world_size,
+            )
         self.epoch = state["epoch"]
+        self.step_in_epoch = state["step_in_epoch"]
         self.global_step = state["global_step"]
         self.metrics = dict(state["metrics"])

@@ -136,3 +136,35 @@ def test_a_nan_loss_fails_the_run_with_its_reason_recorded(tmp_path, monkeypatch
         train.run(compose_config([*SMOKE, "eval.at_start=false"], tmp_path), run_dir=tmp_path / "run")
     (run,) = _runs(tmp_path)
     assert run.info.status == "FAILED" and "train/loss is nan" in run.data.tags["error"]
+
+
+def test_sigusr1_checkpoints_mid_epoch_and_the_rerun_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    overrides = [*SMOKE, "schedule.epochs=2", "eval.at_start=false", "eval.every=2"]
+    straight_dir, preempted_dir = tmp_path / "straight", tmp_path / "preempted"
+    straight = train.run(compose_config(overrides, straight_dir), run_dir=straight_dir / "run")
+
+    original = train.Trainer.train_step
+
+    def signalling(self, images):
+        if self.global_step == 4:  # in the second epoch (3 steps per epoch)
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(self, images)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train.Trainer, "train_step", signalling)
+        with pytest.raises(SystemExit, match=r"preempted: checkpoint saved at epoch 1 \+ 2 steps"):
+            train.run(compose_config(overrides, preempted_dir), run_dir=preempted_dir / "run")
+    (stopped,) = _runs(preempted_dir)
+    assert stopped.info.status == "KILLED"
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL and signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL
+
+    resumed = train.run(compose_config(overrides, preempted_dir), run_dir=preempted_dir / "run")
+    assert resumed == straight
+    (run,) = _runs(preempted_dir)
+    assert run.info.status == "FINISHED" and run.info.run_id == stopped.info.run_id
+    client = mlflow.MlflowClient(f"sqlite:///{preempted_dir}/mlflow.db")
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == [1, 2, 3, 4, 5, 6]

@@ -72,6 +72,10 @@ class SODA(nn.Module):
         predicted = self.decoder(noisy, t.float() / self.diffusion.timesteps, latent, keep)
         return self.diffusion.noise_prediction_loss(predicted, noise)
 
+    def forward(self, source_view: torch.Tensor, target_view: torch.Tensor) -> torch.Tensor:
+        """The training loss, so that DistributedDataParallel (which wraps forward) can sync it."""
+        return self.loss(source_view, target_view)
+
     @torch.no_grad()
     def sample(
         self,

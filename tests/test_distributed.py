@@ -1,0 +1,216 @@
+"""Several ranks, for real: gloo process groups on the CPU, submitit's local executor, and the
+single-node SLURM cluster that `make slurm-up` starts (tests marked `slurm`)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from tests.helpers import REPO, SMOKE, launch
+
+TRACK = "tracking.experiment=soda"
+
+
+def _slurm_available() -> bool:
+    return shutil.which("sinfo") is not None and subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
+
+
+needs_slurm = pytest.mark.skipif(not _slurm_available(), reason="no SLURM cluster (run `make slurm-up`)")
+
+
+def _runs(tmp_path: Path):
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("soda")
+    return client, ([] if experiment is None else client.search_runs([experiment.experiment_id]))
+
+
+def _multirun(tmp_path: Path, *args: str, timeout: int = 600, env: dict | None = None):
+    return launch(
+        [
+            "-m",
+            "experiment=demo",
+            *SMOKE,
+            TRACK,
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            f"tracking.artifact_location={tmp_path}/artifacts",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+            *args,
+        ],
+        timeout=timeout,
+        env=env,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_apply_identical_gradients(tmp_path):
+    port = _free_port()
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.support.gradient_worker", str(r), "2", str(port), str(tmp_path)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    for rank in ranks:
+        output, _ = rank.communicate(timeout=180)
+        assert rank.returncode == 0, output[-3000:]
+    first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert first["grads"].keys() == second["grads"].keys() and len(first["grads"]) > 100
+    assert all(torch.equal(first["grads"][k], second["grads"][k]) for k in first["grads"])
+    assert all(torch.equal(a, b) for a, b in zip(first["params"], second["params"], strict=True))
+
+
+def test_two_rank_job_through_the_local_launcher_matches_one_process(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    for folder, tasks in ((one, 1), (two, 2)):
+        result = _multirun(folder, "hydra/launcher=local", f"hydra.launcher.tasks_per_node={tasks}")
+        assert result.returncode == 0, result.stderr[-3000:]
+    client_one, (run_one,) = _runs(one)
+    client_two, (run_two,) = _runs(two)
+    assert run_one.data.tags["world_size"] == "1" and run_two.data.tags["world_size"] == "2"
+    assert run_two.info.status == "FINISHED"
+    losses_one = [m.value for m in client_one.get_metric_history(run_one.info.run_id, "train/loss")]
+    losses_two = [m.value for m in client_two.get_metric_history(run_two.info.run_id, "train/loss")]
+    assert len(losses_one) == len(losses_two) == 3
+    # Same weights, same global batch; only the noise and timestep draws differ per rank.
+    assert all(abs(a - b) / a < 0.25 for a, b in zip(losses_one, losses_two, strict=True)), (losses_one, losses_two)
+    # Logs where the README says: one pair of files per rank.
+    logs = sorted(p.name for p in (two / "sweep" / ".submitit").rglob("*_log.err"))
+    assert len(logs) == 2 and logs[0].endswith("_0_log.err") and logs[1].endswith("_1_log.err")
+
+
+def test_a_rank_that_crashes_ends_the_whole_job_promptly(tmp_path):
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests' / 'support'}", "SODA_TEST_FAIL_RANK": "1"}
+    started = time.monotonic()
+    result = _multirun(
+        tmp_path, "hydra/launcher=local", "hydra.launcher.tasks_per_node=2", "schedule.epochs=3", timeout=300, env=env
+    )
+    assert result.returncode != 0
+    assert time.monotonic() - started < 120
+    rank1_log = "".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit").rglob("*_1_log.*"))
+    assert "injected failure on rank 1" in rank1_log
+    _, (run,) = _runs(tmp_path)
+    assert run.info.status == "FAILED"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["hydra.launcher.gpus_per_node=2", "hydra.launcher.tasks_per_node=1"], "tasks_per_node=1 but gpus_per_node=2"),
+        (["hydra.launcher.tasks_per_node=3"], "schedule.batch_size=32 is not divisible by the 3 ranks"),
+    ],
+)
+def test_bad_launcher_settings_are_one_line_before_submission(tmp_path, args, message):
+    result = _multirun(tmp_path, "hydra/launcher=local", *args, timeout=120)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "sweep" / ".submitit").exists() or not any((tmp_path / "sweep" / ".submitit").iterdir())
+
+
+@pytest.mark.slurm
+@needs_slurm
+def test_unknown_partition_shows_slurms_own_error(tmp_path):
+    result = _multirun(tmp_path, "hydra/launcher=slurm", "hydra.launcher.partition=nosuchpartition", timeout=120)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "nosuchpartition" in lines[0] and "SLURM" in lines[0], result.stderr
+
+
+@pytest.mark.slurm
+@needs_slurm
+def test_two_point_multirun_with_two_tasks_per_job_on_slurm(tmp_path):
+    result = _multirun(
+        tmp_path,
+        "hydra/launcher=slurm",
+        "hydra.launcher.tasks_per_node=2",
+        "hydra.launcher.cpus_per_task=1",
+        "seed=0,1",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client, runs = _runs(tmp_path)
+    assert sorted(r.data.params["seed"] for r in runs) == ["0", "1"]
+    for run in runs:
+        assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+        assert 0 <= run.data.metrics["eval/linear_acc"] <= 1
+    # One job per sweep point (a job array), each with a log pair per rank.
+    job_folders = [p for p in (tmp_path / "sweep" / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name)]
+    assert len(job_folders) == 2
+    assert all(len(list(folder.glob("*_log.out"))) == 2 for folder in job_folders)
+
+
+@pytest.mark.slurm
+@needs_slurm
+def test_preempted_slurm_job_is_requeued_and_resumes_without_duplicates(tmp_path):
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "launch.py"),
+            "-m",
+            "experiment=demo",
+            *SMOKE,
+            TRACK,
+            "dataset.train_size=192",
+            "schedule.epochs=4",
+            "schedule.checkpoint_every=1",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            f"tracking.artifact_location={tmp_path}/artifacts",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+            "hydra/launcher=slurm",
+            "hydra.launcher.tasks_per_node=2",
+            "hydra.launcher.cpus_per_task=1",
+            "hydra.launcher.name=soda-requeue-test",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        checkpoint = tmp_path / "sweep" / "0" / "checkpoints" / "last.pt"
+        deadline = time.monotonic() + 240
+        while not checkpoint.exists() and time.monotonic() < deadline:
+            time.sleep(1)
+        assert checkpoint.exists(), "the job never wrote its first checkpoint"
+        job = subprocess.run(
+            ["squeue", "-h", "-n", "soda-requeue-test", "-o", "%i"], capture_output=True, text=True
+        ).stdout.split()[0]
+        # What SLURM does at preemption (submitit's own test helper sends the same two signals).
+        subprocess.run(["scancel", job, "--signal", "SIGTERM"], check=True)
+        subprocess.run(["scancel", job, "--signal", "USR2"], check=True)
+        # A requeued job waits ~2 minutes before it may start again; release it now.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True, text=True).stdout
+            if "PENDING" in state:
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+                break
+            time.sleep(1)
+        output, _ = driver.communicate(timeout=420)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, output[-3000:]
+    client, (run,) = _runs(tmp_path)
+    assert run.info.status == "FINISHED" and run.data.tags.get("resumed") == "true"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/knn_acc")] == [0, 1, 2, 3, 4]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == 24
