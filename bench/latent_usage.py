@@ -42,7 +42,7 @@ def main() -> None:
     print(f"run {args.run_dir}  epoch {state['epoch']}  {count} test images")
     print(f"{'t':>6} {'own latent':>12} {'shuffled':>12} {'dropped':>12}")
     with torch.no_grad():
-        latents = model.encoder(model._encoder_input(images))
+        latents = model.encode(images, normalize=False)
         shuffled = latents[torch.randperm(count, generator=generator)]
         for step in args.timesteps:
             t = torch.full((count,), step)
