@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all lint format summary mlflow-ui slurm-up slurm-down clean
+.PHONY: help install demo sweep-demo test test-all lint format summary mlflow-ui mlflow-server optuna-dashboard \
+	slurm-up slurm-down postgres-up postgres-down clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F '\t' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -20,6 +21,9 @@ install: $(STAMP) ## Create .venv and install the project (editable) with dev to
 
 demo: install ## Train the demo run: synthetic shapes, tiny model, CPU, offline, a few minutes
 	$(PY) launch.py experiment=demo
+
+sweep-demo: install ## The augmentation ablation on the demo: a grid of 12 small trials, 2 at a time, on this CPU
+	$(PY) launch.py -m sweep=augment_ablation experiment=demo schedule.epochs=2 eval.every=2 eval.at_start=false
 
 test: install ## Run the fast test suite (CPU, a few minutes)
 	$(PY) -m pytest -m "not slow"
@@ -41,11 +45,23 @@ summary: install ## Print parameters and training FLOPs of the reference model
 mlflow-ui: install ## Browse the runs in the embedded store (http://127.0.0.1:5000)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
 
+mlflow-server: install ## MLflow server on the local PostgreSQL (make postgres-up first), http://127.0.0.1:5000
+	bash scripts/mlflow-server.sh
+
+optuna-dashboard: install ## Watch the sweeps of the default Optuna journal (http://127.0.0.1:8080)
+	$(VENV)/bin/optuna-dashboard $(CURDIR)/optuna-journal.log
+
 slurm-up: ## Install (if needed) and start a single-node SLURM cluster on this machine (root)
 	bash scripts/slurm-up.sh
 
 slurm-down: ## Stop the single-node SLURM cluster
 	bash scripts/slurm-up.sh down
+
+postgres-up: ## Install (if needed) and start a local PostgreSQL on 127.0.0.1:5433 with databases mlflow, optuna
+	bash scripts/postgres-up.sh
+
+postgres-down: ## Stop the local PostgreSQL
+	bash scripts/postgres-up.sh down
 
 clean: ## Remove caches (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional  # noqa: UP035 - OmegaConf needs typing's generics
+from typing import Any, Dict, List, Optional  # noqa: UP035 - OmegaConf needs typing's generics
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -85,6 +85,7 @@ class ViewConfig:
     resized crop followed by a horizontal flip (p = flip_prob); then with probability
     `randaugment_prob` RandAugment. A view with everything at 0 is the image as stored."""
 
+    name: str = "reference"  # the option of conf/augmentation/view/ it came from (for tables)
     crop_prob: float = 0.95
     crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # noqa: UP006
     crop_ratio: List[float] = field(default_factory=lambda: [0.75, 1.3333333])  # noqa: UP006
@@ -169,7 +170,9 @@ class EvalConfig:
     probe_lr: float = 1.0e-3
     probe_batch_size: int = 128
     probe_augmented_copies: int = 0  # extra augmented passes over the training set for the probe
-    probe_augmentation: ViewConfig = field(default_factory=lambda: ViewConfig(crop_prob=0.65, randaugment_prob=0.0))
+    probe_augmentation: ViewConfig = field(
+        default_factory=lambda: ViewConfig(name="probe", crop_prob=0.65, randaugment_prob=0.0)
+    )
     num_reconstructions: int = 8  # test images reconstructed into the grid at each eval (0 = none)
     sample_steps: int = 100
     sample_eta: float = 0.0
@@ -204,6 +207,29 @@ class TrackingConfig:
 
 
 @dataclass
+class SweepConfig:
+    """Set by a sweep file (`sweep=<name>`, files in sweeps/) and read by the Optuna sweeper
+    (hydra/sweeper=optuna, whose settings default to these). A trial learns its number and
+    its MLflow parent run through `trial` and `parent_run_id`, which the sweeper adds."""
+
+    study_name: Optional[str] = None  # noqa: UP045 - the Optuna study; same name = resume it
+    storage: str = "${repo_root:}/optuna-journal.log"  # a journal file, or postgresql://... (see soda/sweep.py)
+    n_trials: Optional[int] = None  # noqa: UP045 - trials to finish; null = the whole grid
+    n_jobs: int = 1  # trials in flight at once
+    max_failure_rate: float = 0.25  # stop when more than this fraction of n_trials failed
+    trial: Optional[int] = None  # noqa: UP045 - set by the sweeper in each trial's job
+    parent_run_id: Optional[str] = None  # noqa: UP045 - set by the sweeper: the sweep's MLflow run
+
+    def __post_init__(self):
+        _check(self.n_trials is None or self.n_trials >= 1, f"sweep.n_trials={self.n_trials} must be >= 1 or null")
+        _check(self.n_jobs >= 1, f"sweep.n_jobs={self.n_jobs} must be at least 1")
+        _check(0.0 <= self.max_failure_rate <= 1.0, f"sweep.max_failure_rate={self.max_failure_rate} must be in [0, 1]")
+
+
+METRICS = ("eval/knn_acc", "eval/linear_acc", "eval/recon_mse")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -211,13 +237,25 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 0
-    objective: str = "eval/linear_acc"  # the metric launch.py returns (what a sweeper optimises)
+    # The metric launch.py returns (what a sweeper optimises); a list for multi-objective sweeps.
+    objective: Any = "eval/linear_acc"
     device: str = "auto"  # auto = cuda when available, else cpu
 
     def __post_init__(self):
         _check(self.device in DEVICES, f"device={self.device!r}; allowed: {', '.join(DEVICES)}")
-        _check(self.objective.startswith("eval/"), f"objective={self.objective!r} must name an eval/ metric")
+        names = [self.objective] if isinstance(self.objective, str) else list(self.objective or [])
+        _check(
+            bool(names) and all(name in METRICS for name in names),
+            f"objective={self.objective!r} must be one of {', '.join(METRICS)}, or a list of them",
+        )
+        if not isinstance(self.objective, str):
+            self.objective = names
+        _check(
+            "eval/recon_mse" not in names or self.eval.num_reconstructions > 0,
+            "objective eval/recon_mse needs eval.num_reconstructions > 0",
+        )
 
 
 def register() -> None:

@@ -102,6 +102,20 @@ def check_reachable(uri: str) -> None:
         ) from None
 
 
+def get_or_create_experiment(client, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment `name`, created if missing (safe when several processes race)."""
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except Exception:
+        existing = client.get_experiment_by_name(name)
+        if existing is None:
+            raise
+        return existing.experiment_id
+
+
 class Tracker:
     def __init__(
         self,
@@ -152,17 +166,7 @@ class Tracker:
         return self.run_id
 
     def _experiment_id(self, mlflow) -> str:
-        existing = mlflow.get_experiment_by_name(self.experiment)
-        if existing is not None:
-            return existing.experiment_id
-        try:
-            return mlflow.create_experiment(self.experiment, artifact_location=self.artifact_location)
-        except Exception:
-            # Another run created it in the meantime.
-            existing = mlflow.get_experiment_by_name(self.experiment)
-            if existing is None:
-                raise
-            return existing.experiment_id
+        return get_or_create_experiment(mlflow.MlflowClient(self.uri), self.experiment, self.artifact_location)
 
     @staticmethod
     def _run_exists(mlflow, run_id: str) -> bool:
@@ -194,11 +198,13 @@ class Tracker:
 
         mlflow.log_artifact(str(path), folder)
 
-    def finish(self, status: str, error: str | None = None) -> None:
+    def finish(self, status: str, error: str | None = None, tags: dict[str, str] | None = None) -> None:
         import mlflow
 
         if mlflow.active_run() is None:
             return
         if error:
             mlflow.set_tag("error", error[:5000])
+        if tags:
+            mlflow.set_tags(tags)
         mlflow.end_run(status=status)

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import optuna
 import torch
 from ema_pytorch import EMA
 from omegaconf import DictConfig, OmegaConf
@@ -23,11 +24,12 @@ from tqdm import tqdm
 
 from soda import dist
 from soda.checkpoint import load_checkpoint, save_checkpoint
-from soda.config import REPO_ROOT, Config, to_settings
+from soda.config import REPO_ROOT, Config, ViewConfig, to_settings
 from soda.data import LabelledImages, ViewAugmentation, load_split
 from soda.errors import ConfigError, DivergenceError
 from soda.eval import evaluate_probes
 from soda.models import SODA, build_soda
+from soda.sweep import TrialReporter, redact
 from soda.tracking import Tracker, flatten, git_state
 
 log = logging.getLogger(__name__)
@@ -36,9 +38,10 @@ PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 PRECISION_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
-    """Train, evaluate and record one run; returns the metric named by `objective` on global
-    rank 0 and None on the other ranks."""
+def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | list[float] | None:
+    """Train, evaluate and record one run; returns the metric named by `objective` (a list of
+    them for a list) on global rank 0 and None on the other ranks. In a sweep's trial
+    (`sweep.trial` set), each evaluation is reported to the Optuna trial, which may prune it."""
     settings = to_settings(cfg)
     run_dir = Path(run_dir) if run_dir is not None else _hydra_output_dir()
     device = _resolve_device(settings.device)
@@ -54,7 +57,12 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
     # Everything that can be wrong is checked before any data is read or time is spent.
     torch.manual_seed(settings.seed)  # the same initial weights on every rank
     model = build_model(settings)
-    tracker = Tracker(**{k: v for k, v in asdict(settings.tracking).items() if k != "name"}) if world.is_main else None
+    tracker = None
+    if world.is_main:
+        tracking = {k: v for k, v in asdict(settings.tracking).items() if k != "name"}
+        if settings.sweep.trial is not None and tracking["run_name"] is None:
+            tracking["run_name"] = f"{settings.sweep.study_name}-trial-{settings.sweep.trial}"
+        tracker = Tracker(**tracking)
     if tracker is not None:
         tracker.check()
     checkpoint_path = run_dir / CHECKPOINT
@@ -68,7 +76,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
             f"({len(train_set)} images); lower it"
         )
 
-    trainer = Trainer(model, train_set, test_set, settings, run_dir, device, tracker, world)
+    reporter = None
+    if world.is_main and settings.sweep.trial is not None and isinstance(settings.objective, str):
+        reporter = TrialReporter(settings.sweep.storage, settings.sweep.study_name, settings.sweep.trial)
+    trainer = Trainer(model, train_set, test_set, settings, run_dir, device, tracker, world, reporter)
     if resume is not None:
         trainer.load_state(resume)
         log.info("resuming from %s at epoch %d, step %d", checkpoint_path, trainer.epoch, trainer.step_in_epoch)
@@ -76,11 +87,13 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
     if tracker is not None:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         resolved.pop("hydra", None)
+        resolved["sweep"]["storage"] = redact(str(resolved["sweep"]["storage"]))  # no passwords in MLflow
         tags = {
             **git_state(REPO_ROOT),
             "seed": str(settings.seed),
             "run_dir": str(run_dir.resolve()),
             "world_size": str(world.world_size),
+            **_trial_tags(settings),
         }
         tracker.start(run_dir, flatten(resolved), OmegaConf.to_yaml(resolved), tags)
     # SLURM's warning signal: submitit asks for USR2, a plain `sbatch --signal` often USR1.
@@ -97,6 +110,11 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
         if tracker is not None:
             tracker.finish("KILLED", error="interrupted")
         raise
+    except optuna.TrialPruned as pruned:
+        # Stopped on purpose by the sweep's pruner: not a failure, and not a finished run.
+        if tracker is not None:
+            tracker.finish("KILLED", tags={"trial_state": "PRUNED", "pruned": str(pruned)})
+        raise
     except BaseException as error:
         if tracker is not None:
             tracker.finish("FAILED", error=f"{type(error).__name__}: {error}")
@@ -112,10 +130,23 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
             signal.signal(sig, handler)
     if tracker is None:
         return None
-    tracker.finish("FINISHED")
+    tracker.finish("FINISHED", tags={"trial_state": "COMPLETE"} if settings.sweep.trial is not None else None)
     summary = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
     print(f"final {summary} (epoch {trainer.epoch}, mlflow run {tracker.run_id}, {run_dir})", flush=True)
-    return metrics[settings.objective]
+    if isinstance(settings.objective, str):
+        return metrics[settings.objective]
+    return [metrics[name] for name in settings.objective]
+
+
+def _trial_tags(settings: Config) -> dict[str, str]:
+    """A sweep's trial: its Optuna study and number, and its MLflow parent (the sweep's run)."""
+    sweep = settings.sweep
+    if sweep.trial is None:
+        return {}
+    tags = {"trial": str(sweep.trial), "optuna_study": str(sweep.study_name)}
+    if sweep.parent_run_id:
+        tags["mlflow.parentRunId"] = sweep.parent_run_id
+    return tags
 
 
 class Preempted(Exception):
@@ -174,6 +205,12 @@ def load_data(settings: Config) -> tuple[LabelledImages, LabelledImages]:
     return splits[0], splits[1]
 
 
+def view_augmentation(image_size: int, view: ViewConfig) -> ViewAugmentation:
+    kwargs = asdict(view)
+    kwargs.pop("name")
+    return ViewAugmentation(image_size, **kwargs)
+
+
 def _signature(settings: Config) -> dict:
     """What a checkpoint must share with the run resuming it."""
     d = settings.dataset
@@ -214,8 +251,10 @@ class Trainer:
         device: torch.device,
         tracker: Tracker | None,
         world: dist.Distributed | None = None,
+        reporter: TrialReporter | None = None,
     ):
         s = settings.schedule
+        self.reporter = reporter  # a sweep's trial on rank 0: reports each evaluation to Optuna
         self.settings = settings
         self.schedule = s
         self.run_dir = run_dir
@@ -237,8 +276,8 @@ class Trainer:
         # The decoded data set sits on the training device; batches are indexed from it directly.
         self.train_images = train_set.images.to(device)
         size = settings.dataset.image_size
-        self.source_augment = ViewAugmentation(size, **asdict(settings.augmentation.source))
-        self.target_augment = ViewAugmentation(size, **asdict(settings.augmentation.target))
+        self.source_augment = view_augmentation(size, settings.augmentation.source)
+        self.target_augment = view_augmentation(size, settings.augmentation.target)
 
         decoder_lr = s.decoder_lr
         self.base_lrs = [decoder_lr * s.encoder_lr_ratio, decoder_lr]
@@ -301,9 +340,14 @@ class Trainer:
     def _evaluate_on_main(self, epoch: int) -> None:
         """Rank 0 evaluates; the others wait on a gloo barrier, which costs them nothing. The
         probes are cheap next to training, and a single process keeps them deterministic."""
+        prune = False
         if self.world.is_main:
             self.evaluate(epoch)
+            if self.reporter is not None:
+                prune = self.reporter.report(self.metrics[self.settings.objective], epoch)
         dist.wait_for_all()
+        if self.settings.sweep.trial is not None and dist.any_rank(prune, self.device):
+            raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
     def save(self) -> None:
         """Checkpoint on rank 0 (with every rank's RNG state); all ranks leave together."""
@@ -431,7 +475,7 @@ class Trainer:
                     images = (augment(images) * 255).round().to(torch.uint8)
                 yield images, data.labels[start : start + e.batch_size]
 
-        probe_augment = ViewAugmentation(self.settings.dataset.image_size, **asdict(e.probe_augmentation))
+        probe_augment = view_augmentation(self.settings.dataset.image_size, e.probe_augmentation)
         result = evaluate_probes(
             encode,
             batches(self.train_set),

@@ -2,26 +2,92 @@
 (tasks that do not match GPUs, a batch the ranks cannot share, an unknown partition) into one
 line before anything is submitted, and `srun --kill-on-bad-exit` so one failed rank ends the job.
 
-Select with `hydra/launcher=local` or `hydra/launcher=slurm` (conf/hydra/launcher/).
+Select with `hydra/launcher=local` or `hydra/launcher=slurm` (conf/hydra/launcher/); `local` is
+the default for multiruns, so every job is its own process.
+
+Jobs in flight are kept in a registry while `launch` waits for them, so that a sweeper that is
+interrupted can cancel them (`cancel_in_flight`) instead of leaving them running on the cluster.
 
 No `from __future__ import annotations` here: Hydra's plugin scan executes this module without
 registering it in sys.modules, and dataclasses cannot resolve string annotations then.
 """
 
+import logging
 import shutil
 import subprocess
+import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List  # noqa: UP035 - OmegaConf needs typing's generics
 
 from hydra.core.config_store import ConfigStore
-from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
+from hydra.core.singleton import Singleton
+from hydra.core.utils import filter_overrides
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, LocalQueueConf, SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
 
 from soda.errors import SodaError
 
+log = logging.getLogger(__name__)
+_IN_FLIGHT: set = set()  # submitit jobs that a launch() call is waiting for
+_IN_FLIGHT_LOCK = threading.Lock()
+_EXECUTOR_INIT_KEYS = ("submitit_folder", "max_num_timeout")
+
 
 class LauncherError(SodaError):
     pass
+
+
+def cancel_in_flight() -> int:
+    """Cancel every job a launch() call is waiting for (local: SIGINT; SLURM: scancel)."""
+    with _IN_FLIGHT_LOCK:
+        jobs = list(_IN_FLIGHT)
+    for job in jobs:
+        try:
+            job.cancel(check=False)
+        except Exception as error:  # a job that already ended, or an unreachable scheduler
+            log.warning("could not cancel job %s: %s", job.job_id, error)
+    return len(jobs)
+
+
+class _TrackedLaunch:
+    """hydra-submitit-launcher's launch, written against submitit's public API, keeping the
+    submitted jobs in the registry while it waits for them. Safe to call from several threads
+    (a sweeper keeping several trials in flight): each call has its own executor."""
+
+    _EXECUTOR: str
+    params: dict
+
+    def _submit_and_wait(self, job_overrides, initial_job_idx):
+        import submitit
+
+        init = {f"{self._EXECUTOR}_{key}": self.params[key] for key in _EXECUTOR_INIT_KEYS[1:] if key in self.params}
+        executor = submitit.AutoExecutor(folder=self.params["submitit_folder"], cluster=self._EXECUTOR, **init)
+        base_keys = set(BaseQueueConf.__dataclass_fields__)
+        executor.update_parameters(
+            **{
+                (key if key in base_keys else f"{self._EXECUTOR}_{key}"): value
+                for key, value in self.params.items()
+                if key not in _EXECUTOR_INIT_KEYS
+            }
+        )
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        job_params = []
+        for offset, overrides in enumerate(job_overrides):
+            number = initial_job_idx + offset
+            log.info("\t#%d : %s", number, " ".join(filter_overrides(overrides)))
+            job_params.append(
+                (list(overrides), "hydra.sweep.dir", number, f"job_id_for_{number}", Singleton.get_state())
+            )
+        jobs = executor.map_array(self, *zip(*job_params, strict=True))
+        with _IN_FLIGHT_LOCK:
+            _IN_FLIGHT.update(jobs)
+        try:
+            return [job.results()[0] for job in jobs]
+        finally:
+            with _IN_FLIGHT_LOCK:
+                _IN_FLIGHT.difference_update(jobs)
 
 
 def _check_ranks(params: dict, config) -> None:
@@ -42,15 +108,15 @@ def _check_ranks(params: dict, config) -> None:
         )
 
 
-class SodaLocalLauncher(LocalLauncher):
+class SodaLocalLauncher(_TrackedLaunch, LocalLauncher):
     def launch(self, job_overrides, initial_job_idx):
         _check_ranks(self.params, self.config)
         if (self.params.get("nodes") or 1) != 1:
             raise LauncherError("hydra/launcher=local runs on this machine: hydra.launcher.nodes must be 1")
-        return super().launch(job_overrides, initial_job_idx)
+        return self._submit_and_wait(job_overrides, initial_job_idx)
 
 
-class SodaSlurmLauncher(SlurmLauncher):
+class SodaSlurmLauncher(_TrackedLaunch, SlurmLauncher):
     def launch(self, job_overrides, initial_job_idx):
         _check_ranks(self.params, self.config)
         if shutil.which("sbatch") is None:
@@ -61,7 +127,7 @@ class SodaSlurmLauncher(SlurmLauncher):
             if found.returncode != 0:
                 message = (found.stderr or found.stdout).strip().splitlines()[0]
                 raise LauncherError(f"SLURM: {message} (hydra.launcher.partition={partition}; see `sinfo`)")
-        return super().launch(job_overrides, initial_job_idx)
+        return self._submit_and_wait(job_overrides, initial_job_idx)
 
 
 @dataclass

@@ -1,0 +1,484 @@
+"""Optuna sweeps for real: the sweeper plugin, Optuna journal and PostgreSQL storages, MLflow
+parent and child runs, the local launcher (and SLURM), failures, pruning and resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import mlflow
+import optuna
+import psutil
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from hydra_plugins.soda_sweeper.optuna_sweeper import override_value, parse_space
+from soda.sweep import PRUNER_ATTR, SweepError, TrialReporter, open_storage
+from tests.helpers import REPO, SMOKE, launch
+from tests.test_distributed import needs_slurm
+
+EXPERIMENT = "sweeps"
+POSTGRES = os.environ.get("SODA_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5433")
+
+
+def _sweep_args(tmp_path: Path, *args: str) -> list[str]:
+    return [
+        "-m",
+        *SMOKE,
+        f"tracking.experiment={EXPERIMENT}",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"tracking.artifact_location={tmp_path}/artifacts",
+        f"sweep.storage={tmp_path}/optuna.log",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        *args,
+    ]
+
+
+def _study(tmp_path: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(f"{tmp_path}/optuna.log"))
+
+
+def _runs(uri: str) -> tuple[list, list]:
+    """(parent runs, child runs) of the sweeps experiment."""
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = [] if experiment is None else client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("sweep") == "parent"]
+    children = [r for r in runs if "trial" in r.data.tags]
+    return parents, children
+
+
+def _one_line_error(result: subprocess.CompletedProcess) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert lines and lines[-1].startswith("error: "), result.stderr[-3000:]
+    return lines[-1]
+
+
+def _write_sweep(folder: Path, name: str, body: str) -> str:
+    """A sweep file in a search-path folder of the test's own; returns the searchpath override."""
+    (folder / "sweep").mkdir(parents=True, exist_ok=True)
+    (folder / "sweep" / f"{name}.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /hydra/sweeper: optuna\n" + body
+    )
+    return f"hydra.searchpath=[file://{folder}]"
+
+
+# ---------------------------------------------------------------------------------------------
+# The search space and the override round trip (no jobs)
+
+
+def test_search_space_maps_hydra_sweep_syntax_to_optuna_distributions():
+    dims, fixed = parse_space(
+        {
+            "augmentation/view@augmentation.target": "choice(reference, flip, none)",
+            "seed": "range(0, 3)",
+            "schedule.decoder_lr": "tag(log, interval(1e-4, 1e-2))",
+            "model.latent_dim": "tag(int, interval(8, 64))",
+            "schedule.epochs": 2,
+        },
+        ["eval.every=1", "seed=range(0, 6, 2)"],
+    )
+    d = optuna.distributions
+    assert dims["augmentation/view@augmentation.target"].distribution == d.CategoricalDistribution(
+        ["reference", "flip", "none"]
+    )
+    assert dims["seed"].distribution == d.IntDistribution(0, 4, step=2)  # the command line wins
+    assert dims["seed"].grid == [0, 2, 4]
+    assert dims["schedule.decoder_lr"].distribution == d.FloatDistribution(1e-4, 1e-2, log=True)
+    assert dims["schedule.decoder_lr"].grid is None
+    assert dims["model.latent_dim"].distribution == d.IntDistribution(8, 64)
+    assert fixed == ["schedule.epochs=2", "eval.every=1"]
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"seed": "range(3, 3)"}, "has no values (an empty grid)"),
+        ({"seed": "choice(1, 1)"}, "repeats a value"),
+        ({"schedule.decoder_lr": "interval(1e-2, 1e-4)"}, "the interval is empty"),
+        ({"schedule.decoder_lr": "tag(log, interval(0, 1))"}, "a log interval needs low > 0"),
+        ({"schedule.decoder_lr": "intervl(1, 2)"}, "Unknown function 'intervl'"),
+    ],
+)
+def test_bad_search_spaces_name_the_problem(params, message):
+    with pytest.raises(SweepError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_space(params, [])
+
+
+@pytest.mark.parametrize("value", ["flip", "a b", "it's", "1e-3", "true", "null", 3, 0.0003, 1e-8, True, None, "x=y"])
+def test_override_values_read_back_with_their_type(value):
+    parsed = OverridesParser.create().parse_override(f"key={override_value(value)}").value()
+    assert parsed == value and type(parsed) is type(value)
+
+
+def test_a_trial_reports_to_its_study_and_the_pruner_stops_it(tmp_path):
+    storage = f"{tmp_path}/optuna.log"
+    study = optuna.create_study(study_name="s", storage=open_storage(storage), direction="maximize")
+    study.set_user_attr(PRUNER_ATTR, {"name": "threshold", "options": {"lower": 0.5}})
+    trial = study.ask()
+    reporter = TrialReporter(storage, "s", trial.number)  # as the trial's own process does
+    assert reporter.report(0.8, step=1) is False
+    assert reporter.report(0.3, step=2) is True
+    assert _study(tmp_path, "s").trials[0].intermediate_values == {1: 0.8, 2: 0.3}
+
+
+def test_an_unreachable_postgres_storage_is_one_line():
+    with pytest.raises(SweepError, match=r"postgresql://u:\*\*\*@127.0.0.1:9/db cannot be used .*make postgres-up"):
+        open_storage("postgresql://u:secret@127.0.0.1:9/db")
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole sweeps through launch.py and the local launcher
+
+
+def test_augment_ablation_runs_every_cell_with_a_parent_run_and_a_child_per_trial(tmp_path):
+    result = launch(
+        _sweep_args(tmp_path, "sweep=augment_ablation", "augmentation/view@augmentation.source=reference", "seed=0"),
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    study = _study(tmp_path, "augment_ablation")
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    targets = sorted(t.params["augmentation/view@augmentation.target"] for t in trials)
+    assert targets == ["flip", "none", "reference"]
+
+    parents, children = _runs(f"sqlite:///{tmp_path}/mlflow.db")
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert (
+        parent.data.params["sweep.sampler"] == "grid" and parent.data.params["sweep.study_name"] == "augment_ablation"
+    )
+    by_number = {int(c.data.tags["trial"]): c for c in children}
+    for trial in trials:
+        child = by_number[trial.number]
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.params["augmentation.target.name"] == trial.params["augmentation/view@augmentation.target"]
+        assert child.data.metrics["eval/linear_acc"] == pytest.approx(trial.value)
+    assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
+    assert parent.data.tags["best_trial"] == str(study.best_trial.number)
+    assert "sweep augment_ablation: 3 trials in the study (3 complete)" in result.stdout
+
+    # The same command again: the study is complete, nothing runs, the parent is reused.
+    again = launch(
+        _sweep_args(tmp_path, "sweep=augment_ablation", "augmentation/view@augmentation.source=reference", "seed=0"),
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(_study(tmp_path, "augment_ablation").trials) == 3
+    parents, children = _runs(f"sqlite:///{tmp_path}/mlflow.db")
+    assert len(parents) == 1 and len(children) == 3
+
+
+def test_failed_trials_are_recorded_and_max_failure_rate_stops_the_sweep(tmp_path):
+    # batch 4096 > 96 training images: the job itself raises, after launch.
+    pinned = ["augmentation/view@augmentation.target=reference", "augmentation/view@augmentation.source=reference"]
+    space = ["schedule.batch_size=choice(32, 4096)", "seed=range(0, 2)", "sweep.max_failure_rate=0.5", *pinned]
+    result = launch(_sweep_args(tmp_path, "sweep=augment_ablation", "sweep.study_name=tolerant", *space), timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    trials = _study(tmp_path, "tolerant").get_trials()
+    states = {(t.params["schedule.batch_size"], t.params["seed"]): t.state.name for t in trials}
+    assert states == {(32, 0): "COMPLETE", (32, 1): "COMPLETE", (4096, 0): "FAIL", (4096, 1): "FAIL"}
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert all("schedule.batch_size=4096 is larger than the training set" in t.user_attrs["error"] for t in failed)
+    _, children = _runs(f"sqlite:///{tmp_path}/mlflow.db")
+    failed_runs = [c for c in children if c.info.status == "FAILED"]
+    assert len(failed_runs) == 2 and all("batch_size=4096" in c.data.tags["error"] for c in failed_runs)
+
+    # A stricter sweep stops as soon as more than 25 % of its 4 trials (so 2) have failed.
+    strict = ["schedule.batch_size=choice(4096, 2048, 1024, 32)", "seed=0", "sweep.max_failure_rate=0.25", *pinned]
+    strict += ["sweep.n_jobs=1"]
+    result = launch(_sweep_args(tmp_path, "sweep=augment_ablation", "sweep.study_name=strict", *strict), timeout=600)
+    line = _one_line_error(result)
+    assert "stopped: more than max_failure_rate=0.25 of 4 trials failed" in line
+    assert [t.state.name for t in _study(tmp_path, "strict").trials] == ["FAIL", "FAIL"]
+    parents, _ = _runs(f"sqlite:///{tmp_path}/mlflow.db")
+    assert {p.data.tags["optuna_study"]: p.info.status for p in parents} == {"tolerant": "FINISHED", "strict": "FAILED"}
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _job_pids(sweep_dir: Path) -> list[int]:
+    """The local launcher's job ids are the processes' ids."""
+    folder = sweep_dir / ".submitit"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+
+
+def test_a_job_that_dies_is_a_failed_trial_and_the_sweep_goes_on(tmp_path):
+    args = _sweep_args(
+        tmp_path, "sweep=augment_ablation", "sweep.study_name=dies", "seed=range(0, 2)", "sweep.max_failure_rate=0.5"
+    )
+    args += ["augmentation/view@augmentation.target=reference", "augmentation/view@augmentation.source=reference"]
+    args += ["schedule.epochs=10", "sweep.n_jobs=1"]  # long enough to be killed while it trains
+    sweeper = subprocess.Popen(
+        [sys.executable, str(REPO / "launch.py"), *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        first = _wait_for(
+            lambda: (tmp_path / "sweep" / "0" / "mlflow_run_id").exists() and _job_pids(tmp_path / "sweep"),
+            180,
+            "trial 0 to start",
+        )
+        time.sleep(2)
+        # The job id is submitit's controller; the training runs in its child: kill that one, as
+        # the kernel's OOM killer would.
+        tasks = psutil.Process(first[0]).children(recursive=True)
+        assert tasks
+        for task in tasks:
+            task.kill()
+        stdout, stderr = sweeper.communicate(timeout=600)
+    finally:
+        sweeper.kill()
+    assert sweeper.returncode == 0, stderr[-4000:]
+    trials = _study(tmp_path, "dies").trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[0].user_attrs["error"].startswith("job died:")
+    _, children = _runs(f"sqlite:///{tmp_path}/mlflow.db")
+    status = {c.data.tags["trial"]: (c.info.status, c.data.tags.get("error", "")) for c in children}
+    assert status["0"][0] == "FAILED" and status["0"][1].startswith("job died:")
+    assert status["1"][0] == "FINISHED"
+
+
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    args = _sweep_args(tmp_path, "sweep=augment_ablation", "sweep.study_name=resumed", "seed=range(0, 3)")
+    args += ["augmentation/view@augmentation.target=reference", "augmentation/view@augmentation.source=reference"]
+    args += ["sweep.n_jobs=1", "schedule.epochs=2"]
+    # Kill the whole process group, the sweeper and its job, without warning (a lost login node).
+    sweeper = subprocess.Popen(
+        [sys.executable, str(REPO / "launch.py"), *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+
+        def second_trial_running():
+            try:
+                trials = _study(tmp_path, "resumed").get_trials()
+            except KeyError:
+                return False
+            states = [t.state.name for t in trials]
+            return states[:2] == ["COMPLETE", "RUNNING"] and (tmp_path / "sweep" / "1" / "mlflow_run_id").exists()
+
+        _wait_for(second_trial_running, 300, "trial 0 complete and trial 1 running")
+    finally:
+        os.killpg(sweeper.pid, signal.SIGKILL)
+        sweeper.wait()
+
+    result = launch(args, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    trials = _study(tmp_path, "resumed").get_trials()
+    complete = {t.params["seed"]: t.number for t in trials if t.state.name == "COMPLETE"}
+    assert complete[0] == 0  # finished before the interruption: kept, not run again
+    assert sorted(complete) == [0, 1, 2]
+    interrupted = [t for t in trials if t.state.name == "FAIL"]
+    assert [t.params["seed"] for t in interrupted] == [1]
+    assert interrupted[0].user_attrs["error"].startswith("interrupted")
+    assert len(trials) == 4
+    parents, children = _runs(f"sqlite:///{tmp_path}/mlflow.db")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED", "FINISHED", "KILLED"]
+
+
+def test_a_pruned_trial_is_recorded_as_pruned_in_optuna_and_mlflow(tmp_path):
+    # A contrived pruner: no linear probe reaches 101 %, so every trial stops at its first
+    # evaluation after the warm-up (epoch 1 of 3); the untrained evaluation (epoch 0) is reported too.
+    searchpath = _write_sweep(
+        tmp_path / "conf",
+        "contrived",
+        """
+sweep:
+  study_name: contrived
+  n_trials: 2
+hydra:
+  sweeper:
+    direction: maximize
+    sampler: {name: random, seed: 0}
+    pruner: {name: threshold, options: {lower: 1.01, n_warmup_steps: 1}}
+    params:
+      schedule.decoder_lr: tag(log, interval(1e-4, 1e-3))
+""",
+    )
+    result = launch(
+        _sweep_args(tmp_path, "sweep=contrived", searchpath, "schedule.epochs=3", "eval.at_start=true"), timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    trials = _study(tmp_path, "contrived").trials
+    assert [t.state.name for t in trials] == ["PRUNED", "PRUNED"]
+    assert all(sorted(t.intermediate_values) == [0, 1] for t in trials)
+    _, children = _runs(f"sqlite:///{tmp_path}/mlflow.db")
+    assert [c.info.status for c in children] == ["KILLED", "KILLED"]
+    assert all(c.data.tags["trial_state"] == "PRUNED" for c in children)
+    assert all("eval/linear_acc" in c.data.metrics for c in children)
+
+
+def test_lr_search_composes_and_validates_its_space(tmp_path):
+    # The shipped search, checked all the way to the first trial's composition, then stopped by
+    # an impossible trial count (no job is launched).
+    result = launch(_sweep_args(tmp_path, "sweep=lr_search", "experiment=demo", "sweep.n_trials=0"), timeout=120)
+    assert "sweep.n_trials=0 must be >= 1 or null" in _one_line_error(result)
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ("schedule.no_such_key: choice(1, 2)", "schedule.no_such_key"),
+        ("schedule.decoder_lr: intervl(1e-4, 1e-3)", "Unknown function 'intervl'"),
+        ("seed: range(2, 2)", "seed=range(2, 2) has no values (an empty grid)"),
+        ("augmentation/view@augmentation.target: choice(reference, blurry)", "blurry"),
+        ("schedule.decoder_lr: choice(1e-3, -1.0)", "schedule.decoder_lr=-1.0 must be positive"),
+        ("schedule.decoder_lr: interval(1e-4, 1e-3)", "the grid sampler needs choice(...) or range(...)"),
+    ],
+)
+def test_bad_sweep_files_fail_before_any_job_with_one_line(tmp_path, params, message):
+    searchpath = _write_sweep(
+        tmp_path / "conf",
+        "bad",
+        f"""
+sweep:
+  study_name: bad
+hydra:
+  sweeper:
+    sampler: {{name: grid}}
+    params:
+      {params}
+""",
+    )
+    result = launch(_sweep_args(tmp_path, "sweep=bad", searchpath), timeout=120)
+    assert message in _one_line_error(result)
+    assert not (tmp_path / "sweep" / ".submitit").exists()  # nothing was launched
+    parents, children = _runs(f"sqlite:///{tmp_path}/mlflow.db")
+    assert parents == [] and children == []
+
+
+def test_n_jobs_needs_a_launcher_with_processes(tmp_path):
+    result = launch(
+        _sweep_args(tmp_path, "sweep=augment_ablation", "hydra/launcher=basic", "sweep.n_jobs=2"), timeout=120
+    )
+    assert "sweep.n_jobs=2 needs a launcher that runs jobs in their own processes" in _one_line_error(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cluster scale: PostgreSQL-backed MLflow server and Optuna storage; SLURM
+
+
+def _postgres_available() -> bool:
+    try:
+        import psycopg
+
+        psycopg.connect(f"{POSTGRES}/optuna", connect_timeout=3).close()
+        return True
+    except Exception:
+        return False
+
+
+needs_postgres = pytest.mark.skipif(not _postgres_available(), reason="no PostgreSQL (run `make postgres-up`)")
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    from tests.test_distributed import _free_port
+
+    port = _free_port()
+    database = f"mlflow_{uuid.uuid4().hex[:8]}"
+    import psycopg
+
+    with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True) as connection:
+        connection.execute(f"CREATE DATABASE {database}")
+    env = {
+        **os.environ,
+        "SODA_MLFLOW_PORT": str(port),
+        "SODA_MLFLOW_BACKEND": f"{POSTGRES}/{database}",
+        "SODA_MLFLOW_ARTIFACTS": str(tmp_path / "server-artifacts"),
+        "SODA_MLFLOW_WORKERS": "2",
+    }
+    server = subprocess.Popen(
+        ["bash", "scripts/mlflow-server.sh"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "server.log", "w"),  # noqa: SIM115
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        import urllib.request
+
+        def healthy():
+            try:
+                return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
+            except OSError:
+                assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+                return False
+
+        _wait_for(healthy, 180, "the MLflow server")
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@needs_postgres
+@pytest.mark.postgres
+def test_concurrent_trials_log_every_metric_to_a_postgres_backed_mlflow_server(tmp_path, mlflow_server):
+    study = f"crowd_{uuid.uuid4().hex[:8]}"
+    args = _sweep_args(tmp_path, "sweep=augment_ablation", f"sweep.study_name={study}", "seed=range(0, 4)")
+    args += ["augmentation/view@augmentation.target=reference", "augmentation/view@augmentation.source=reference"]
+    args += ["sweep.n_jobs=4", "tracking=server", f"tracking.uri={mlflow_server}", f"tracking.experiment={EXPERIMENT}"]
+    args += [f"sweep.storage={POSTGRES}/optuna", "schedule.epochs=2"]
+    result = launch(args, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    loaded = optuna.load_study(study_name=study, storage=f"{POSTGRES}/optuna")
+    assert [t.state.name for t in loaded.trials] == ["COMPLETE"] * 4
+
+    client = mlflow.MlflowClient(mlflow_server)
+    parents, children = _runs(mlflow_server)
+    assert len(parents) == 1 and len(children) == 4
+    # 96 images / batch 32 = 3 steps per epoch, 2 epochs, a loss point per step, one eval per epoch.
+    expected = {"train/loss": 6, "train/lr": 6, "eval/linear_acc": 2, "eval/knn_acc": 2, "eval/recon_mse": 2}
+    expected |= {"train/epoch_seconds": 2, "train/images_per_second": 2, "eval/seconds": 2}
+    written = read = 0
+    for child in children:
+        assert child.info.status == "FINISHED"
+        for key, count in expected.items():
+            history = client.get_metric_history(child.info.run_id, key)
+            written += count
+            read += len(history)
+            assert len(history) == count, (key, [m.step for m in history])
+    assert read == written == 4 * sum(expected.values())
+
+
+@needs_slurm
+@pytest.mark.slurm
+def test_a_sweep_runs_its_trials_as_slurm_jobs(tmp_path):
+    args = _sweep_args(tmp_path, "sweep=augment_ablation", "sweep.study_name=slurm", "seed=range(0, 2)")
+    args += ["augmentation/view@augmentation.target=reference", "augmentation/view@augmentation.source=reference"]
+    args += ["hydra/launcher=slurm", "sweep.n_jobs=2"]
+    result = launch(args, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert [t.state.name for t in _study(tmp_path, "slurm").trials] == ["COMPLETE", "COMPLETE"]
+    job_ids = [p.name for p in (tmp_path / "sweep" / ".submitit").iterdir() if p.name[0].isdigit()]
+    assert len(job_ids) == 2  # two SLURM job ids, one per trial
+    _, children = _runs(f"sqlite:///{tmp_path}/mlflow.db")
+    assert sorted(c.data.tags["trial"] for c in children) == ["0", "1"]
