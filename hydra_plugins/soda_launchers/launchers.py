@@ -5,8 +5,8 @@ line before anything is submitted, and `srun --kill-on-bad-exit` so one failed r
 Select with `hydra/launcher=local` or `hydra/launcher=slurm` (conf/hydra/launcher/); `local` is
 the default for multiruns, so every job is its own process.
 
-Jobs in flight are kept in a registry while `launch` waits for them, so that a sweeper that is
-interrupted can cancel them (`cancel_in_flight`) instead of leaving them running on the cluster.
+Jobs in flight are kept in a registry (inflight.py) while `launch` waits for them, so that a
+sweeper that is interrupted can cancel them instead of leaving them running on the cluster.
 
 No `from __future__ import annotations` here: Hydra's plugin scan executes this module without
 registering it in sys.modules, and dataclasses cannot resolve string annotations then.
@@ -15,7 +15,6 @@ registering it in sys.modules, and dataclasses cannot resolve string annotations
 import logging
 import shutil
 import subprocess
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List  # noqa: UP035 - OmegaConf needs typing's generics
@@ -29,25 +28,11 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLaunche
 from soda.errors import SodaError
 
 log = logging.getLogger(__name__)
-_IN_FLIGHT: set = set()  # submitit jobs that a launch() call is waiting for
-_IN_FLIGHT_LOCK = threading.Lock()
 _EXECUTOR_INIT_KEYS = ("submitit_folder", "max_num_timeout")
 
 
 class LauncherError(SodaError):
     pass
-
-
-def cancel_in_flight() -> int:
-    """Cancel every job a launch() call is waiting for (local: SIGINT; SLURM: scancel)."""
-    with _IN_FLIGHT_LOCK:
-        jobs = list(_IN_FLIGHT)
-    for job in jobs:
-        try:
-            job.cancel(check=False)
-        except Exception as error:  # a job that already ended, or an unreachable scheduler
-            log.warning("could not cancel job %s: %s", job.job_id, error)
-    return len(jobs)
 
 
 class _TrackedLaunch:
@@ -60,6 +45,8 @@ class _TrackedLaunch:
 
     def _submit_and_wait(self, job_overrides, initial_job_idx):
         import submitit
+
+        from hydra_plugins.soda_launchers import inflight
 
         init = {f"{self._EXECUTOR}_{key}": self.params[key] for key in _EXECUTOR_INIT_KEYS[1:] if key in self.params}
         executor = submitit.AutoExecutor(folder=self.params["submitit_folder"], cluster=self._EXECUTOR, **init)
@@ -81,13 +68,11 @@ class _TrackedLaunch:
                 (list(overrides), "hydra.sweep.dir", number, f"job_id_for_{number}", Singleton.get_state())
             )
         jobs = executor.map_array(self, *zip(*job_params, strict=True))
-        with _IN_FLIGHT_LOCK:
-            _IN_FLIGHT.update(jobs)
+        inflight.add(jobs)
         try:
             return [job.results()[0] for job in jobs]
         finally:
-            with _IN_FLIGHT_LOCK:
-                _IN_FLIGHT.difference_update(jobs)
+            inflight.remove(jobs)
 
 
 def _check_ranks(params: dict, config) -> None:

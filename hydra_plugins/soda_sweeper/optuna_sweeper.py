@@ -491,9 +491,9 @@ class OptunaSweeper(Sweeper):
         log.warning("trial %d failed: %s", trial.number, message)
 
     def _interrupt(self, study, in_flight, tracker, state, optuna) -> None:
-        from hydra_plugins.soda_launchers.launchers import cancel_in_flight
+        from hydra_plugins.soda_launchers import inflight
 
-        cancelled = cancel_in_flight()
+        cancelled = inflight.cancel_all()
         log.warning("interrupted: cancelled %d job(s)", cancelled)
         for trial in in_flight.values():
             trial.set_user_attr("error", "interrupted: the sweep was stopped")
