@@ -95,7 +95,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | list[floa
             "world_size": str(world.world_size),
             **_trial_tags(settings),
         }
-        tracker.start(run_dir, flatten(resolved), OmegaConf.to_yaml(resolved), tags)
+        params = flatten(resolved)
+        params["model.encoder_parameters"] = str(sum(p.numel() for p in model.encoder.parameters()))
+        params["model.decoder_parameters"] = str(sum(p.numel() for p in model.decoder.parameters()))
+        tracker.start(run_dir, params, OmegaConf.to_yaml(resolved), tags)
     # SLURM's warning signal: submitit asks for USR2, a plain `sbatch --signal` often USR1.
     previous_handlers = {sig: signal.signal(sig, trainer.request_preemption) for sig in PREEMPTION_SIGNALS}
     try:

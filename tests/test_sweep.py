@@ -301,6 +301,37 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
     assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED", "FINISHED", "KILLED"]
 
 
+def test_ctrl_c_cancels_the_jobs_in_flight_and_records_them_as_interrupted(tmp_path):
+    args = _sweep_args(tmp_path, "sweep=augment_ablation", "sweep.study_name=ctrl_c", "seed=range(0, 2)")
+    args += ["augmentation/view@augmentation.target=reference", "augmentation/view@augmentation.source=reference"]
+    args += ["sweep.n_jobs=2", "schedule.epochs=30"]
+    sweeper = subprocess.Popen(
+        [sys.executable, str(REPO / "launch.py"), *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _wait_for(lambda: len(_job_pids(tmp_path / "sweep")) == 2, 180, "both trials to start")
+        _wait_for(lambda: (tmp_path / "sweep" / "1" / "mlflow_run_id").exists(), 180, "trial 1 to train")
+        os.kill(sweeper.pid, signal.SIGINT)  # the sweeper only: it must stop its jobs itself
+        _, stderr = sweeper.communicate(timeout=180)
+    finally:
+        sweeper.kill()
+    line = stderr.strip().splitlines()[-1]
+    assert sweeper.returncode != 0 and line.startswith("error: sweep ctrl_c interrupted"), stderr[-3000:]
+    assert "re-run the same command to resume" in line
+    for pid in _job_pids(tmp_path / "sweep"):
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    trials = _study(tmp_path, "ctrl_c").trials
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
+    assert all(t.user_attrs["error"].startswith("interrupted") for t in trials)
+    parents, children = _runs(f"sqlite:///{tmp_path}/mlflow.db")
+    assert parents[0].info.status == "KILLED" and [c.info.status for c in children] == ["KILLED", "KILLED"]
+
+
 def test_a_pruned_trial_is_recorded_as_pruned_in_optuna_and_mlflow(tmp_path):
     # A contrived pruner: no linear probe reaches 101 %, so every trial stops at its first
     # evaluation after the warm-up (epoch 1 of 3); the untrained evaluation (epoch 0) is reported too.
