@@ -513,3 +513,22 @@ def test_a_sweep_runs_its_trials_as_slurm_jobs(tmp_path):
     assert len(job_ids) == 2  # two SLURM job ids, one per trial
     _, children = _runs(f"sqlite:///{tmp_path}/mlflow.db")
     assert sorted(c.data.tags["trial"] for c in children) == ["0", "1"]
+
+
+def test_local_jobs_share_the_cores_instead_of_oversubscribing_them(monkeypatch):
+    from hydra_plugins.soda_launchers import launchers
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(launchers, "_SET_BY_US", set())
+    monkeypatch.setattr(launchers.os, "sched_getaffinity", lambda pid: set(range(16)))
+    launcher = launchers.SodaLocalLauncher(tasks_per_node=2, threads_per_task=None)
+    launcher.jobs_at_once = 4  # a sweeper with sweep.n_jobs=4
+    launcher._share_cores(jobs_in_this_call=1)
+    assert os.environ["OMP_NUM_THREADS"] == "2"  # 16 cores / (4 jobs x 2 ranks)
+    launcher.jobs_at_once = None
+    launcher._share_cores(jobs_in_this_call=3)  # a plain multirun of 3 points
+    assert os.environ["OMP_NUM_THREADS"] == "2"  # 16 // 6
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")  # the user's choice wins
+    monkeypatch.setattr(launchers, "_SET_BY_US", set())
+    launcher._share_cores(jobs_in_this_call=8)
+    assert os.environ["OMP_NUM_THREADS"] == "5"

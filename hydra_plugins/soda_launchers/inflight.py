@@ -7,6 +7,7 @@ globals by value; a lock among them could not be pickled (at requeue time, in th
 
 import logging
 import threading
+import time
 
 log = logging.getLogger(__name__)
 _JOBS: set = set()
@@ -23,8 +24,10 @@ def remove(jobs) -> None:
         _JOBS.difference_update(jobs)
 
 
-def cancel_all() -> int:
-    """Cancel every job in flight (local: SIGINT to the job; SLURM: scancel); returns how many."""
+def cancel_all(grace_s: float = 15.0) -> int:
+    """Cancel every job in flight (SLURM: scancel; local: SIGINT, then, for a job still alive
+    after `grace_s` - a process started in the background ignores SIGINT - SIGKILL to the job's
+    processes); returns how many."""
     with _LOCK:
         jobs = list(_JOBS)
     for job in jobs:
@@ -32,4 +35,22 @@ def cancel_all() -> int:
             job.cancel(check=False)
         except Exception as error:  # a job that already ended, or an unreachable scheduler
             log.warning("could not cancel job %s: %s", job.job_id, error)
+    local = [job._process for job in jobs if getattr(job, "_process", None) is not None]
+    deadline = time.monotonic() + grace_s
+    while any(process.poll() is None for process in local) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for process in local:
+        if process.poll() is None:
+            _kill_tree(process.pid)
     return len(jobs)
+
+
+def _kill_tree(pid: int) -> None:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        for process in [*root.children(recursive=True), root]:
+            process.kill()
+    except psutil.NoSuchProcess:
+        pass

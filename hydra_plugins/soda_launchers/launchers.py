@@ -13,11 +13,12 @@ registering it in sys.modules, and dataclasses cannot resolve string annotations
 """
 
 import logging
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List  # noqa: UP035 - OmegaConf needs typing's generics
+from typing import List, Optional  # noqa: UP035 - OmegaConf needs typing's generics
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
@@ -28,7 +29,9 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLaunche
 from soda.errors import SodaError
 
 log = logging.getLogger(__name__)
+_SET_BY_US: set = set()  # OMP_NUM_THREADS values this module set (so it may set them again)
 _EXECUTOR_INIT_KEYS = ("submitit_folder", "max_num_timeout")
+_OUR_KEYS = ("threads_per_task",)  # handled here, not by submitit
 
 
 class LauncherError(SodaError):
@@ -55,9 +58,11 @@ class _TrackedLaunch:
             **{
                 (key if key in base_keys else f"{self._EXECUTOR}_{key}"): value
                 for key, value in self.params.items()
-                if key not in _EXECUTOR_INIT_KEYS
+                if key not in _EXECUTOR_INIT_KEYS + _OUR_KEYS
             }
         )
+        if self._EXECUTOR == "local":
+            self._share_cores(len(job_overrides))
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         job_params = []
@@ -94,6 +99,22 @@ def _check_ranks(params: dict, config) -> None:
 
 
 class SodaLocalLauncher(_TrackedLaunch, LocalLauncher):
+    jobs_at_once: int | None = None  # set by a sweeper that keeps several launch() calls in flight
+
+    def _share_cores(self, jobs_in_this_call: int) -> None:
+        """Local jobs share this machine: give each task its share of the cores as its thread
+        count (OMP_NUM_THREADS, which the jobs inherit), unless the user chose one. Without it
+        every process starts one thread per core and they slow each other down several-fold."""
+        threads = self.params.get("threads_per_task")
+        if threads is None:
+            if "OMP_NUM_THREADS" in os.environ and not _SET_BY_US:
+                return
+            jobs = max(self.jobs_at_once or 1, jobs_in_this_call)
+            tasks = self.params.get("tasks_per_node") or 1
+            threads = max(1, len(os.sched_getaffinity(0)) // (jobs * tasks))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        _SET_BY_US.add(str(threads))
+
     def launch(self, job_overrides, initial_job_idx):
         _check_ranks(self.params, self.config)
         if (self.params.get("nodes") or 1) != 1:
@@ -118,6 +139,8 @@ class SodaSlurmLauncher(_TrackedLaunch, SlurmLauncher):
 @dataclass
 class SodaLocalConf(LocalQueueConf):
     _target_: str = "hydra_plugins.soda_launchers.launchers.SodaLocalLauncher"
+    # Threads per task (OMP_NUM_THREADS); null: this machine's cores / (jobs at once x tasks).
+    threads_per_task: Optional[int] = None  # noqa: UP045
 
 
 @dataclass

@@ -208,6 +208,8 @@ class OptunaSweeper(Sweeper):
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
         )
+        if hasattr(self.launcher, "jobs_at_once"):
+            self.launcher.jobs_at_once = self.n_jobs  # local jobs share the cores between n_jobs trials
 
     # -----------------------------------------------------------------------------------------
     def sweep(self, arguments: List[str]) -> Any:  # noqa: UP006
