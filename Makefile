@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo sweep-demo test test-all lint format summary mlflow-ui mlflow-server optuna-dashboard \
+.PHONY: help install demo sweep-demo test test-all lint format summary table mlflow-ui mlflow-server optuna-dashboard \
 	slurm-up slurm-down postgres-up postgres-down clean
 
 help: ## List the targets
@@ -41,6 +41,14 @@ format: install ## Reformat the code with ruff
 
 summary: install ## Print parameters and training FLOPs of the reference model
 	$(PY) -m soda.models.summary
+
+# The store and experiment `make table` reads (default: $SODA_TRACKING_URI, else the embedded store, every
+# experiment), e.g. make table TRACKING_URI=http://127.0.0.1:5000 EXPERIMENT=soda
+TRACKING_URI ?= $(or $(SODA_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
+EXPERIMENT ?=
+
+table: install ## Regenerate README.md's results (tables, docs/results/*.png) from MLflow [TRACKING_URI= EXPERIMENT=]
+	$(PY) -m analysis readme --tracking-uri '$(TRACKING_URI)' $(if $(EXPERIMENT),--experiment '$(EXPERIMENT)')
 
 mlflow-ui: install ## Browse the runs in the embedded store (http://127.0.0.1:5000)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db

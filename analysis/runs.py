@@ -1,0 +1,302 @@
+"""MLflow runs as a pandas DataFrame: load them from any tracking store, select, and say which were used.
+
+One row per run, with the column names of `mlflow.search_runs`: `run_id`, `experiment` (its name),
+`experiment_id`, `status`, `start_time`, `end_time`, `run_name`, then `params.<dotted config key>`,
+`metrics.<key>` (the last value logged) and `tags.<key>`. Every value of a param or tag is a string,
+as MLflow stores it.
+
+Opening a store never creates one: a missing SQLite file or folder is an error, not an empty store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pandas as pd
+
+from soda.errors import SodaError
+from soda.sweep import redact
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRACKING_URI_ENV = "SODA_TRACKING_URI"
+RUN_COLUMNS = ["run_id", "experiment", "experiment_id", "status", "start_time", "end_time", "run_name"]
+PAGE_SIZE = 1000
+
+
+class AnalysisError(SodaError):
+    """Runs that cannot be read or tabulated; the message says what to change."""
+
+
+def default_tracking_uri() -> str:
+    """$SODA_TRACKING_URI, else the embedded store the runs write by default (tracking=local)."""
+    return os.environ.get(TRACKING_URI_ENV) or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+
+
+@contextlib.contextmanager
+def _quick_http_failures():
+    """MLflow retries an unreachable server for minutes by default; reading results should fail now."""
+    saved = {key: os.environ.get(key) for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def open_store(tracking_uri: str):
+    """An MlflowClient on `tracking_uri`, checked readable; AnalysisError (one line) if it is not."""
+    from mlflow import MlflowClient
+
+    shown = redact(tracking_uri)
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme == "sqlite":
+        # MLflow would create an empty database at a wrong path and report "no runs": say it instead.
+        path = tracking_uri[len("sqlite:///") :] if tracking_uri.startswith("sqlite:///") else ""
+        if not path or not Path(path).is_file():
+            raise AnalysisError(
+                f"no MLflow store at {shown}: {path or 'that URI'} is not a file "
+                f"(train a run first, e.g. `make demo`, or pass another --tracking-uri)"
+            )
+    elif parsed.scheme in ("", "file"):
+        folder = Path(parsed.path if parsed.scheme == "file" else tracking_uri)
+        if not folder.is_dir():
+            raise AnalysisError(f"no MLflow store at {shown}: {folder} is not a folder (pass another --tracking-uri)")
+    elif parsed.scheme in ("http", "https"):
+        host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((host, port), timeout=5).close()
+        except OSError as error:
+            raise AnalysisError(
+                f"MLflow tracking server {shown} is unreachable ({error.strerror or error}); "
+                f"start it (make mlflow-server) or pass another --tracking-uri"
+            ) from None
+    client = MlflowClient(tracking_uri)
+    try:
+        with _quick_http_failures():
+            client.search_experiments(max_results=1)
+    except Exception as error:
+        raise AnalysisError(f"MLflow tracking store {shown} cannot be read ({_first_line(error)})") from None
+    return client
+
+
+def _all_pages(search, **kwargs) -> list:
+    """Every item of a paginated MLflow search."""
+    items, token = [], None
+    while True:
+        page = search(max_results=PAGE_SIZE, page_token=token, **kwargs)
+        items.extend(page)
+        token = page.token
+        if not token:
+            return items
+
+
+def load_runs(tracking_uri: str | None = None, experiments: Iterable[str] | None = None) -> pd.DataFrame:
+    """Every active (not deleted) run of `experiments` (names; all experiments when None), oldest first."""
+    from mlflow.entities import ViewType
+
+    uri = tracking_uri or default_tracking_uri()
+    client = open_store(uri)
+    try:
+        with _quick_http_failures():
+            known = {e.name: e.experiment_id for e in _all_pages(client.search_experiments)}
+            if experiments is None:
+                names = sorted(known)
+            else:
+                names = list(dict.fromkeys(experiments))
+                missing = [name for name in names if name not in known]
+                if missing:
+                    raise AnalysisError(
+                        f"no experiment {missing[0]!r} in {redact(uri)}; it has: {', '.join(sorted(known)) or 'none'}"
+                    )
+            runs = (
+                _all_pages(
+                    client.search_runs,
+                    experiment_ids=[known[name] for name in names],
+                    run_view_type=ViewType.ACTIVE_ONLY,
+                )
+                if names
+                else []
+            )
+    except AnalysisError:
+        raise
+    except Exception as error:
+        raise AnalysisError(f"cannot read the runs of {redact(uri)} ({_first_line(error)})") from None
+
+    by_id = {experiment_id: name for name, experiment_id in known.items()}
+    rows = [
+        {
+            "run_id": run.info.run_id,
+            "experiment": by_id.get(run.info.experiment_id, run.info.experiment_id),
+            "experiment_id": run.info.experiment_id,
+            "status": run.info.status,
+            "start_time": pd.Timestamp(run.info.start_time, unit="ms", tz="UTC"),
+            "end_time": pd.Timestamp(run.info.end_time, unit="ms", tz="UTC") if run.info.end_time else pd.NaT,
+            "run_name": run.info.run_name,
+            **{f"params.{key}": value for key, value in run.data.params.items()},
+            **{f"metrics.{key}": value for key, value in run.data.metrics.items()},
+            **{f"tags.{key}": value for key, value in run.data.tags.items()},
+        }
+        for run in runs
+    ]
+    frame = pd.DataFrame(rows, columns=None if rows else RUN_COLUMNS)
+    extra = sorted(column for column in frame.columns if column not in RUN_COLUMNS)
+    frame = frame[RUN_COLUMNS + extra]
+    return frame.sort_values(["start_time", "run_id"], kind="stable").reset_index(drop=True)
+
+
+def parse_pairs(pairs: Iterable[str], what: str) -> dict[str, str]:
+    """["model.name=tiny", ...] -> {"model.name": "tiny"}; AnalysisError for an item without '='."""
+    parsed = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise AnalysisError(f"--{what} {pair!r} is not KEY=VALUE")
+        parsed[key] = value
+    return parsed
+
+
+def select_runs(
+    runs: pd.DataFrame,
+    sweep: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    params: Mapping[str, str] | None = None,
+) -> pd.DataFrame:
+    """The runs of sweep `sweep` (tag optuna_study) whose tags and config values (params, dotted keys)
+    equal the given ones, compared as the strings MLflow stores (`"800"`, `"True"`)."""
+    wanted = {f"tags.{key}": value for key, value in (tags or {}).items()}
+    wanted |= {f"params.{key}": value for key, value in (params or {}).items()}
+    if sweep is not None:
+        wanted["tags.optuna_study"] = sweep
+    keep = pd.Series(True, index=runs.index)
+    for column, value in wanted.items():
+        keep &= runs[column].eq(str(value)) if column in runs else False
+    return runs[keep]
+
+
+def describe_selection(
+    experiments: Iterable[str] | None = None,
+    sweep: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    params: Mapping[str, str] | None = None,
+) -> str:
+    """What a selection asked for, for messages: "experiment 'soda', sweep 'augment_ablation'"; "" for all runs."""
+    parts = [f"experiment {name!r}" for name in experiments or ()]
+    if sweep is not None:
+        parts.append(f"sweep {sweep!r}")
+    parts += [f"tag {key}={value}" for key, value in (tags or {}).items()]
+    parts += [f"{key}={value}" for key, value in (params or {}).items()]
+    return ", ".join(parts)
+
+
+def _tag(runs: pd.DataFrame, key: str) -> pd.Series:
+    column = f"tags.{key}"
+    return runs[column] if column in runs else pd.Series(None, index=runs.index, dtype=object)
+
+
+def sweep_parents(runs: pd.DataFrame) -> pd.Series:
+    """True for a sweep's own run (tag sweep=parent): it holds the study, not a result."""
+    return _tag(runs, "sweep").eq("parent")
+
+
+def finished_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs that count as results: FINISHED, and not a sweep's parent run."""
+    return runs[runs["status"].eq("FINISHED") & ~sweep_parents(runs)]
+
+
+def exclusion_note(runs: pd.DataFrame) -> str:
+    """Which result runs a table leaves out, e.g. "excluded: 1 failed, 1 pruned, 2 unfinished";
+    "" when none. Unfinished: still running, or killed (interrupted or preempted, to be resumed)."""
+    candidates = runs[~sweep_parents(runs)]
+    status = candidates["status"]
+    pruned = status.eq("KILLED") & _tag(candidates, "trial_state").eq("PRUNED")
+    counts = {
+        "failed": int(status.eq("FAILED").sum()),
+        "pruned": int(pruned.sum()),
+        "unfinished": int((~status.isin(["FINISHED", "FAILED"]) & ~pruned).sum()),
+    }
+    parts = [f"{count} {word}" for word, count in counts.items() if count]
+    return f"excluded: {', '.join(parts)}" if parts else ""
+
+
+def require_results(runs: pd.DataFrame, tracking_uri: str, selection: str) -> pd.DataFrame:
+    """The finished result runs, or AnalysisError saying that none match and what was left out."""
+    finished = finished_runs(runs)
+    if finished.empty:
+        note = exclusion_note(runs)
+        raise AnalysisError(
+            f"no finished runs{f' match {selection}' if selection else ''} in {redact(tracking_uri)}"
+            + (f" ({note})" if note else "")
+        )
+    return finished
+
+
+def provenance(runs: pd.DataFrame) -> str:
+    """Which runs a table is made of: count, experiments, sweeps, dates started and git commits."""
+    finished = finished_runs(runs)
+    if finished.empty:
+        return "no finished runs"
+    experiments = sorted(finished["experiment"].unique())
+    sweeps = sorted(_tag(finished, "optuna_study").dropna().unique())
+    text = f"{_counted(len(finished), 'finished run')} of {_named(experiments, 'experiment')}"
+    if sweeps:
+        text += f" ({_named(sweeps, 'sweep')})"
+    first, last = (
+        moment.strftime("%Y-%m-%d") for moment in (finished["start_time"].min(), finished["start_time"].max())
+    )
+    text += f", started {first}" + (f" to {last}" if last != first else "")
+    return f"{text}, git {_commits(finished)}"
+
+
+def _counted(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' if count != 1 else ''}"
+
+
+def _named(names: list[str], noun: str) -> str:
+    """ "experiment `soda`", "experiments `a`, `b`"."""
+    return f"{noun}{'s' if len(names) != 1 else ''} " + ", ".join(f"`{name}`" for name in names)
+
+
+def _commits(runs: pd.DataFrame) -> str:
+    """Short shas, oldest first, each marked "(dirty)" when some of its runs had uncommitted changes."""
+    sha = _tag(runs, "git_sha").fillna(_tag(runs, "mlflow.source.git.commit")).fillna("unknown")
+    dirty = _tag(runs, "git_dirty").eq("true")
+    shown = []
+    for commit in dict.fromkeys(sha):  # runs are oldest first
+        label = commit[:7] if commit != "unknown" else commit
+        shown.append(f"{label} (dirty)" if dirty[sha.eq(commit)].any() else label)
+    if len(shown) > 6:
+        shown = [*shown[:6], f"and {len(shown) - 6} more"]
+    return ", ".join(shown)
+
+
+def load_history(tracking_uri: str, run_ids: Iterable[str], keys: Iterable[str]) -> pd.DataFrame:
+    """Every logged value of metrics `keys` for the runs: columns run_id, key, step, value, sorted.
+    Eval metrics are logged with step = epoch, so this is the accuracy curve of each run."""
+    client = open_store(tracking_uri)
+    rows = []
+    try:
+        with _quick_http_failures():
+            for run_id in run_ids:
+                for key in keys:
+                    rows += [(run_id, key, m.step, m.value) for m in client.get_metric_history(run_id, key)]
+    except Exception as error:
+        raise AnalysisError(f"cannot read metric history from {redact(tracking_uri)} ({_first_line(error)})") from None
+    history = pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
+    # A resumed run may hold a step twice (the tracker prevents it; older runs may not): keep the last.
+    history = history.drop_duplicates(["run_id", "key", "step"], keep="last")
+    return history.sort_values(["run_id", "key", "step"], kind="stable").reset_index(drop=True)
