@@ -10,9 +10,7 @@ Opening a store never creates one: a missing SQLite file or folder is an error, 
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from urllib.parse import urlparse
@@ -21,6 +19,7 @@ import pandas as pd
 
 from soda.errors import SodaError
 from soda.sweep import redact
+from soda.tracking import quick_http_failures, server_unreachable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRACKING_URI_ENV = "SODA_TRACKING_URI"
@@ -35,22 +34,6 @@ class AnalysisError(SodaError):
 def default_tracking_uri() -> str:
     """$SODA_TRACKING_URI, else the embedded store the runs write by default (tracking=local)."""
     return os.environ.get(TRACKING_URI_ENV) or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
-
-
-@contextlib.contextmanager
-def _quick_http_failures():
-    """MLflow retries an unreachable server for minutes by default; reading results should fail now."""
-    saved = {key: os.environ.get(key) for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _first_line(error: BaseException) -> str:
@@ -77,17 +60,15 @@ def open_store(tracking_uri: str):
         if not folder.is_dir():
             raise AnalysisError(f"no MLflow store at {shown}: {folder} is not a folder (pass another --tracking-uri)")
     elif parsed.scheme in ("http", "https"):
-        host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
-        try:
-            socket.create_connection((host, port), timeout=5).close()
-        except OSError as error:
+        reason = server_unreachable(tracking_uri)
+        if reason:
             raise AnalysisError(
-                f"MLflow tracking server {shown} is unreachable ({error.strerror or error}); "
+                f"MLflow tracking server {shown} is unreachable ({reason}); "
                 f"start it (make mlflow-server) or pass another --tracking-uri"
-            ) from None
+            )
     client = MlflowClient(tracking_uri)
     try:
-        with _quick_http_failures():
+        with quick_http_failures():
             client.search_experiments(max_results=1)
     except Exception as error:
         raise AnalysisError(f"MLflow tracking store {shown} cannot be read ({_first_line(error)})") from None
@@ -112,7 +93,7 @@ def load_runs(tracking_uri: str | None = None, experiments: Iterable[str] | None
     uri = tracking_uri or default_tracking_uri()
     client = open_store(uri)
     try:
-        with _quick_http_failures():
+        with quick_http_failures():
             known = {e.name: e.experiment_id for e in _all_pages(client.search_experiments)}
             if experiments is None:
                 names = sorted(known)
@@ -290,7 +271,7 @@ def load_history(tracking_uri: str, run_ids: Iterable[str], keys: Iterable[str])
     client = open_store(tracking_uri)
     rows = []
     try:
-        with _quick_http_failures():
+        with quick_http_failures():
             for run_id in run_ids:
                 for key in keys:
                     rows += [(run_id, key, m.step, m.value) for m in client.get_metric_history(run_id, key)]

@@ -52,8 +52,8 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _quick_http_failures():
-    """MLflow retries an unreachable server for minutes by default; a start-up check should not."""
+def quick_http_failures():
+    """MLflow retries an unreachable server for minutes by default; a check should fail now."""
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
@@ -67,18 +67,27 @@ def _quick_http_failures():
                 os.environ[key] = value
 
 
+def server_unreachable(uri: str) -> str | None:
+    """Why the http(s) server of `uri` does not accept a connection; None when it does."""
+    parsed = urlparse(uri)
+    host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as error:
+        return str(error.strerror or error)
+    return None
+
+
 def check_reachable(uri: str) -> None:
     """Fail now, with what to do, if the tracking store cannot be written."""
     parsed = urlparse(uri)
     if parsed.scheme in ("http", "https"):
-        host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
-        try:
-            socket.create_connection((host, port), timeout=5).close()
-        except OSError as error:
+        reason = server_unreachable(uri)
+        if reason:
             raise TrackingError(
-                f"MLflow tracking server {uri} is unreachable ({error.strerror or error}); start it "
+                f"MLflow tracking server {uri} is unreachable ({reason}); start it "
                 f"(make mlflow-server), fix tracking.uri, or use tracking=local"
-            ) from None
+            )
     elif parsed.scheme == "sqlite":
         database = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
         if database is not None:
@@ -93,7 +102,7 @@ def check_reachable(uri: str) -> None:
     import mlflow
 
     try:
-        with _quick_http_failures():
+        with quick_http_failures():
             mlflow.MlflowClient(uri).search_experiments(max_results=1)
     except Exception as error:
         reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__

@@ -23,6 +23,8 @@ from tests.helpers import REPO, SMOKE, launch
 from tests.test_distributed import needs_slurm
 
 EXPERIMENT = "sweeps"
+# One cell of augment_ablation's views, so that a test's own dimensions make its grid.
+PINNED = ["augmentation/view@augmentation.target=reference", "augmentation/view@augmentation.source=reference"]
 POSTGRES = os.environ.get("SODA_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5433")
 
 
@@ -51,6 +53,19 @@ def _runs(uri: str) -> tuple[list, list]:
     parents = [r for r in runs if r.data.tags.get("sweep") == "parent"]
     children = [r for r in runs if "trial" in r.data.tags]
     return parents, children
+
+
+def _start(args: list[str], quiet: bool = False) -> subprocess.Popen:
+    """launch.py in the background, in a process group of its own (as a terminal would start it)."""
+    output = subprocess.DEVNULL if quiet else subprocess.PIPE
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "launch.py"), *args],
+        cwd=REPO,
+        stdout=output,
+        stderr=output,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _one_line_error(result: subprocess.CompletedProcess) -> str:
@@ -180,8 +195,7 @@ def test_augment_ablation_runs_every_cell_with_a_parent_run_and_a_child_per_tria
 
 def test_failed_trials_are_recorded_and_max_failure_rate_stops_the_sweep(tmp_path):
     # batch 4096 > 96 training images: the job itself raises, after launch.
-    pinned = ["augmentation/view@augmentation.target=reference", "augmentation/view@augmentation.source=reference"]
-    space = ["schedule.batch_size=choice(32, 4096)", "seed=range(0, 2)", "sweep.max_failure_rate=0.5", *pinned]
+    space = ["schedule.batch_size=choice(32, 4096)", "seed=range(0, 2)", "sweep.max_failure_rate=0.5", *PINNED]
     result = launch(_sweep_args(tmp_path, "sweep=augment_ablation", "sweep.study_name=tolerant", *space), timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     trials = _study(tmp_path, "tolerant").get_trials()
@@ -194,7 +208,7 @@ def test_failed_trials_are_recorded_and_max_failure_rate_stops_the_sweep(tmp_pat
     assert len(failed_runs) == 2 and all("batch_size=4096" in c.data.tags["error"] for c in failed_runs)
 
     # A stricter sweep stops as soon as more than 25 % of its 4 trials (so 2) have failed.
-    strict = ["schedule.batch_size=choice(4096, 2048, 1024, 32)", "seed=0", "sweep.max_failure_rate=0.25", *pinned]
+    strict = ["schedule.batch_size=choice(4096, 2048, 1024, 32)", "seed=0", "sweep.max_failure_rate=0.25", *PINNED]
     strict += ["sweep.n_jobs=1"]
     result = launch(_sweep_args(tmp_path, "sweep=augment_ablation", "sweep.study_name=strict", *strict), timeout=600)
     line = _one_line_error(result)
@@ -224,15 +238,9 @@ def test_a_job_that_dies_is_a_failed_trial_and_the_sweep_goes_on(tmp_path):
     args = _sweep_args(
         tmp_path, "sweep=augment_ablation", "sweep.study_name=dies", "seed=range(0, 2)", "sweep.max_failure_rate=0.5"
     )
-    args += ["augmentation/view@augmentation.target=reference", "augmentation/view@augmentation.source=reference"]
+    args += PINNED
     args += ["schedule.epochs=10", "sweep.n_jobs=1"]  # long enough to be killed while it trains
-    sweeper = subprocess.Popen(
-        [sys.executable, str(REPO / "launch.py"), *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    sweeper = _start(args)
     try:
         first = _wait_for(
             lambda: (tmp_path / "sweep" / "0" / "mlflow_run_id").exists() and _job_pids(tmp_path / "sweep"),
@@ -261,16 +269,10 @@ def test_a_job_that_dies_is_a_failed_trial_and_the_sweep_goes_on(tmp_path):
 
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     args = _sweep_args(tmp_path, "sweep=augment_ablation", "sweep.study_name=resumed", "seed=range(0, 3)")
-    args += ["augmentation/view@augmentation.target=reference", "augmentation/view@augmentation.source=reference"]
+    args += PINNED
     args += ["sweep.n_jobs=1", "schedule.epochs=2"]
     # Kill the whole process group, the sweeper and its job, without warning (a lost login node).
-    sweeper = subprocess.Popen(
-        [sys.executable, str(REPO / "launch.py"), *args],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    sweeper = _start(args, quiet=True)
     try:
 
         def second_trial_running():
@@ -303,16 +305,9 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
 
 def test_ctrl_c_cancels_the_jobs_in_flight_and_records_them_as_interrupted(tmp_path):
     args = _sweep_args(tmp_path, "sweep=augment_ablation", "sweep.study_name=ctrl_c", "seed=range(0, 2)")
-    args += ["augmentation/view@augmentation.target=reference", "augmentation/view@augmentation.source=reference"]
+    args += PINNED
     args += ["sweep.n_jobs=2", "schedule.epochs=30"]
-    sweeper = subprocess.Popen(
-        [sys.executable, str(REPO / "launch.py"), *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    sweeper = _start(args)
     try:
         _wait_for(lambda: len(_job_pids(tmp_path / "sweep")) == 2, 180, "both trials to start")
         _wait_for(lambda: (tmp_path / "sweep" / "1" / "mlflow_run_id").exists(), 180, "trial 1 to train")
@@ -475,7 +470,7 @@ def mlflow_server(tmp_path):
 def test_concurrent_trials_log_every_metric_to_a_postgres_backed_mlflow_server(tmp_path, mlflow_server):
     study = f"crowd_{uuid.uuid4().hex[:8]}"
     args = _sweep_args(tmp_path, "sweep=augment_ablation", f"sweep.study_name={study}", "seed=range(0, 4)")
-    args += ["augmentation/view@augmentation.target=reference", "augmentation/view@augmentation.source=reference"]
+    args += PINNED
     args += ["sweep.n_jobs=4", "tracking=server", f"tracking.uri={mlflow_server}", f"tracking.experiment={EXPERIMENT}"]
     args += [f"sweep.storage={POSTGRES}/optuna", "schedule.epochs=2"]
     result = launch(args, timeout=900)
@@ -504,7 +499,7 @@ def test_concurrent_trials_log_every_metric_to_a_postgres_backed_mlflow_server(t
 @pytest.mark.slurm
 def test_a_sweep_runs_its_trials_as_slurm_jobs(tmp_path):
     args = _sweep_args(tmp_path, "sweep=augment_ablation", "sweep.study_name=slurm", "seed=range(0, 2)")
-    args += ["augmentation/view@augmentation.target=reference", "augmentation/view@augmentation.source=reference"]
+    args += PINNED
     args += ["hydra/launcher=slurm", "sweep.n_jobs=2"]
     result = launch(args, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -532,3 +527,36 @@ def test_local_jobs_share_the_cores_instead_of_oversubscribing_them(monkeypatch)
     monkeypatch.setattr(launchers, "_SET_BY_US", set())
     launcher._share_cores(jobs_in_this_call=8)
     assert os.environ["OMP_NUM_THREADS"] == "5"
+
+
+def test_a_multi_objective_search_tells_optuna_every_objective(tmp_path):
+    searchpath = _write_sweep(
+        tmp_path / "conf",
+        "pareto",
+        """
+objective: [eval/linear_acc, eval/recon_mse]
+sweep:
+  study_name: pareto
+  n_trials: 2
+hydra:
+  sweeper:
+    direction: [maximize, minimize]
+    sampler: {name: nsga2, seed: 0}
+    params:
+      schedule.decoder_lr: tag(log, interval(1e-4, 1e-3))
+""",
+    )
+    result = launch(_sweep_args(tmp_path, "sweep=pareto", searchpath), timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    trials = _study(tmp_path, "pareto").trials
+    _, children = _runs(f"sqlite:///{tmp_path}/mlflow.db")
+    by_number = {int(c.data.tags["trial"]): c.data.metrics for c in children}
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    for trial in trials:
+        metrics = by_number[trial.number]
+        assert trial.values == pytest.approx([metrics["eval/linear_acc"], metrics["eval/recon_mse"]])
+
+
+def test_directions_must_match_the_objectives(tmp_path):
+    result = launch(_sweep_args(tmp_path, "sweep=lr_search", "objective=[eval/linear_acc,eval/knn_acc]"), timeout=120)
+    assert "1 direction(s) ['maximize'] for 2 objective(s)" in _one_line_error(result)
