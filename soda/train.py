@@ -346,7 +346,9 @@ class Trainer:
         prune = False
         if self.world.is_main:
             self.evaluate(epoch)
-            if self.reporter is not None:
+            # The untrained encoder (epoch 0) is the same in every trial: reporting it would hand
+            # each trial the same best value and hide its later ones from a median pruner.
+            if self.reporter is not None and epoch > 0:
                 prune = self.reporter.report(self.metrics[self.settings.objective], epoch)
         dist.wait_for_all()
         if self.settings.sweep.trial is not None and dist.any_rank(prune, self.device):
