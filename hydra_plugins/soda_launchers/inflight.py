@@ -12,6 +12,11 @@ import time
 log = logging.getLogger(__name__)
 _JOBS: set = set()
 _LOCK = threading.Lock()
+# One submission at a time. submitit's local executor starts a job's controller first and moves
+# the job's pickle into the job's folder just after; the controller dies, leaving no log, if it
+# looks for that folder first. Two threads pickling and submitting at once (a sweeper with
+# n_jobs > 1) delayed the move past the controller's start (seen once in CI).
+SUBMIT_LOCK = threading.Lock()
 
 
 def add(jobs) -> None:

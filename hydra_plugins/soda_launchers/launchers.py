@@ -72,7 +72,8 @@ class _TrackedLaunch:
             job_params.append(
                 (list(overrides), "hydra.sweep.dir", number, f"job_id_for_{number}", Singleton.get_state())
             )
-        jobs = executor.map_array(self, *zip(*job_params, strict=True))
+        with inflight.SUBMIT_LOCK:
+            jobs = executor.map_array(self, *zip(*job_params, strict=True))
         inflight.add(jobs)
         try:
             return [job.results()[0] for job in jobs]

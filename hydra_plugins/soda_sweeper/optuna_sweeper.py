@@ -451,7 +451,7 @@ class OptunaSweeper(Sweeper):
         try:
             result = future.result()
         except Exception as error:  # the job died, or could not be submitted
-            self._fail(study, trial, f"job died: {_first_line(error)}", tracker, state)
+            self._fail(study, trial, f"job died: {_whole(error)}", tracker, state)
             return
         if result.status == JobStatus.COMPLETED:
             values = result.return_value
@@ -479,18 +479,18 @@ class OptunaSweeper(Sweeper):
             tracker.trial_ended(trial.number, "PRUNED", None)
             log.info("trial %d: pruned (%s)", trial.number, error)
             return
-        self._fail(study, trial, f"{type(error).__name__}: {_first_line(error)}", tracker, state)
+        self._fail(study, trial, f"{type(error).__name__}: {_whole(error)}", tracker, state)
 
     def _fail(self, study, trial, message: str, tracker: "_ParentRun", state: "_SweepState") -> None:
         from optuna.trial import TrialState
 
-        trial.set_user_attr("error", message[:2000])
+        trial.set_user_attr("error", message[:4000])
         study.tell(trial, state=TrialState.FAIL)
         state.failures += 1
-        state.errors.append(f"#{trial.number}: {message[:200]}")
+        state.errors.append(f"#{trial.number}: {message.splitlines()[0][:200]}")
         tracker.close_child(trial.number, "FAILED", message, trial.params)
         tracker.trial_ended(trial.number, "FAIL", None)
-        log.warning("trial %d failed: %s", trial.number, message)
+        log.warning("trial %d failed: %s", trial.number, message.splitlines()[0])
 
     def _interrupt(self, study, in_flight, tracker, state, optuna) -> None:
         from hydra_plugins.soda_launchers import inflight
@@ -556,6 +556,12 @@ def _raise_interrupt(signum, frame):
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0][:500] if text else type(error).__name__
+
+
+def _whole(error: BaseException) -> str:
+    """The whole message (a dead job's includes the tail of its error stream), for the records."""
+    text = str(error).strip()
+    return text[:4000] if text else type(error).__name__
 
 
 def _best(study):
