@@ -81,7 +81,7 @@ def pruner_classes() -> dict:
         "successive_halving": p.SuccessiveHalvingPruner,
         "hyperband": p.HyperbandPruner,
         "threshold": p.ThresholdPruner,
-        "patient": None,  # wraps another pruner; see make_pruner
+        "patient": p.PatientPruner,  # wraps another pruner (option `wrapped`); see make_pruner
         "wilcoxon": p.WilcoxonPruner,
     }
 

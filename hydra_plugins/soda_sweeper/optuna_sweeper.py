@@ -399,7 +399,6 @@ class OptunaSweeper(Sweeper):
 
     # -----------------------------------------------------------------------------------------
     def _run(self, study, dimensions, fixed, queue, grid: bool, tracker: "_ParentRun", state: "_SweepState"):
-        import optuna
 
         distributions = {name: d.distribution for name, d in dimensions.items()}
         in_flight: Dict[concurrent.futures.Future, Any] = {}  # noqa: UP006
@@ -431,7 +430,7 @@ class OptunaSweeper(Sweeper):
                 for future in finished:
                     self._record(study, in_flight.pop(future), future, tracker, state)
         except KeyboardInterrupt:
-            self._interrupt(study, in_flight, tracker, state, optuna)
+            self._interrupt(study, in_flight, tracker, state)
             pool.shutdown(wait=True, cancel_futures=True)
             raise SweepError(
                 f"sweep {self.study_name} interrupted: {state.done} of {state.target} trials finished, "
@@ -475,7 +474,6 @@ class OptunaSweeper(Sweeper):
         if isinstance(error, optuna.TrialPruned):
             study.tell(trial, state=TrialState.PRUNED)
             state.done += 1
-            state.pruned += 1
             tracker.trial_ended(trial.number, "PRUNED", None)
             log.info("trial %d: pruned (%s)", trial.number, error)
             return
@@ -492,14 +490,16 @@ class OptunaSweeper(Sweeper):
         tracker.trial_ended(trial.number, "FAIL", None)
         log.warning("trial %d failed: %s", trial.number, message.splitlines()[0])
 
-    def _interrupt(self, study, in_flight, tracker, state, optuna) -> None:
+    def _interrupt(self, study, in_flight, tracker, state) -> None:
+        from optuna.trial import TrialState
+
         from hydra_plugins.soda_launchers import inflight
 
         cancelled = inflight.cancel_all()
         log.warning("interrupted: cancelled %d job(s)", cancelled)
         for trial in in_flight.values():
             trial.set_user_attr("error", "interrupted: the sweep was stopped")
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            study.tell(trial, state=TrialState.FAIL)
             tracker.close_child(trial.number, "KILLED", "interrupted: the sweep was stopped", trial.params)
         tracker.finish(study, state, status="KILLED")
 
@@ -542,7 +542,6 @@ class _SweepState:
     done: int
     allowed_failures: int
     failures: int = 0
-    pruned: int = 0
     errors: List[str] = field(default_factory=list)  # noqa: UP006
 
     def stopping(self, in_flight: int) -> bool:
@@ -643,10 +642,8 @@ class _ParentRun:
             sweeper_conf["storage"] = redact(str(sweeper_conf.get("storage")))
             self.client.log_text(self.run_id, OmegaConf.to_yaml(sweeper_conf), "sweep.yaml")
             study.set_user_attr(PARENT_ATTR, self.run_id)
-        self.ended = 0
 
     def trial_ended(self, number: int, state: str, values) -> None:
-        self.ended += 1
         metrics = {f"trials_{state.lower()}": 1.0}
         if values:
             metrics.update({f"trial_value_{i}" if i else "trial_value": v for i, v in enumerate(values)})
