@@ -19,6 +19,8 @@ from soda.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "fp16", "bf16")
+# torch.compile modes for the training loss; auto = "default" on CUDA, eager elsewhere.
+COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DATASETS = ("cifar10", "cifar100", "tiny_imagenet", "imagefolder", "shapes")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -131,7 +133,8 @@ class ScheduleConfig:
     ema_decay: float = 0.9999
     ema_update_every: int = 1
     ema_warmup_power: float = 0.6666667  # ema-pytorch's warm-up: decay = 1 - (1 + step) ** -power, capped
-    precision: str = "fp16"
+    precision: str = "bf16"  # the seed used fp16; bf16 needs no loss scaler (and its host syncs)
+    compile: str = "auto"  # torch.compile mode of the loss: auto (compile on CUDA), none, or a mode
     checkpoint_every: int = 100  # epochs; a checkpoint is also written at the end
     log_every: int = 50  # optimiser steps between train/loss points
 
@@ -153,6 +156,7 @@ class ScheduleConfig:
         _check(0 <= self.ema_decay < 1, f"schedule.ema_decay={self.ema_decay} must be in [0, 1)")
         _check(self.ema_update_every >= 1, f"schedule.ema_update_every={self.ema_update_every} must be >= 1")
         _check(self.precision in PRECISIONS, f"schedule.precision={self.precision!r}; allowed: {', '.join(PRECISIONS)}")
+        _check(self.compile in COMPILE_MODES, f"schedule.compile={self.compile!r}; allowed: {', '.join(COMPILE_MODES)}")
         _check(self.checkpoint_every >= 1, f"schedule.checkpoint_every={self.checkpoint_every} must be >= 1")
         _check(self.log_every >= 1, f"schedule.log_every={self.log_every} must be >= 1")
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import optuna
 import torch
-from ema_pytorch import EMA
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import save_image
@@ -26,6 +25,7 @@ from soda import dist
 from soda.checkpoint import load_checkpoint, save_checkpoint
 from soda.config import REPO_ROOT, Config, ViewConfig, to_settings
 from soda.data import LabelledImages, ViewAugmentation, load_split
+from soda.ema import SyncFreeEMA
 from soda.errors import ConfigError, DivergenceError
 from soda.eval import evaluate_probes
 from soda.models import SODA, build_soda
@@ -240,6 +240,42 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def compile_loss(loss_fn, mode: str, device: torch.device):
+    """torch.compile of the loss for `mode` ("auto": "default" on CUDA, eager elsewhere). Where
+    compilation fails (no compiler, no Triton, an unsupported platform) the run goes on eager
+    with a warning: the numbers are the same, only slower."""
+    if mode == "auto":
+        mode = "default" if device.type == "cuda" else "none"
+    if mode == "none":
+        return loss_fn
+    try:
+        compiled = torch.compile(loss_fn, mode=mode)
+    except RuntimeError as error:  # e.g. a Python version torch.compile does not support
+        log.warning("torch.compile unavailable (%s); training eager", error)
+        return loss_fn
+    return _EagerFallback(compiled, loss_fn)
+
+
+class _EagerFallback:
+    """Calls the compiled loss; if compiling it fails on the first call, warns once and uses the
+    eager one from then on. Errors after a successful first call are real errors and propagate."""
+
+    def __init__(self, compiled, eager):
+        self.compiled, self.eager, self.checked = compiled, eager, False
+
+    def __call__(self, *args):
+        if self.checked:
+            return self.compiled(*args)
+        try:
+            result = self.compiled(*args)
+        except torch._dynamo.exc.TorchDynamoException as error:
+            log.warning("torch.compile failed (%s); training eager", str(error).splitlines()[0][:300])
+            self.compiled = self.eager
+            result = self.eager(*args)
+        self.checked = True
+        return result
+
+
 class Trainer:
     """The loop of SEED.md: AdamW, linear warm-up then constant lr, grad-norm clipping, EMA every
     step, mixed precision; probes on the EMA encoder every `eval.every` epochs and at the end."""
@@ -281,6 +317,7 @@ class Trainer:
         size = settings.dataset.image_size
         self.source_augment = view_augmentation(size, settings.augmentation.source)
         self.target_augment = view_augmentation(size, settings.augmentation.target)
+        self.same_view_settings = settings.augmentation.source == settings.augmentation.target
 
         decoder_lr = s.decoder_lr
         self.base_lrs = [decoder_lr * s.encoder_lr_ratio, decoder_lr]
@@ -296,7 +333,7 @@ class Trainer:
         # Only rank 0 evaluates, so only rank 0 keeps the EMA copy.
         self.ema = None
         if self.world.is_main:
-            self.ema = EMA(
+            self.ema = SyncFreeEMA(
                 model,
                 beta=s.ema_decay,
                 update_after_step=0,
@@ -304,6 +341,9 @@ class Trainer:
                 power=s.ema_warmup_power,
                 include_online_model=False,
             )
+        # The loss, compiled where that pays (see compile_loss); the EMA and the probes use the
+        # plain modules, and checkpoints hold the plain state_dict.
+        self.loss_fn = compile_loss(self.forward, s.compile, device)
         self.rank_batch = s.batch_size // self.world.world_size
         self.steps_per_epoch = len(train_set) // s.batch_size
         self.warmup_steps = max(1, round(s.warmup_epochs * self.steps_per_epoch))
@@ -412,24 +452,37 @@ class Trainer:
         log.info("epoch %d/%d  %.1f s  %.0f images/s", epoch, s.epochs, seconds, throughput)
 
     def train_step(self, images: torch.Tensor) -> torch.Tensor:
-        s = self.schedule
-        source_view = self.source_augment(images)
-        target_view = self.target_augment(images)
+        """One optimiser step on a uint8 batch [N, 3, H, W] already on the device."""
+        source_view, target_view = self.make_views(images)
+        return self.optimize(source_view, target_view)
 
-        # Learning rate: linear warm-up, then constant.
+    def make_views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two independent augmentations of each image. With the same settings for both
+        views, one call on the doubled batch does both: the draws are per image anyway, and
+        half the calls is half the per-op overhead."""
+        if self.same_view_settings:
+            both = self.source_augment(torch.cat([images, images]))
+            return both[: images.shape[0]], both[images.shape[0] :]
+        return self.source_augment(images), self.target_augment(images)
+
+    def optimize(self, source_view: torch.Tensor, target_view: torch.Tensor) -> torch.Tensor:
+        """Loss, backward, clip, AdamW, EMA; returns the loss as a device tensor (no host sync:
+        nothing here reads a value back, so the CPU can queue the next step at once)."""
+        s = self.schedule
+        # Learning rate: linear warm-up, then constant (a host-side step count, no sync).
         factor = self._lr_factor()
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * factor
 
         # Accumulate gradients.
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            loss = self.forward(source_view, target_view)
+            loss = self.loss_fn(source_view, target_view)
         self.scaler.scale(loss).backward()
 
         # Clip and step.
         if s.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip, foreach=True)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

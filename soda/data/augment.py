@@ -1,10 +1,10 @@
 """Augmentation of a batch of uint8 images into one view, with per-image random parameters.
 
 The reference's per-image PIL pipeline: RandomApply([RandomResizedCrop, RandomHorizontalFlip],
-p=crop_prob), RandomApply([RandAugment], p=randaugment_prob). Here crop and flip are one batched
-resampling (an affine grid per image, so any device runs it in one op); RandAugment runs per
-selected image through torchvision's own implementation, so its operations and magnitudes are
-exactly torchvision's.
+p=crop_prob), RandomApply([RandAugment], p=randaugment_prob). Here the whole batch goes through
+a fixed sequence of tensor operations on whatever device holds it: crop and flip are one batched
+bilinear resampling (an affine grid per image), RandAugment is `BatchRandAugment` (torchvision's
+operations, drawn per image). No host syncs and no data-dependent shapes, so it compiles.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
+
+from soda.data.randaugment import BatchRandAugment
 
 
 def sample_crop_boxes(
@@ -59,19 +60,18 @@ def sample_crop_boxes(
 
 
 def resized_crop_flip(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear crop of each box to size x size, mirrored where `flip`; float images in, float out."""
+    """Bilinear crop of each box to size x size, mirrored where `flip`; float images in, float out.
+    Crops are axis-aligned, so the sampling grid is built by broadcasting a row of x and a column
+    of y per image (`affine_grid`'s batched matmul costs more than the resampling on a CPU)."""
     count, _, height, width = images.shape
     top, left, h, w = boxes.unbind(1)
-    scale_x = w / width
-    scale_y = h / height
-    shift_x = (2 * left + w) / width - 1
-    shift_y = (2 * top + h) / height - 1
-    theta = torch.zeros(count, 2, 3, device=images.device)
-    theta[:, 0, 0] = torch.where(flip, -scale_x, scale_x)
-    theta[:, 0, 2] = shift_x
-    theta[:, 1, 1] = scale_y
-    theta[:, 1, 2] = shift_y
-    grid = F.affine_grid(theta, (count, images.shape[1], size, size), align_corners=False)
+    # Output pixel centres in [-1, 1], mapped into each box (align_corners=False convention).
+    centres = (torch.arange(size, device=images.device, dtype=torch.float32) + 0.5) / size * 2 - 1
+    grid_x = (
+        torch.where(flip[:, None], -centres, centres) * (w / width)[:, None] + ((2 * left + w) / width - 1)[:, None]
+    )
+    grid_y = centres * (h / height)[:, None] + ((2 * top + h) / height - 1)[:, None]
+    grid = torch.stack([grid_x[:, None, :].expand(count, size, size), grid_y[:, :, None].expand(count, size, size)], -1)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -95,7 +95,7 @@ class ViewAugmentation:
         self.crop_ratio = tuple(crop_ratio)
         self.flip_prob = flip_prob
         self.randaugment_prob = randaugment_prob
-        self.randaugment = v2.RandAugment(num_ops=randaugment_ops, magnitude=randaugment_magnitude)
+        self.randaugment = BatchRandAugment(num_ops=randaugment_ops, magnitude=randaugment_magnitude)
 
     @property
     def is_identity(self) -> bool:
@@ -104,20 +104,18 @@ class ViewAugmentation:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         count, _, height, width = images.shape
         device = images.device
+        images = images.float()
         if self.crop_prob > 0:
             cropped = torch.rand(count, device=device) < self.crop_prob
             boxes = sample_crop_boxes(count, height, width, self.crop_scale, self.crop_ratio, device=device)
             whole = torch.tensor([0.0, 0.0, height, width], device=device).expand(count, 4)
             boxes = torch.where(cropped[:, None], boxes, whole)
             flip = cropped & (torch.rand(count, device=device) < self.flip_prob)
-            images = resized_crop_flip(images.float(), boxes, flip, self.size).round().clamp(0, 255).to(torch.uint8)
+            # Rounded to whole levels, as the reference's crop produces a uint8 image.
+            images = resized_crop_flip(images, boxes, flip, self.size).round().clamp(0, 255)
         elif (height, width) != (self.size, self.size):
-            images = F.interpolate(images.float(), size=(self.size, self.size), mode="bilinear", antialias=True)
-            images = images.round().clamp(0, 255).to(torch.uint8)
-        if self.randaugment_prob > 0:
-            chosen = (torch.rand(count, device=device) < self.randaugment_prob).nonzero().flatten().tolist()
-            if chosen:
-                images = images.clone()
-                for index in chosen:
-                    images[index] = self.randaugment(images[index])
-        return images.float() / 255
+            images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", antialias=True)
+            images = images.round().clamp(0, 255)
+        if self.randaugment_prob > 0 and self.randaugment.num_ops > 0:
+            images = self.randaugment(images, apply=torch.rand(count, device=device) < self.randaugment_prob)
+        return images / 255

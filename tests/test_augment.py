@@ -1,0 +1,173 @@
+"""The batched augmentation against torchvision's per-image definition, the sync-free EMA against
+ema-pytorch's, and the compile fallback."""
+
+import logging
+
+import pytest
+import torch
+from ema_pytorch import EMA
+from scipy import stats
+from torchvision.transforms import v2
+
+from soda.data import ViewAugmentation
+from soda.data.randaugment import OP, OPERATIONS, SIGNED, BatchRandAugment, magnitudes
+from soda.data.shapes import make_shapes
+from soda.ema import SyncFreeEMA
+from soda.train import compile_loss
+
+
+def _test_images(count: int = 48, size: int = 32) -> torch.Tensor:
+    """Noise, smooth gradients and the synthetic shapes: edges, flat areas and full-range pixels."""
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, 256, (count // 3, 3, size, size), generator=generator, dtype=torch.uint8)
+    coarse = torch.randint(0, 256, (count // 3, 3, 4, 4), generator=generator).float()
+    smooth = torch.nn.functional.interpolate(coarse, size=size, mode="bilinear").round().to(torch.uint8)
+    shapes, _ = make_shapes(count - 2 * (count // 3), size, seed=0)
+    return torch.cat([noise, smooth, shapes])
+
+
+@pytest.mark.parametrize("name", OPERATIONS)
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize("static_shapes", [False, True])
+def test_each_operation_equals_torchvisions_uint8_kernel(name, sign, static_shapes):
+    images = _test_images()
+    strength = magnitudes(9, 32, 32).get(name, 0.0)
+    magnitude = sign * strength if name in SIGNED else strength
+    torchvision_randaugment = v2.RandAugment(num_ops=1, magnitude=9)
+    expected = torch.stack(
+        [
+            torchvision_randaugment._apply_image_or_video_transform(
+                image, name, magnitude, v2.InterpolationMode.NEAREST, {type(image): None}
+            )
+            for image in images
+        ]
+    )
+    ours = BatchRandAugment(num_ops=1, magnitude=9, static_shapes=static_shapes)
+    count = images.shape[0]
+    got = ours.apply_ops(images.float(), torch.full((1, count), OP[name]), torch.full((1, count), sign))
+    assert torch.equal(got.to(torch.uint8), expected)
+
+
+def test_images_keep_their_own_operations_in_a_mixed_batch():
+    """Each image of a batch gets the operation it drew, the same as alone; static and gathered
+    execution agree."""
+    images = _test_images().float()
+    augment = BatchRandAugment(num_ops=2, magnitude=9)
+    torch.manual_seed(1)
+    ops, signs = augment.sample(images.shape[0])
+    gathered = BatchRandAugment(2, 9, static_shapes=False).apply_ops(images, ops, signs)
+    static = BatchRandAugment(2, 9, static_shapes=True).apply_ops(images, ops, signs)
+    assert torch.equal(gathered, static)
+    for index in (0, 17, 40):
+        alone = augment.apply_ops(images[index : index + 1], ops[:, index : index + 1], signs[:, index : index + 1])
+        assert torch.equal(alone[0], gathered[index])
+
+
+def test_operations_and_signs_are_drawn_per_image_uniformly():
+    augment = BatchRandAugment(num_ops=2, magnitude=9)
+    torch.manual_seed(0)
+    ops, signs = augment.sample(14_000)
+    counts = torch.bincount(ops.flatten(), minlength=len(OPERATIONS))
+    assert stats.chisquare(counts.numpy()).pvalue > 1e-3  # uniform over the 14 operations
+    assert abs((signs > 0).float().mean().item() - 0.5) < 0.01
+    # The two slots are independent draws (torchvision draws each slot afresh, repeats allowed).
+    same = (ops[0] == ops[1]).float().mean().item()
+    assert abs(same - 1 / len(OPERATIONS)) < 0.01
+
+
+def _torchvision_view(size: int) -> v2.Compose:
+    """The reference view, per image, on uint8 tensors (the seed's PIL pipeline, same kernels)."""
+    return v2.Compose(
+        [
+            v2.RandomApply([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()], p=0.95),
+            v2.RandomApply([v2.RandAugment(num_ops=2, magnitude=9)], p=0.65),
+        ]
+    )
+
+
+def test_batched_view_samples_the_reference_distribution():
+    """Image statistics of many views of the same images, batched vs torchvision per image: the
+    two samples must be indistinguishable (two-sample Kolmogorov-Smirnov)."""
+    base, _ = make_shapes(16, 32, seed=3)
+    images = base.repeat(150, 1, 1, 1)  # 2,400 views
+    torch.manual_seed(0)
+    batched = (ViewAugmentation(32)(images) * 255).round()
+    reference_view = _torchvision_view(32)
+    reference = torch.stack([reference_view(image) for image in images]).float()
+
+    def statistics(views):
+        return {
+            "mean": views.mean(dim=(1, 2, 3)),
+            "contrast": views.std(dim=(1, 2, 3)),
+            "black": (views.amax(1) == 0).float().mean(dim=(1, 2)),  # filled by geometry
+            "left_right": (views[..., :16].mean(dim=(1, 2, 3)) - views[..., 16:].mean(dim=(1, 2, 3))),
+        }
+
+    ours, theirs = statistics(batched), statistics(reference)
+    for name in ours:
+        result = stats.ks_2samp(ours[name].numpy(), theirs[name].numpy())
+        assert result.pvalue > 1e-3, f"{name}: KS statistic {result.statistic:.3f}, p={result.pvalue:.2g}"
+
+
+def test_sync_free_ema_matches_ema_pytorch_and_resumes(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    settings = dict(beta=0.999, update_after_step=0, update_every=2, power=0.6666667, include_online_model=False)
+    reference, ours = EMA(model, **settings), SyncFreeEMA(model, **settings)
+
+    def train(steps, *emas):
+        for _ in range(steps):
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.add_(torch.randn_like(parameter) * 0.1)
+            model(torch.randn(8, 4))
+            for ema in emas:
+                ema.update()
+
+    train(30, reference, ours)
+    torch.save(ours.state_dict(), tmp_path / "ema.pt")
+    resumed = SyncFreeEMA(model, **settings)
+    resumed.load_state_dict(torch.load(tmp_path / "ema.pt", weights_only=True))
+    train(30, reference, ours, resumed)
+    for other in (ours, resumed):
+        assert other.step.item() == reference.step.item() == 60
+        expected, got = reference.ema_model.state_dict(), other.ema_model.state_dict()
+        assert expected.keys() == got.keys()
+        assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+def test_compile_falls_back_to_eager_only_when_compiling_fails(caplog, monkeypatch):
+    def loss(x):
+        return x.sum()
+
+    assert compile_loss(loss, "none", torch.device("cpu")) is loss
+    assert compile_loss(loss, "auto", torch.device("cpu")) is loss  # auto: eager on a CPU
+
+    def broken_compile(fn, mode=None):
+        def compiled(*args):
+            raise torch._dynamo.exc.TorchDynamoException("backend compiler failed: no C++ compiler")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with caplog.at_level(logging.WARNING):
+        wrapped = compile_loss(loss, "default", torch.device("cpu"))
+        assert wrapped(torch.ones(3)).item() == 3.0
+    assert "torch.compile failed" in caplog.text
+
+    def failing_later(fn, mode=None):
+        calls = []
+
+        def compiled(*args):
+            calls.append(1)
+            if len(calls) > 1:
+                raise ValueError("a real error")
+            return fn(*args)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", failing_later)
+    wrapped = compile_loss(loss, "default", torch.device("cpu"))
+    wrapped(torch.ones(2))
+    with pytest.raises(ValueError, match="a real error"):
+        wrapped(torch.ones(2))
