@@ -104,18 +104,22 @@ class ViewAugmentation:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         count, _, height, width = images.shape
         device = images.device
-        images = images.float()
+        images = images.to(torch.float32, copy=True)  # ours to change in place
         if self.crop_prob > 0:
             cropped = torch.rand(count, device=device) < self.crop_prob
             boxes = sample_crop_boxes(count, height, width, self.crop_scale, self.crop_ratio, device=device)
-            whole = torch.tensor([0.0, 0.0, height, width], device=device).expand(count, 4)
+            # The whole image, built by fills: a tensor from a Python list would be a blocking copy.
+            whole = torch.zeros(count, 4, device=device)
+            whole[:, 2], whole[:, 3] = height, width
             boxes = torch.where(cropped[:, None], boxes, whole)
             flip = cropped & (torch.rand(count, device=device) < self.flip_prob)
             # Rounded to whole levels, as the reference's crop produces a uint8 image.
-            images = resized_crop_flip(images, boxes, flip, self.size).round().clamp(0, 255)
+            # (bilinear weights are convex, so the result stays in [0, 255] without a clamp)
+            images = resized_crop_flip(images, boxes, flip, self.size).add_(0.5).floor_()  # round half up, as PIL
         elif (height, width) != (self.size, self.size):
             images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", antialias=True)
             images = images.round().clamp(0, 255)
         if self.randaugment_prob > 0 and self.randaugment.num_ops > 0:
-            images = self.randaugment(images, apply=torch.rand(count, device=device) < self.randaugment_prob)
-        return images / 255
+            apply = torch.rand(count, device=device) < self.randaugment_prob
+            images = self.randaugment(images, apply=apply, in_place=True)  # `images` is ours here
+        return images.div_(255)
