@@ -59,6 +59,7 @@ PRESETS = {
         "overrides": ["model=tiny", "dataset=cifar10", "augmentation=seed", "schedule=short", "eval=reference"],
         "images": 4096,
         "batch": 256,
+        "data_batch": 512,  # the data path alone at the reference's global batch
         "data_batches": 12,
         "steps": 10,
         "end_to_end_steps": 10,
@@ -135,7 +136,9 @@ def main() -> None:
     peak = args.peak_tflops or _datasheet_peak(device)
     record["peak_tflops"] = peak
 
-    data = measure_data(settings, train_set, device, batch, preset["data_batches"], args.workers)
+    data_batch = preset.get("data_batch", batch) if not args.batch else batch
+    data = measure_data(settings, train_set, device, data_batch, preset["data_batches"], args.workers)
+    data["batch"] = data_batch
     end_to_end, fast_trainer = measure_end_to_end(
         settings, train_set, test_set, device, batch, preset["end_to_end_steps"], preset["warmup"], args.workers
     )

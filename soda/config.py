@@ -135,6 +135,7 @@ class ScheduleConfig:
     ema_warmup_power: float = 0.6666667  # ema-pytorch's warm-up: decay = 1 - (1 + step) ** -power, capped
     precision: str = "bf16"  # the seed used fp16; bf16 needs no loss scaler (and its host syncs)
     compile: str = "auto"  # torch.compile mode of the loss: auto (compile on CUDA), none, or a mode
+    channels_last: Optional[bool] = None  # noqa: UP045 - NHWC weights and views; null = on a CPU only
     checkpoint_every: int = 100  # epochs; a checkpoint is also written at the end
     log_every: int = 50  # optimiser steps between train/loss points
 

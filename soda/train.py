@@ -303,7 +303,9 @@ class Trainer:
         if self.world.enabled and device.type == "cuda":
             # Batch statistics over the global batch; NCCL only (PyTorch's SyncBatchNorm needs a GPU).
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.model = model.to(device)
+        channels_last = s.channels_last if s.channels_last is not None else device.type == "cpu"
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.to(device, memory_format=self.memory_format)
         # The loss goes through DDP when there are several ranks (gradients averaged across them).
         self.forward = self.model
         if self.world.enabled:
@@ -475,6 +477,8 @@ class Trainer:
             group["lr"] = base * factor
 
         # Accumulate gradients.
+        source_view = source_view.contiguous(memory_format=self.memory_format)
+        target_view = target_view.contiguous(memory_format=self.memory_format)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             loss = self.loss_fn(source_view, target_view)
         self.scaler.scale(loss).backward()
