@@ -102,6 +102,9 @@ def main() -> None:
     parser.add_argument("--dataset-root", help="a CIFAR-10 folder to read instead of synthetic images")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak (default: datasheet table)")
     parser.add_argument("--skip-eval", action="store_true", help="do not time the probes")
+    parser.add_argument(
+        "--eval-full", action="store_true", help="time the probes on the whole of --dataset-root's train and test sets"
+    )
     parser.add_argument("--json", help="record path (default: bench/results/throughput-<cpu|cuda>.json)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. schedule.compile=none")
     args = parser.parse_args()
@@ -150,6 +153,10 @@ def main() -> None:
             result["tflops"] = result["images_per_s"] * flops / 1e12
             result["fraction_of_peak"] = result["tflops"] / peak if peak else None
     if not args.skip_eval:
+        if args.eval_full:
+            if not args.dataset_root:
+                parser.error("--eval-full needs --dataset-root")
+            fast_trainer.train_set, fast_trainer.test_set = _data(args.dataset_root, None, settings)
         record["eval"] = measure_eval(fast_trainer, device)
     record["peak_memory_mib"] = _peak_memory_mib(device)
     record["speedup"] = {
@@ -178,6 +185,8 @@ def _data(root: str | None, preset: dict, settings) -> tuple[LabelledImages, Lab
     if root:
         train = load_split("cifar10", root, "train", d.image_size, d.num_classes, download=False)
         test = load_split("cifar10", root, "test", d.image_size, d.num_classes, download=False)
+        if preset is None:  # everything
+            return train, test
         return train.subset(preset["images"]), test.subset(preset["eval_test"])
 
     def shapes(count: int, seed: int) -> LabelledImages:
