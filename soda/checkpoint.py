@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from soda.errors import CheckpointError
+from soda.faults import mark
 
 FORMAT_VERSION = 1
 
@@ -18,7 +19,11 @@ FORMAT_VERSION = 1
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Temporary files of writers that were killed mid-write (SIGKILL leaves no time to clean up).
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    mark("checkpoint.write")
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save({"format_version": FORMAT_VERSION, **state}, handle)

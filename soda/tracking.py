@@ -17,9 +17,13 @@ from typing import Any
 from urllib.parse import urlparse
 
 from soda.errors import TrackingError
+from soda.faults import mark
 
 log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run_id"
+# MLflow's SQL store logs every database error with its traceback before raising it; we raise it
+# again as one line that says what to do, so its copy is noise on the user's terminal.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def git_state(repo: Path) -> dict[str, str]:
@@ -144,35 +148,99 @@ class Tracker:
         self.run_id: str | None = None
         self.resumed = False
         self._recorded_steps: dict[str, int] = {}  # key -> last step already in the store
+        self.points_logged = 0  # metric points this process sent (a check against what the store holds)
 
     def check(self) -> None:
+        """Fail before any work if the store cannot be read, or (creating the experiment when it
+        is new) written."""
         check_reachable(self.uri)
+        import mlflow
+
+        try:
+            get_or_create_experiment(mlflow.MlflowClient(self.uri), self.experiment, self.artifact_location)
+        except Exception as error:
+            raise self._unwritable(error) from None
+
+    def _unwritable(self, error: Exception) -> TrackingError:
+        text = str(error)
+        reason = next((line.strip() for line in text.splitlines() if "Error)" in line), "") or text.splitlines()[0]
+        reason = reason[:200] if text else type(error).__name__
+        if "readonly" in text or "read-only" in text:
+            reason = f"the store is read-only: {reason}"
+        return TrackingError(
+            f"MLflow tracking store {self.uri} cannot be written ({reason}); point tracking.uri at a "
+            f"writable store, or fix its permissions"
+        )
 
     def start(self, run_dir: Path, params: dict[str, str], config_yaml: str, tags: dict[str, str]) -> str:
         """Start the run, or continue the one this run directory already has."""
+        try:
+            return self._start(run_dir, params, config_yaml, tags)
+        except TrackingError:
+            raise
+        except Exception as error:
+            import mlflow
+
+            if mlflow.active_run() is not None:  # created, then a write failed: not left RUNNING
+                try:
+                    mlflow.end_run(status="FAILED")
+                except Exception:
+                    pass
+            raise self._unwritable(error) from None
+
+    def _start(self, run_dir: Path, params: dict[str, str], config_yaml: str, tags: dict[str, str]) -> str:
         import mlflow
 
         mlflow.set_tracking_uri(self.uri)
         experiment_id = self._experiment_id(mlflow)
-        id_file = Path(run_dir) / RUN_ID_FILE
-        previous = id_file.read_text().strip() if id_file.exists() else None
-        if previous and self._run_exists(mlflow, previous):
+        run_dir = Path(run_dir)
+        previous = self._previous_run(mlflow, experiment_id, run_dir)
+        if previous is not None:
             run = mlflow.start_run(run_id=previous, log_system_metrics=self.system_metrics)
             self.resumed = True
             self._recorded_steps = self._last_steps(mlflow, previous)
             mlflow.set_tag("resumed", "true")
             log.info("continuing MLflow run %s", previous)
         else:
+            # The run directory is a tag from the run's creation on, so a process killed before it
+            # wrote mlflow_run_id still finds its run on restart instead of leaving it orphaned.
             run = mlflow.start_run(
-                experiment_id=experiment_id, run_name=self.run_name, log_system_metrics=self.system_metrics
+                experiment_id=experiment_id,
+                run_name=self.run_name,
+                tags={"run_dir": str(run_dir.resolve())},
+                log_system_metrics=self.system_metrics,
             )
-            id_file.parent.mkdir(parents=True, exist_ok=True)
-            id_file.write_text(run.info.run_id + "\n")
-            mlflow.log_params(params)
+            _write_atomically(run_dir / RUN_ID_FILE, run.info.run_id + "\n")
+        # Written on a resumed run too when the first process died before writing them.
+        recorded = mlflow.get_run(run.info.run_id)
+        missing = {k: v for k, v in params.items() if k not in recorded.data.params}
+        if missing:
+            mlflow.log_params(missing)
+        if not any(a.path == "config.yaml" for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)):
             mlflow.log_text(config_yaml, "config.yaml")
         mlflow.set_tags({**tags, **self.tags})
         self.run_id = run.info.run_id
         return self.run_id
+
+    def _previous_run(self, mlflow, experiment_id: str, run_dir: Path) -> str | None:
+        """The MLflow run this run directory already has: the id in its mlflow_run_id file, or
+        else (killed between creating the run and writing the file) the newest run tagged with
+        this directory."""
+        id_file = run_dir / RUN_ID_FILE
+        previous = id_file.read_text().strip() if id_file.exists() else ""
+        if previous and self._run_exists(mlflow, previous):
+            return previous
+        where = str(run_dir.resolve())
+        if "'" in where:
+            return None
+        found = mlflow.search_runs(
+            experiment_ids=[experiment_id],
+            filter_string=f"tags.run_dir = '{where}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+            output_format="list",
+        )
+        return found[0].info.run_id if found else None
 
     def _experiment_id(self, mlflow) -> str:
         return get_or_create_experiment(mlflow.MlflowClient(self.uri), self.experiment, self.artifact_location)
@@ -200,7 +268,9 @@ class Tracker:
 
         fresh = {k: float(v) for k, v in metrics.items() if step > self._recorded_steps.get(k, -1)}
         if fresh:
+            mark("mlflow.log_metrics")
             mlflow.log_metrics(fresh, step=step)
+            self.points_logged += len(fresh)
 
     def log_artifact(self, path: Path, folder: str) -> None:
         import mlflow
@@ -214,6 +284,13 @@ class Tracker:
             return
         if error:
             mlflow.set_tag("error", error[:5000])
-        if tags:
-            mlflow.set_tags(tags)
+        # Points sent by this process (a resumed run's earlier points were sent by earlier ones).
+        mlflow.set_tags({**(tags or {}), "metric_points_logged": str(self.points_logged)})
         mlflow.end_run(status=status)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -93,6 +94,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | list[floa
             "seed": str(settings.seed),
             "run_dir": str(run_dir.resolve()),
             "world_size": str(world.world_size),
+            # Which process to look at (or stop) while the run is live.
+            "host": socket.gethostname(),
+            "pid": str(os.getpid()),
             **_trial_tags(settings),
         }
         params = flatten(resolved)

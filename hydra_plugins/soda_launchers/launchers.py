@@ -82,6 +82,10 @@ class _TrackedLaunch:
 
 
 def _check_ranks(params: dict, config) -> None:
+    for key, least in (("tasks_per_node", 1), ("nodes", 1), ("gpus_per_node", 0), ("timeout_min", 1)):
+        value = params.get(key)
+        if value is not None and (not isinstance(value, int) or value < least):
+            raise LauncherError(f"hydra.launcher.{key}={value!r} must be a whole number >= {least}")
     gpus = params.get("gpus_per_node") or 0
     tasks = params.get("tasks_per_node") or 1
     nodes = params.get("nodes") or 1
