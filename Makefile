@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo sweep-demo test test-all lint format summary bench table mlflow-ui mlflow-server optuna-dashboard \
+.PHONY: help install demo sweep-demo test test-all lint format summary bench faults table mlflow-ui mlflow-server optuna-dashboard \
 	slurm-up slurm-down postgres-up postgres-down clean
 
 help: ## List the targets
@@ -44,6 +44,9 @@ summary: install ## Print parameters and training FLOPs of the reference model
 
 bench: install ## Throughput, fast path vs a straightforward one, side by side (CPU: small sizes, ~4 min; GPU: CIFAR-10 reference)
 	$(PY) bench/throughput.py
+
+faults: install ## Fault campaign: kills, SLURM requeues, a crowd of trials, failing trials, bad inputs (needs slurm-up, postgres-up; about 30 min)
+	$(PY) bench/faults.py
 
 # The store and experiment `make table` reads (default: $SODA_TRACKING_URI, else the embedded store, every
 # experiment), e.g. make table TRACKING_URI=http://127.0.0.1:5000 EXPERIMENT=soda
