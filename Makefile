@@ -25,7 +25,7 @@ demo: install ## Train the demo run: synthetic shapes, tiny model, CPU, offline,
 sweep-demo: install ## The augmentation ablation on the demo: a grid of 12 small trials, 2 at a time, on this CPU
 	$(PY) launch.py -m sweep=augment_ablation experiment=demo schedule.epochs=2 eval.every=2 eval.at_start=false
 
-test: install ## Run the test suite (CPU, about 18 minutes; slurm/postgres tests need make slurm-up, postgres-up)
+test: install ## Run the test suite (CPU, about 25 minutes; slurm/postgres tests need make slurm-up, postgres-up)
 	$(PY) -m pytest -m "not slow"
 
 test-all: install ## Run every test, slow ones included
