@@ -3,23 +3,24 @@
 The definition is torchvision's `RandAugment` (its 14 operations, 31 magnitude bins, a random
 sign for the signed ones, nearest-neighbour geometry filled with black), applied to uint8 images
 the way torchvision's tensor kernels do: every intermediate result is truncated to an integer.
-`tests/data/test_randaugment.py` checks each operation against torchvision's own kernel.
+`tests/test_augment.py` checks each operation against torchvision's own kernel.
 
 Why not torchvision's or kornia's transform: torchvision's draws one set of operations per call, so
-per-image randomness costs one call per image (about 1,000 images/s on this project's CPU);
-kornia's `auto.RandAugment` also draws its operations once per batch (measured: a batch of 256
-copies of one image came out as 1-19 distinct images), which changes the augmentation.
+per-image randomness costs one Python call per image; kornia's `auto.RandAugment` draws its
+operations once per batch, which changes the augmentation (`python bench/augment_libraries.py`
+counts the distinct outputs of a batch of copies of one image, and times both).
 
 How it stays batched without host syncs (no `nonzero`, no data-dependent shapes, so it compiles
 and fits a CUDA graph): for each of the `num_ops` slots every image draws an operation and a
 sign; one `grid_sample` applies all geometric operations (identity matrices for the others);
 the colour operations are computed for the whole batch and each image keeps the one it drew.
-That costs a few passes over the batch per slot, which for small images is far cheaper than
-gathering each operation's images.
+That is the GPU's mode. On a CPU the extra passes cost more than the host syncs, so there each
+operation gathers its own images instead (`static_shapes`); both modes give the same images.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -47,6 +48,7 @@ OP = {name: index for index, name in enumerate(OPERATIONS)}
 NUM_BINS = 31
 
 
+@functools.lru_cache(maxsize=64)  # called once per augmentation call, in the training step
 def magnitudes(magnitude: int, height: int, width: int, num_bins: int = NUM_BINS) -> dict[str, float]:
     """Each operation's unsigned strength at bin `magnitude`, computed as torchvision does (float32
     linspace), so the values agree to the last bit."""
@@ -163,7 +165,7 @@ class BatchRandAugment:
 
     `static_shapes`: True computes every operation for the whole batch and keeps each image's own
     (no host syncs, fixed shapes: what a GPU, `torch.compile` and CUDA graphs want); False gathers
-    each operation's images and computes only those (about 5x less work: what a CPU wants). None
+    each operation's images and computes only those (less work, more small calls: what a CPU wants). None
     picks by device. Both give the same images for the same draws.
     """
 
