@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import resource
 import shutil
 import signal
 import sqlite3
@@ -259,6 +260,8 @@ class Case:
     expect: str  # a fragment the error line must contain (case-insensitive)
     setup: object = None  # callable(work) -> None, before the run
     env: dict = field(default_factory=dict)
+    file_size_limit: int | None = None  # bytes one file may grow to (the disk is "full" beyond)
+    verify: object = None  # callable(work) -> a problem found afterwards, or None
 
 
 def _image_folder(root: Path, broken=None) -> Path:
@@ -302,6 +305,21 @@ def garbage_cases(work: Path) -> list[Case]:
                 path.write_bytes(content)
 
         return make
+
+    full_disk_run = work / "full-disk-run"
+
+    def full_disk_record(_work: Path) -> str | None:
+        """The run that could not checkpoint is a complete FAILED record saying why, and left no
+        partial checkpoint or temporary file behind."""
+        with sqlite3.connect(f"file:{work}/full-disk.db?mode=ro", uri=True) as connection:
+            runs = connection.execute(
+                "SELECT status, (SELECT value FROM tags WHERE tags.run_uuid = runs.run_uuid AND key = 'error') "
+                "FROM runs"
+            ).fetchall()
+        if len(runs) != 1 or runs[0][0] != "FAILED" or "cannot write checkpoint" not in (runs[0][1] or ""):
+            return f"expected one FAILED run whose error names the checkpoint write, found {runs}"
+        left = sorted(p.name for p in (full_disk_run / "checkpoints").glob("*"))
+        return f"files left in checkpoints/: {left}" if left else None
 
     def readonly_store(_work: Path) -> None:
         # A copy of the store opened read-only by SQLite itself (file permissions do not stop root).
@@ -378,6 +396,19 @@ def garbage_cases(work: Path) -> list[Case]:
             checkpoint(other_model=True),
         ),
         Case("not a checkpoint", [*TINY, f"hydra.run.dir={run_dir}"], "checkpoint", checkpoint(b"just some text\n")),
+        Case(
+            # The operating system refuses the write past 32 MiB (a full disk, a quota, `ulimit -f`).
+            "disk full during a checkpoint write",
+            [
+                *TINY,
+                "schedule.epochs=1",
+                f"hydra.run.dir={full_disk_run}",
+                f"tracking.uri=sqlite:///{work}/full-disk.db",
+            ],
+            "cannot write checkpoint",
+            file_size_limit=32 * 2**20,
+            verify=full_disk_record,
+        ),
         # Tracking URIs
         Case("unreachable tracking server", [*TINY, "tracking.uri=http://127.0.0.1:9"], "127.0.0.1:9"),
         Case("unknown tracking scheme", [*TINY, "tracking.uri=gopher://example"], "gopher"),
@@ -402,6 +433,13 @@ def garbage_cases(work: Path) -> list[Case]:
             "nope",
         ),
     ]
+
+
+def _limit_file_size(size: int):
+    def limit() -> None:  # in the child, before exec; CPython ignores SIGXFSZ, so writes fail with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    return limit
 
 
 def _corrupt_cache(root: Path) -> None:
@@ -449,7 +487,13 @@ def campaign_garbage(work: Path, tally: Tally, quick: bool = False) -> str:
         )
         started = time.perf_counter()
         result = subprocess.run(
-            command, cwd=REPO, env=environment(**case.env), capture_output=True, text=True, timeout=300
+            command,
+            cwd=REPO,
+            env=environment(**case.env),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            preexec_fn=None if case.file_size_limit is None else _limit_file_size(case.file_size_limit),
         )
         seconds = time.perf_counter() - started
         slowest = max(slowest, seconds)
@@ -462,6 +506,10 @@ def campaign_garbage(work: Path, tally: Tally, quick: bool = False) -> str:
             and "Traceback" not in result.stderr
             and case.expect.lower() in message.lower()
         )
+        problem = case.verify(work) if good and case.verify is not None else None
+        if problem is not None:
+            good = False
+            message = f"{message[:120]} -- but {problem}"
         ok += good
         print(
             f"    {'ok ' if good else 'BAD'} {case.name:42s} rc={result.returncode} {seconds:4.1f}s  {message[:200]}",
@@ -856,6 +904,7 @@ QUICK_CASES = (
     "sweep over an unknown key",
     "truncated JPEG",
     "truncated checkpoint",
+    "disk full during a checkpoint write",
     "read-only tracking store",
     "zero tasks per node",
 )

@@ -3,6 +3,7 @@ the previous checkpoint intact; read back only when complete and made by the sam
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -17,23 +18,75 @@ FORMAT_VERSION = 1
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write `state` to `path` atomically. A write the operating system refuses (a full disk, a
+    quota, a file-size limit, a read-only directory) is a CheckpointError naming the reason; the
+    previous checkpoint at `path` is then unchanged and no temporary file is left."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Temporary files of writers that were killed mid-write (SIGKILL leaves no time to clean up).
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    mark("checkpoint.write")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Temporary files of writers that were killed mid-write (SIGKILL leaves no time to clean up).
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        mark("checkpoint.write")
         with os.fdopen(fd, "wb") as handle:
             torch.save({"format_version": FORMAT_VERSION, **state}, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as error:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        refused = _os_error(error)
+        if refused is None:
+            raise
+        raise CheckpointError(_refused_message(path, refused, state)) from None
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The operating system's refusal behind `error`. torch.save hides it: when a write fails,
+    its zip writer's own end-of-file check raises a RuntimeError ("unexpected pos ...") whose
+    context is the real OSError."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _refused_message(path: Path, error: OSError, state: dict[str, Any]) -> str:
+    reason = error.strerror or os.strerror(error.errno)
+    size = sum(t.numel() * t.element_size() for t in _tensors(state)) / 2**20
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        action = (
+            f"the checkpoint needs about {size:.0f} MiB: free space there, or give the run a "
+            f"directory on another disk (hydra.run.dir=... / hydra.sweep.dir=...)"
+        )
+    elif error.errno == errno.EFBIG:
+        action = (
+            f"the checkpoint needs about {size:.0f} MiB, more than this process may write to one "
+            f"file (see `ulimit -f`) or the file system allows; raise the limit, or use another disk"
+        )
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        action = "make that directory writable, or give the run another one (hydra.run.dir=...)"
+    else:
+        action = "check that disk, or give the run another directory (hydra.run.dir=...)"
+    kept = "the previous checkpoint is unchanged" if path.exists() else "no checkpoint was written"
+    return f"cannot write checkpoint {path}: {reason} (errno {error.errno}); {action}; {kept}"
+
+
+def _tensors(value: Any):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _tensors(item)
 
 
 def load_checkpoint(path: str | os.PathLike, signature: dict[str, Any]) -> dict[str, Any]:

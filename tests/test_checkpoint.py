@@ -1,3 +1,5 @@
+import resource
+
 import pytest
 import torch
 
@@ -51,3 +53,39 @@ def test_a_file_that_is_not_a_soda_checkpoint_is_refused(tmp_path):
     torch.save({"something": 1}, path)
     with pytest.raises(CheckpointError, match=r"not a SODA checkpoint"):
         load_checkpoint(path, SIGNATURE)
+
+
+@pytest.fixture
+def file_size_limit():
+    """Makes the operating system refuse writes beyond `limit` bytes, as a full disk or a quota
+    does (CPython ignores SIGXFSZ, so the write fails with EFBIG instead of killing the process)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def limit(size: int) -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+
+    yield limit
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_a_write_the_system_refuses_is_one_line_naming_the_reason_and_the_old_checkpoint_survives(
+    tmp_path, file_size_limit
+):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"signature": SIGNATURE, "epoch": 1, "weights": torch.zeros(1000)})
+    file_size_limit(200_000)
+    with pytest.raises(CheckpointError) as refused:
+        save_checkpoint(path, {"signature": SIGNATURE, "epoch": 2, "weights": torch.zeros(1_000_000)})
+    message = str(refused.value)
+    # torch.save itself reports only "unexpected pos ..." here; the real reason must come through.
+    assert "File too large (errno 27)" in message and "about 4 MiB" in message, message
+    assert "the previous checkpoint is unchanged" in message and "\n" not in message
+    assert load_checkpoint(path, SIGNATURE)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_a_refused_first_write_says_no_checkpoint_was_written(tmp_path, file_size_limit):
+    file_size_limit(10_000)
+    with pytest.raises(CheckpointError, match="no checkpoint was written"):
+        save_checkpoint(tmp_path / "last.pt", {"signature": SIGNATURE, "weights": torch.zeros(100_000)})
+    assert list(tmp_path.iterdir()) == []

@@ -30,4 +30,4 @@ def test_kills_and_bad_inputs_lose_nothing(tmp_path):
     last = result.stdout.strip().splitlines()[-1]
     assert result.returncode == 0 and last.endswith("failed=0"), result.stdout[-6000:] + result.stderr[-3000:]
     assert "3 SIGKILLs (1 in checkpoint writes, 1 in MLflow writes, 1 at random times)" in result.stdout
-    assert "garbage: 6/6 bad inputs ended in one error line" in result.stdout
+    assert "garbage: 7/7 bad inputs ended in one error line" in result.stdout
