@@ -340,6 +340,9 @@ def garbage_cases(work: Path) -> list[Case]:
         Case("latent not divisible into layer groups", ["model.layer_groups=3"], "layer_groups"),
         Case("unknown augmentation view", ["augmentation/view@augmentation.source=wobble"], "wobble"),
         Case("image size zero", ["dataset.image_size=0"], "image_size"),
+        # Images of another size in a folder are resized by design (README, Data); a size the
+        # model cannot take is the error.
+        Case("image size the UNet cannot halve", ["dataset.image_size=15"], "cannot be halved"),
         Case("unknown device", ["device=tpu"], "device"),
         # Sweep settings
         Case("unknown sweep", ["-m", "sweep=nonexistent"], "nonexistent"),

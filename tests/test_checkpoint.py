@@ -1,3 +1,4 @@
+import contextlib
 import resource
 
 import pytest
@@ -55,26 +56,24 @@ def test_a_file_that_is_not_a_soda_checkpoint_is_refused(tmp_path):
         load_checkpoint(path, SIGNATURE)
 
 
-@pytest.fixture
-def file_size_limit():
-    """Makes the operating system refuse writes beyond `limit` bytes, as a full disk or a quota
-    does (CPython ignores SIGXFSZ, so the write fails with EFBIG instead of killing the process)."""
+@contextlib.contextmanager
+def file_size_limit(size: int):
+    """The operating system refuses writes past `size` bytes, as a full disk or a quota does
+    (CPython ignores SIGXFSZ, so the write fails with EFBIG instead of killing the process).
+    The limit holds for every file this process writes, pytest's own output included: keep the
+    block to the one call."""
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
-    def limit(size: int) -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
 
-    yield limit
-    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-
-
-def test_a_write_the_system_refuses_is_one_line_naming_the_reason_and_the_old_checkpoint_survives(
-    tmp_path, file_size_limit
-):
+def test_a_write_the_system_refuses_is_one_line_naming_the_reason_and_the_old_checkpoint_survives(tmp_path):
     path = tmp_path / "last.pt"
     save_checkpoint(path, {"signature": SIGNATURE, "epoch": 1, "weights": torch.zeros(1000)})
-    file_size_limit(200_000)
-    with pytest.raises(CheckpointError) as refused:
+    with pytest.raises(CheckpointError) as refused, file_size_limit(200_000):
         save_checkpoint(path, {"signature": SIGNATURE, "epoch": 2, "weights": torch.zeros(1_000_000)})
     message = str(refused.value)
     # torch.save itself reports only "unexpected pos ..." here; the real reason must come through.
@@ -84,8 +83,7 @@ def test_a_write_the_system_refuses_is_one_line_naming_the_reason_and_the_old_ch
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
-def test_a_refused_first_write_says_no_checkpoint_was_written(tmp_path, file_size_limit):
-    file_size_limit(10_000)
-    with pytest.raises(CheckpointError, match="no checkpoint was written"):
+def test_a_refused_first_write_says_no_checkpoint_was_written(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint was written"), file_size_limit(10_000):
         save_checkpoint(tmp_path / "last.pt", {"signature": SIGNATURE, "weights": torch.zeros(100_000)})
     assert list(tmp_path.iterdir()) == []
