@@ -46,6 +46,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.support.slurm import preempt, release_requeued, squeue  # noqa: E402
+
 # A few seconds per epoch on two CPU cores: the demo's data and model, smaller.
 TINY = [
     "experiment=demo",
@@ -805,10 +807,6 @@ def campaign_crowd(work: Path, tally: Tally, jobs: int = 4) -> str:
 # A requeue storm on SLURM
 
 
-def _squeue(*args: str) -> str:
-    return subprocess.run(["squeue", "-h", *args], capture_output=True, text=True).stdout
-
-
 def campaign_requeue(work: Path, tally: Tally, requeues: int = 3, seed: int = 0) -> str:
     """A 2-task job, preempted the way SLURM preempts (SIGTERM, then USR2, submitit's signal) at
     random moments and requeued each time, must end as the uninterrupted job does."""
@@ -851,23 +849,16 @@ def campaign_requeue(work: Path, tally: Tally, requeues: int = 3, seed: int = 0)
     done = 0
     try:
         while done < requeues and driver.poll() is None:
-            job_id = _squeue("-n", "soda-faults-storm", "-t", "RUNNING", "-o", "%i").split()
+            job_id = squeue("-n", "soda-faults-storm", "-t", "RUNNING", "-o", "%i").split()
             if not job_id:
                 time.sleep(0.5)
                 continue
             time.sleep(rng.uniform(3, 25))  # a random moment of this incarnation's life
-            if "RUNNING" not in _squeue("-j", job_id[0], "-o", "%T"):
+            if "RUNNING" not in squeue("-j", job_id[0], "-o", "%T"):
                 continue
-            subprocess.run(["scancel", job_id[0], "--signal", "SIGTERM"], check=False)
-            subprocess.run(["scancel", job_id[0], "--signal", "USR2"], check=False)
+            preempt(job_id[0], check=False)
             done += 1
-            # A requeued job waits ~2 minutes before it may start again; release it now.
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and driver.poll() is None:
-                if "PENDING" in _squeue("-j", job_id[0], "-o", "%T"):
-                    subprocess.run(["scontrol", "update", f"JobId={job_id[0]}", "StartTime=now"], check=False)
-                    break
-                time.sleep(0.5)
+            release_requeued(job_id[0], alive=lambda: driver.poll() is None)
         output, _ = driver.communicate(timeout=1800)
     finally:
         if driver.poll() is None:

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.helpers import REPO, SMOKE, launch
+from tests.support.slurm import preempt, release_requeued, squeue
 
 TRACK = "tracking.experiment=soda"
 
@@ -190,20 +191,9 @@ def test_preempted_slurm_job_is_requeued_and_resumes_without_duplicates(tmp_path
         while not checkpoint.exists() and time.monotonic() < deadline:
             time.sleep(1)
         assert checkpoint.exists(), "the job never wrote its first checkpoint"
-        job = subprocess.run(
-            ["squeue", "-h", "-n", "soda-requeue-test", "-o", "%i"], capture_output=True, text=True
-        ).stdout.split()[0]
-        # What SLURM does at preemption (submitit's own test helper sends the same two signals).
-        subprocess.run(["scancel", job, "--signal", "SIGTERM"], check=True)
-        subprocess.run(["scancel", job, "--signal", "USR2"], check=True)
-        # A requeued job waits ~2 minutes before it may start again; release it now.
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True, text=True).stdout
-            if "PENDING" in state:
-                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
-                break
-            time.sleep(1)
+        job = squeue("-n", "soda-requeue-test", "-o", "%i").split()[0]
+        preempt(job)
+        release_requeued(job)
         output, _ = driver.communicate(timeout=420)
     finally:
         if driver.poll() is None:
