@@ -297,6 +297,11 @@ def garbage_cases(work: Path) -> list[Case]:
     folder = ["dataset=imagefolder", "dataset.num_classes=2", "dataset.image_size=16"]
     run_dir = work / "garbage-run"
 
+    def folder_case(name: str, expect: str, spoil) -> Case:
+        """A tiny image folder of its own, spoilt by `spoil(root)`."""
+        root = data / name.replace(" ", "-")
+        return Case(name, [*folder, f"dataset.root={root}"], expect, lambda _work: _image_folder(root, spoil))
+
     def checkpoint(content: bytes | None = None, other_model: bool = False):
         def make(_work: Path) -> None:
             path = run_dir / "checkpoints" / "last.pt"
@@ -352,24 +357,11 @@ def garbage_cases(work: Path) -> list[Case]:
         Case("empty interval", ["-m", "sweep=lr_search", "schedule.decoder_lr=interval(1,0)"], "interval"),
         Case("grid over an interval", ["-m", "sweep=augment_ablation", "schedule.decoder_lr=interval(0.1,1)"], "grid"),
         # Data folders
-        Case(
-            "empty class folder",
-            [*folder, f"dataset.root={data}/empty-class"],
-            "empty",
-            lambda w: (_image_folder(data / "empty-class"), (data / "empty-class" / "train" / "bird").mkdir()),
+        folder_case("empty class folder", "empty", lambda root: (root / "train" / "bird").mkdir()),
+        folder_case(
+            "non-image file", "notes.txt", lambda root: (root / "train" / "cat" / "notes.txt").write_text("hi")
         ),
-        Case(
-            "non-image file",
-            [*folder, f"dataset.root={data}/non-image"],
-            "notes.txt",
-            lambda w: _image_folder(data / "non-image", lambda r: (r / "train" / "cat" / "notes.txt").write_text("hi")),
-        ),
-        Case(
-            "truncated JPEG",
-            [*folder, f"dataset.root={data}/truncated"],
-            "bad.jpg",
-            lambda w: _image_folder(data / "truncated", _truncated_jpeg),
-        ),
+        folder_case("truncated JPEG", "bad.jpg", _truncated_jpeg),
         Case(
             "class count differs from the config",
             ["dataset=imagefolder", "dataset.num_classes=10", f"dataset.root={data}/two-classes"],
@@ -381,12 +373,7 @@ def garbage_cases(work: Path) -> list[Case]:
             ["dataset=cifar10", f"dataset.root={data}/nowhere", "dataset.download=false"],
             "not found",
         ),
-        Case(
-            "corrupt decode cache",
-            [*folder, f"dataset.root={data}/bad-cache"],
-            "cache",
-            lambda w: _image_folder(data / "bad-cache", _corrupt_cache),
-        ),
+        folder_case("corrupt decode cache", "cache", _corrupt_cache),
         # Checkpoints
         Case(
             "truncated checkpoint",

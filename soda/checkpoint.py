@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import torch
 
 from soda.errors import CheckpointError
 from soda.faults import mark
+from soda.files import write_atomically
 
 FORMAT_VERSION = 1
 
@@ -22,43 +22,22 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     quota, a file-size limit, a read-only directory) is a CheckpointError naming the reason; the
     previous checkpoint at `path` is then unchanged and no temporary file is left."""
     path = Path(path)
-    tmp = None
+
+    def write(handle) -> None:
+        mark("checkpoint.write")
+        torch.save({"format_version": FORMAT_VERSION, **state}, handle)
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         # Temporary files of writers that were killed mid-write (SIGKILL leaves no time to clean up).
         for stale in path.parent.glob(f".{path.name}.*.tmp"):
             stale.unlink(missing_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        mark("checkpoint.write")
-        with os.fdopen(fd, "wb") as handle:
-            torch.save({"format_version": FORMAT_VERSION, **state}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        refused = _os_error(error)
-        if refused is None:
-            raise
-        raise CheckpointError(_refused_message(path, refused, state)) from None
-
-
-def _os_error(error: BaseException) -> OSError | None:
-    """The operating system's refusal behind `error`. torch.save hides it: when a write fails,
-    its zip writer's own end-of-file check raises a RuntimeError ("unexpected pos ...") whose
-    context is the real OSError."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, OSError) and error.errno is not None:
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
+        write_atomically(path, write, fsync=True)
+    except OSError as error:
+        raise CheckpointError(_refused_message(path, error, state)) from None
 
 
 def _refused_message(path: Path, error: OSError, state: dict[str, Any]) -> str:
-    reason = error.strerror or os.strerror(error.errno)
+    reason = f"{error.strerror or error} (errno {error.errno})"
     size = sum(t.numel() * t.element_size() for t in _tensors(state)) / 2**20
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         action = (
@@ -75,7 +54,7 @@ def _refused_message(path: Path, error: OSError, state: dict[str, Any]) -> str:
     else:
         action = "check that disk, or give the run another directory (hydra.run.dir=...)"
     kept = "the previous checkpoint is unchanged" if path.exists() else "no checkpoint was written"
-    return f"cannot write checkpoint {path}: {reason} (errno {error.errno}); {action}; {kept}"
+    return f"cannot write checkpoint {path}: {reason}; {action}; {kept}"
 
 
 def _tensors(value: Any):

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 from soda.errors import TrackingError
 from soda.faults import mark
+from soda.files import write_atomically
 
 log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run_id"
@@ -162,9 +163,10 @@ class Tracker:
             raise self._unwritable(error) from None
 
     def _unwritable(self, error: Exception) -> TrackingError:
+        lines = str(error).splitlines() or [type(error).__name__]
+        # SQLAlchemy's text puts the driver's error, e.g. "(sqlite3.OperationalError) ...", on one line.
+        reason = next((line.strip() for line in lines if "Error)" in line), lines[0])[:200]
         text = str(error)
-        reason = next((line.strip() for line in text.splitlines() if "Error)" in line), "") or text.splitlines()[0]
-        reason = reason[:200] if text else type(error).__name__
         if "readonly" in text or "read-only" in text:
             reason = f"the store is read-only: {reason}"
         return TrackingError(
@@ -210,7 +212,7 @@ class Tracker:
                 tags={"run_dir": str(run_dir.resolve())},
                 log_system_metrics=self.system_metrics,
             )
-            _write_atomically(run_dir / RUN_ID_FILE, run.info.run_id + "\n")
+            write_atomically(run_dir / RUN_ID_FILE, lambda handle: handle.write(f"{run.info.run_id}\n".encode()))
         # Written on a resumed run too when the first process died before writing them.
         recorded = mlflow.get_run(run.info.run_id)
         missing = {k: v for k, v in params.items() if k not in recorded.data.params}
@@ -287,10 +289,3 @@ class Tracker:
         # Points sent by this process (a resumed run's earlier points were sent by earlier ones).
         mlflow.set_tags({**(tags or {}), "metric_points_logged": str(self.points_logged)})
         mlflow.end_run(status=status)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

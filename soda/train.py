@@ -92,7 +92,6 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | list[floa
         tags = {
             **git_state(REPO_ROOT),
             "seed": str(settings.seed),
-            "run_dir": str(run_dir.resolve()),
             "world_size": str(world.world_size),
             # Which process to look at (or stop) while the run is live.
             "host": socket.gethostname(),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +54,17 @@ def launch(
         timeout=timeout,
         env=env,
     )
+
+
+@contextlib.contextmanager
+def file_size_limit(size: int):
+    """The operating system refuses writes past `size` bytes, as a full disk or a quota does
+    (CPython ignores SIGXFSZ, so the write fails with EFBIG instead of killing the process).
+    The limit holds for every file this process writes, pytest's own output included: keep the
+    block to the one call."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))

@@ -1,11 +1,9 @@
-import contextlib
-import resource
-
 import pytest
 import torch
 
 from soda.checkpoint import load_checkpoint, save_checkpoint
 from soda.errors import CheckpointError
+from tests.helpers import file_size_limit
 
 SIGNATURE = {"model.arch": "resnet18", "seed": "0"}
 
@@ -54,20 +52,6 @@ def test_a_file_that_is_not_a_soda_checkpoint_is_refused(tmp_path):
     torch.save({"something": 1}, path)
     with pytest.raises(CheckpointError, match=r"not a SODA checkpoint"):
         load_checkpoint(path, SIGNATURE)
-
-
-@contextlib.contextmanager
-def file_size_limit(size: int):
-    """The operating system refuses writes past `size` bytes, as a full disk or a quota does
-    (CPython ignores SIGXFSZ, so the write fails with EFBIG instead of killing the process).
-    The limit holds for every file this process writes, pytest's own output included: keep the
-    block to the one call."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
 def test_a_write_the_system_refuses_is_one_line_naming_the_reason_and_the_old_checkpoint_survives(tmp_path):

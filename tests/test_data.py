@@ -10,6 +10,7 @@ from soda.data import ViewAugmentation, load_split
 from soda.data.augment import sample_crop_boxes
 from soda.data.shapes import make_shapes
 from soda.errors import DataError
+from tests.helpers import file_size_limit
 
 
 def _write_tree(root: Path, split: str, classes: dict[str, int], size: int = 8, seed: int = 0):
@@ -79,6 +80,17 @@ def test_wrong_class_count_is_an_error(tmp_path):
     _write_tree(tmp_path, "train", {"a": 1, "b": 1})
     with pytest.raises(DataError, match=r"holds 2 classes but dataset.num_classes=10"):
         load_split("imagefolder", tmp_path, "train", image_size=8, num_classes=10)
+
+
+def test_a_folder_that_cannot_take_the_cache_still_loads(tmp_path):
+    # A full or read-only data folder only costs the cache (torch.save hides the refused write
+    # behind a RuntimeError, which used to escape); no partial cache file is left.
+    # 48 KB of pixels: more than the write buffer, so the refusal comes from inside torch.save.
+    _write_tree(tmp_path, "train", {"ant": 2, "zebra": 2}, size=64)
+    with file_size_limit(1_000):
+        data = load_split("imagefolder", tmp_path, "train", image_size=64, num_classes=2)
+    assert data.images.shape == (4, 3, 64, 64)
+    assert list((tmp_path / ".soda-cache").iterdir()) == []
 
 
 def test_corrupt_cache_is_an_error_that_says_to_delete_it(tmp_path):

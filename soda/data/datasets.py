@@ -7,7 +7,6 @@ lives in `<root>/.soda-cache/`, is written atomically and is keyed by split and 
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from soda.data.shapes import CLASSES as SHAPE_CLASSES
 from soda.data.shapes import make_shapes
 from soda.errors import DataError
+from soda.files import write_atomically
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLITS = ("train", "test")
@@ -198,16 +198,8 @@ def _read_cache(path: Path) -> LabelledImages | None:
 
 
 def _write_cache(path: Path, data: LabelledImages) -> None:
+    cache = {"version": CACHE_VERSION, "images": data.images, "labels": data.labels, "classes": data.classes}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(
-                {"version": CACHE_VERSION, "images": data.images, "labels": data.labels, "classes": data.classes},
-                handle,
-            )
-        os.replace(tmp, path)
+        write_atomically(path, lambda handle: torch.save(cache, handle))
     except OSError:
-        # A read-only data folder still trains; it just decodes again next time.
-        if "tmp" in locals() and os.path.exists(tmp):
-            os.unlink(tmp)
+        pass  # a read-only or full data folder still trains; it just decodes again next time

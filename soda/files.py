@@ -1,0 +1,46 @@
+"""Writing a file so that a reader, or a restart after a crash, sees the old file or the new one,
+never part of one."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object], fsync: bool = False) -> None:
+    """`write(handle)` fills a temporary file in `path`'s folder (named `.<name>.*.tmp`), which
+    then replaces `path`. On any failure the temporary file is removed and `path` is unchanged.
+    A write the operating system refuses (full disk, quota, `ulimit -f`, read-only folder) is
+    raised as its OSError, also where the writer hid it: torch.save reports a failed write as
+    RuntimeError "unexpected pos ...", with the OSError only as that error's context."""
+    path = Path(path)
+    temporary = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(descriptor, "wb") as handle:
+            write(handle)
+            handle.flush()
+            if fsync:
+                os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException as error:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+        refused = _os_error(error)
+        if refused is None or refused is error:
+            raise
+        raise refused from None
+
+
+def _os_error(error: BaseException | None) -> OSError | None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
