@@ -17,9 +17,10 @@ import pandas as pd
 
 from analysis.runs import AnalysisError, exclusion_note, finished_runs, select_runs
 
-KNN, LINEAR, RECON = "eval/knn_acc", "eval/linear_acc", "eval/recon_mse"
-METRIC_LABELS = {KNN: "k-NN", LINEAR: "Linear probe", RECON: "Recon. MSE"}
+KNN, LINEAR, RECON, GAP = "eval/knn_acc", "eval/linear_acc", "eval/recon_mse", "eval/latent_gap"
+METRIC_LABELS = {KNN: "k-NN", LINEAR: "Linear probe", RECON: "Recon. MSE", GAP: "Latent gap (%)"}
 ACCURACIES = (KNN, LINEAR)  # fractions, shown in % with one decimal
+PERCENT_DIGITS = {KNN: 1, LINEAR: 1, GAP: 2}  # fractions shown in %, with these decimals
 ABLATION_STUDY = "augment_ablation"
 UNSET = "unset"  # a config key some run did not record (an older run, say)
 NO_VALUE = "–"
@@ -38,7 +39,9 @@ NOT_CONFIGURATION = (
     "schedule.checkpoint_every",
     "schedule.log_every",
     "eval.every",
+    "eval.every_seconds",
     "eval.at_start",
+    "eval.linear_probe",
     "model.encoder_parameters",
     "model.decoder_parameters",
 )
@@ -213,7 +216,7 @@ def metric_cell(row: Mapping, metric: str) -> str:
     n, runs = int(row[f"{metric}.n"]), int(row["runs"])
     if n == 0:
         return NO_VALUE
-    scale, digits = (100, 1) if metric in ACCURACIES else (1, 4)
+    scale, digits = (100, PERCENT_DIGITS[metric]) if metric in PERCENT_DIGITS else (1, 4)
     text = f"{row[f'{metric}.mean'] * scale:.{digits}f}"
     if n > 1:
         text += f" ± {row[f'{metric}.std'] * scale:.{digits}f}"
@@ -247,16 +250,18 @@ def _cells(numbers: pd.DataFrame, keys: Mapping[str, str], metrics: Sequence[str
 
 def main_table(runs: pd.DataFrame) -> Table:
     """The README's main table (SEED.md's columns): model, data set, resolution, epochs, parameters
-    (encoder + decoder, millions), k-NN and linear probe in %, and the runs behind each row.
+    (encoder + decoder, millions), k-NN and linear probe in %, the latent gap in % when recorded
+    (does the decoder use each image's latent?), and the runs behind each row.
     `runs`: any selection; failed and unfinished runs and sweep parents are left out and counted."""
     finished = finished_runs(runs)
     if finished.empty:
         note = exclusion_note(runs)
         raise AnalysisError("no finished runs to tabulate" + (f" ({note})" if note else ""))
     _require_metrics(finished, ACCURACIES, "the main table")
-    numbers = summarize(finished, MAIN_KEYS, ACCURACIES)
-    notes = [exclusion_note(runs), *missing_metric_notes(finished, ACCURACIES)]
-    return Table("main", "Main results", numbers, _cells(numbers, MAIN_KEYS, ACCURACIES, params=True), _kept(notes))
+    metrics = [*ACCURACIES, *([GAP] if _metric(finished, GAP).notna().any() else [])]
+    numbers = summarize(finished, MAIN_KEYS, metrics)
+    notes = [exclusion_note(runs), *missing_metric_notes(finished, metrics)]
+    return Table("main", "Main results", numbers, _cells(numbers, MAIN_KEYS, metrics, params=True), _kept(notes))
 
 
 def ablation_table(runs: pd.DataFrame, study: str = ABLATION_STUDY) -> Table:

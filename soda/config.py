@@ -23,6 +23,7 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DATASETS = ("cifar10", "cifar100", "tiny_imagenet", "imagefolder", "shapes")
 DEVICES = ("auto", "cpu", "cuda")
+LINEAR_PROBE_WHEN = ("every", "last")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -138,6 +139,9 @@ class ScheduleConfig:
     channels_last: Optional[bool] = None  # noqa: UP045 - NHWC weights and views; null = on a CPU only
     checkpoint_every: int = 100  # epochs; a checkpoint is also written at the end
     log_every: int = 50  # optimiser steps between train/loss points
+    # Stop training after this many seconds, counted from the end of the first optimiser step (so
+    # compilation is not in it) and without the evaluations; then evaluate and finish. null = off.
+    train_seconds: Optional[float] = None  # noqa: UP045
 
     def __post_init__(self):
         _check(self.epochs >= 1, f"schedule.epochs={self.epochs} must be at least 1")
@@ -160,13 +164,21 @@ class ScheduleConfig:
         _check(self.compile in COMPILE_MODES, f"schedule.compile={self.compile!r}; allowed: {', '.join(COMPILE_MODES)}")
         _check(self.checkpoint_every >= 1, f"schedule.checkpoint_every={self.checkpoint_every} must be >= 1")
         _check(self.log_every >= 1, f"schedule.log_every={self.log_every} must be >= 1")
+        _check(
+            self.train_seconds is None or self.train_seconds > 0,
+            f"schedule.train_seconds={self.train_seconds} must be positive or null",
+        )
 
 
 @dataclass
 class EvalConfig:
     name: str = "reference"
     every: int = 100  # epochs between probe evaluations; the last epoch is always evaluated
+    # Also evaluate at the end of an epoch once this many seconds of training passed since the last
+    # evaluation (for time-boxed runs, see schedule.train_seconds). null = by epochs only.
+    every_seconds: Optional[float] = None  # noqa: UP045
     at_start: bool = False  # also evaluate the untrained encoder (epoch 0), a baseline
+    linear_probe: str = "every"  # every: at each evaluation; last: only at the final one (k-NN always)
     batch_size: int = 512  # feature extraction batch
     knn_k: int = 20
     knn_vote: str = "uniform"  # uniform (the reference) | weighted (DINO)
@@ -182,9 +194,26 @@ class EvalConfig:
     sample_steps: int = 100
     sample_eta: float = 0.0
     guidance: float = 0.3
+    # eval/latent_gap: how much worse the decoder predicts noise with another image's latent than
+    # with its own, on the first latent_gap_images test images (0 = off) at these timesteps.
+    latent_gap_images: int = 512
+    latent_gap_timesteps: List[int] = field(default_factory=lambda: [500, 700])  # noqa: UP006
 
     def __post_init__(self):
         _check(self.every >= 1, f"eval.every={self.every} must be at least 1")
+        _check(
+            self.every_seconds is None or self.every_seconds > 0,
+            f"eval.every_seconds={self.every_seconds} must be positive or null",
+        )
+        _check(
+            self.linear_probe in LINEAR_PROBE_WHEN,
+            f"eval.linear_probe={self.linear_probe!r}; allowed: {', '.join(LINEAR_PROBE_WHEN)}",
+        )
+        _check(
+            self.latent_gap_images == 0 or self.latent_gap_images >= 2,
+            f"eval.latent_gap_images={self.latent_gap_images} must be 0 to turn it off, or at least 2",
+        )
+        _check(bool(self.latent_gap_timesteps), "eval.latent_gap_timesteps needs at least one timestep")
         _check(self.batch_size >= 1, f"eval.batch_size={self.batch_size} must be positive")
         _check(self.knn_k >= 1, f"eval.knn_k={self.knn_k} must be positive")
         _check(self.knn_vote in ("uniform", "weighted"), f"eval.knn_vote={self.knn_vote!r}; allowed: uniform, weighted")
@@ -231,7 +260,7 @@ class SweepConfig:
         _check(0.0 <= self.max_failure_rate <= 1.0, f"sweep.max_failure_rate={self.max_failure_rate} must be in [0, 1]")
 
 
-METRICS = ("eval/knn_acc", "eval/linear_acc", "eval/recon_mse")
+METRICS = ("eval/knn_acc", "eval/linear_acc", "eval/recon_mse", "eval/latent_gap")
 
 
 @dataclass
@@ -260,6 +289,16 @@ class Config:
         _check(
             "eval/recon_mse" not in names or self.eval.num_reconstructions > 0,
             "objective eval/recon_mse needs eval.num_reconstructions > 0",
+        )
+        _check(
+            "eval/latent_gap" not in names or self.eval.latent_gap_images > 0,
+            "objective eval/latent_gap needs eval.latent_gap_images > 0",
+        )
+        steps = self.model.timesteps
+        _check(
+            all(0 <= t < steps for t in self.eval.latent_gap_timesteps),
+            f"eval.latent_gap_timesteps={list(self.eval.latent_gap_timesteps)} must lie in 0..{steps - 1} "
+            f"(model.timesteps={steps})",
         )
 
 

@@ -1,4 +1,5 @@
-"""Frozen-feature probes: k-NN and a linear probe.
+"""Frozen-feature probes (k-NN and a linear probe), and the latent gap: does the decoder use
+what the encoder says about each image?
 
 Both take features that were computed once. `evaluate_probes` holds one feature bank (the
 training set's) and streams the test set through the encoder batch by batch, so memory stays at
@@ -7,7 +8,7 @@ one bank however large the test set is. Everything runs on whatever device the f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -178,8 +179,10 @@ def evaluate_probes(
     probe_augmented_batches: Iterable[Iterable] = (),
     seed: int = 0,
     device: torch.device | str | None = None,
+    linear: bool = True,
 ) -> dict[str, float]:
-    """k-NN and linear-probe top-1 accuracy of `encode` (images -> L2-normalised features).
+    """k-NN and linear-probe top-1 accuracy of `encode` (images -> L2-normalised features);
+    k-NN only (no "linear_acc") when `linear` is false.
 
     The k-NN bank is the training set as given (deterministic views); the probe trains on that
     bank plus one extra copy per entry of `probe_augmented_batches` (augmented passes over the
@@ -187,22 +190,24 @@ def evaluate_probes(
     and dropped.
     """
     bank, bank_labels = extract_features(encode, train_batches, device)
-    probe_features, probe_labels = [bank], [bank_labels]
-    for augmented in probe_augmented_batches:
-        extra, extra_labels = extract_features(encode, augmented, bank.device)
-        probe_features.append(extra)
-        probe_labels.append(extra_labels)
-    probe_bank = torch.cat(probe_features) if len(probe_features) > 1 else bank
-    probe = train_linear_probe(
-        probe_bank,
-        torch.cat(probe_labels) if len(probe_labels) > 1 else bank_labels,
-        num_classes,
-        epochs=probe_epochs,
-        lr=probe_lr,
-        batch_size=probe_batch_size,
-        seed=seed,
-    )
-    del probe_bank, probe_features, probe_labels
+    probe = None
+    if linear:
+        probe_features, probe_labels = [bank], [bank_labels]
+        for augmented in probe_augmented_batches:
+            extra, extra_labels = extract_features(encode, augmented, bank.device)
+            probe_features.append(extra)
+            probe_labels.append(extra_labels)
+        probe_bank = torch.cat(probe_features) if len(probe_features) > 1 else bank
+        probe = train_linear_probe(
+            probe_bank,
+            torch.cat(probe_labels) if len(probe_labels) > 1 else bank_labels,
+            num_classes,
+            epochs=probe_epochs,
+            lr=probe_lr,
+            batch_size=probe_batch_size,
+            seed=seed,
+        )
+        del probe_bank, probe_features, probe_labels
 
     knn_correct = linear_correct = total = 0
     for images, labels in test_batches:
@@ -212,8 +217,62 @@ def evaluate_probes(
             bank, bank_labels, features, k=knn_k, vote=knn_vote, temperature=knn_temperature, num_classes=num_classes
         )
         knn_correct += (knn == labels).sum().item()
-        linear_correct += (probe_predict(probe, features) == labels).sum().item()
+        if probe is not None:
+            linear_correct += (probe_predict(probe, features) == labels).sum().item()
         total += labels.numel()
     if total == 0:
         raise ValueError("no test batches to evaluate: the test set is empty")
+    if probe is None:
+        return {"knn_acc": knn_correct / total}
     return {"knn_acc": knn_correct / total, "linear_acc": linear_correct / total}
+
+
+@torch.no_grad()
+def latent_errors(
+    model,
+    images: torch.Tensor,
+    timesteps: Sequence[int],
+    seed: int = 0,
+) -> dict[int, dict[str, float]]:
+    """The decoder's noise-prediction error on `images` (in [0, 1]) at each of `timesteps`, with
+    each image's own latent, with another image's (a derangement of the batch: no image keeps
+    its own) and with the latent dropped. `model` is a SODA model (encode, decoder, diffusion);
+    it is used as it is (call .eval() first for a deterministic decoder).
+
+    The noise and the derangement come from a CPU generator seeded with `seed`, so the same
+    images get the same noise on every device and at every evaluation of a run: differences
+    between evaluations are the model's, not the draw's. The decoder runs in fp32.
+    """
+    count = images.shape[0]
+    if count < 2:
+        raise ValueError(f"the latent gap needs at least 2 images to swap latents; got {count}")
+    device = images.device
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(count, generator=generator)
+    other = torch.empty_like(order)
+    other[order] = order.roll(-1)  # image order[i] gets the latent of order[i + 1]: never its own
+    latents = model.encode(images, normalize=False).float()
+    candidates = {"own": latents, "shuffled": latents[other.to(device)], "dropped": torch.zeros_like(latents)}
+    x0 = images * 2 - 1
+    errors: dict[int, dict[str, float]] = {}
+    for step in timesteps:
+        if not 0 <= step < model.diffusion.timesteps:
+            raise ValueError(f"timestep {step} is outside 0..{model.diffusion.timesteps - 1}")
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        t = torch.full((count,), step, device=device, dtype=torch.long)
+        noisy = model.diffusion.q_sample(x0, t, noise)
+        fraction = t.float() / model.diffusion.timesteps
+        errors[step] = {
+            name: torch.mean((model.decoder(noisy, fraction, latent).float() - noise) ** 2).item()
+            for name, latent in candidates.items()
+        }
+    return errors
+
+
+def latent_gap(errors: dict[int, dict[str, float]]) -> float:
+    """How much worse the decoder predicts the noise with another image's latent than with the
+    image's own, relative to its own, over all timesteps of `errors` (from `latent_errors`):
+    0 when the latent carries nothing image-specific, 0.1 when swapping it costs 10 %."""
+    own = sum(e["own"] for e in errors.values())
+    shuffled = sum(e["shuffled"] for e in errors.values())
+    return shuffled / own - 1

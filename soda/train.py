@@ -28,7 +28,7 @@ from soda.config import REPO_ROOT, Config, ViewConfig, to_settings
 from soda.data import LabelledImages, ViewAugmentation, load_split
 from soda.ema import SyncFreeEMA
 from soda.errors import ConfigError, DivergenceError
-from soda.eval import evaluate_probes
+from soda.eval import evaluate_probes, latent_errors, latent_gap
 from soda.models import SODA, build_soda
 from soda.sweep import TrialReporter, redact
 from soda.tracking import Tracker, flatten, git_state
@@ -243,6 +243,11 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def compile_loss(loss_fn, mode: str, device: torch.device):
     """torch.compile of the loss for `mode` ("auto": "default" on CUDA, eager elsewhere). Where
     compilation fails (no compiler, no Triton, an unsupported platform) the run goes on eager
@@ -306,6 +311,9 @@ class Trainer:
         if self.world.enabled and device.type == "cuda":
             # Batch statistics over the global batch; NCCL only (PyTorch's SyncBatchNorm needs a GPU).
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cuda":
+            # Fixed shapes every step: let cuDNN pick its fastest convolution algorithms once.
+            torch.backends.cudnn.benchmark = True
         channels_last = s.channels_last if s.channels_last is not None else device.type == "cpu"
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(device, memory_format=self.memory_format)
@@ -356,6 +364,12 @@ class Trainer:
         self.step_in_epoch = 0  # steps of epoch + 1 already done (a preempted epoch resumes there)
         self.global_step = 0
         self.metrics: dict[str, float] = {}
+        # The training clock (schedule.train_seconds, eval.every_seconds): seconds spent in
+        # training steps, from the end of this process's first step (which compiles), without
+        # evaluations; it goes on across a resume.
+        self.train_seconds = 0.0
+        self.last_eval_seconds = 0.0
+        self.first_step_done = False
         self.preempt_requested = False
         self.preempt_signal = signal.SIGUSR1
         # Augmentation, timestep and noise draws differ per rank, seeded from the global rank.
@@ -371,30 +385,42 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         s, e = self.schedule, self.settings.eval
         if self.epoch == 0 and self.step_in_epoch == 0 and e.at_start:
-            self._evaluate_on_main(epoch=0)
-        while self.epoch < s.epochs:
+            self._evaluate_on_main(epoch=0, last=False)
+        # A resumed time-boxed run that had spent its budget is finished (a larger budget goes on).
+        self.out_of_time = self._spent(self.train_seconds)
+        while self.epoch < s.epochs and not self.out_of_time:
             epoch = self.epoch + 1
             self.train_epoch(epoch)
+            # A time-boxed run stops inside an epoch: that partial epoch counts as the last one.
             self.epoch, self.step_in_epoch = epoch, 0
-            last = epoch == s.epochs
-            if last or epoch % e.every == 0:
-                self._evaluate_on_main(epoch)
+            self.out_of_time = self._spent(self.train_seconds)
+            last = epoch == s.epochs or self.out_of_time
+            due = e.every_seconds is not None and self.train_seconds - self.last_eval_seconds >= e.every_seconds
+            if last or epoch % e.every == 0 or dist.any_rank(due, self.device):
+                self._evaluate_on_main(epoch, last)
             if last or epoch % s.checkpoint_every == 0:
                 self.save()
         if self.world.is_main and not self.metrics:  # resumed a run that had already finished
             raise ConfigError("this run directory holds a finished run without metrics; use a new run directory")
         return self.metrics
 
-    def _evaluate_on_main(self, epoch: int) -> None:
+    def _spent(self, seconds: float) -> bool:
+        """Has the training clock reached schedule.train_seconds (on any rank: all stop together)?"""
+        budget = self.schedule.train_seconds
+        return dist.any_rank(budget is not None and seconds >= budget, self.device)
+
+    def _evaluate_on_main(self, epoch: int, last: bool) -> None:
         """Rank 0 evaluates; the others wait on a gloo barrier, which costs them nothing. The
         probes are cheap next to training, and a single process keeps them deterministic."""
+        self.last_eval_seconds = self.train_seconds
         prune = False
         if self.world.is_main:
-            self.evaluate(epoch)
+            self.evaluate(epoch, last)
+            objective = self.settings.objective
             # The untrained encoder (epoch 0) is the same in every trial: reporting it would hand
             # each trial the same best value and hide its later ones from a median pruner.
-            if self.reporter is not None and epoch > 0:
-                prune = self.reporter.report(self.metrics[self.settings.objective], epoch)
+            if self.reporter is not None and epoch > 0 and objective in self.metrics:
+                prune = self.reporter.report(self.metrics[objective], epoch)
         dist.wait_for_all()
         if self.settings.sweep.trial is not None and dist.any_rank(prune, self.device):
             raise optuna.TrialPruned(f"pruned at epoch {epoch}")
@@ -416,6 +442,7 @@ class Trainer:
         self.model.train()
         running, count = torch.zeros((), device=self.device), 0
         started, first = time.perf_counter(), self.step_in_epoch
+        clock_at_start = self.train_seconds
         bar = tqdm(
             range(first, self.steps_per_epoch),
             desc=f"epoch {epoch}/{s.epochs}",
@@ -428,6 +455,12 @@ class Trainer:
             self.step_in_epoch = index + 1
             running += loss.detach()
             count += 1
+            if not self.first_step_done:
+                # The first step of a process compiles and autotunes: time what comes after it.
+                _sync(self.device)
+                self._first_step_finished(time.perf_counter() - started)
+                started, first = time.perf_counter(), index + 1
+            self.train_seconds = clock_at_start + time.perf_counter() - started
             if self.global_step % s.log_every == 0:
                 # The only host sync of the loop, once every log_every steps.
                 value = dist.all_mean(running / count).item()
@@ -448,13 +481,26 @@ class Trainer:
                         f"preempted: checkpoint saved at epoch {epoch - 1} + {self.step_in_epoch} steps; "
                         "rerun the same command (or let SLURM requeue the job) to resume"
                     )
+                if self._spent(self.train_seconds):
+                    log.info("schedule.train_seconds=%s spent in epoch %d", s.train_seconds, epoch)
+                    break
+        _sync(self.device)
         seconds = time.perf_counter() - started
-        throughput = (self.steps_per_epoch - first) * s.batch_size / seconds
-        if self.tracker is not None:
+        self.train_seconds = clock_at_start + seconds
+        steps = self.step_in_epoch - first
+        throughput = steps * s.batch_size / seconds if steps and seconds > 0 else math.nan
+        if self.tracker is not None and steps:
             self.tracker.log_metrics(
                 {"train/epoch_seconds": seconds, "train/images_per_second": throughput}, step=epoch
             )
         log.info("epoch %d/%d  %.1f s  %.0f images/s", epoch, s.epochs, seconds, throughput)
+
+    def _first_step_finished(self, seconds: float) -> None:
+        """Record how long this process's first step took (compilation, cuDNN autotuning)."""
+        self.first_step_done = True
+        if self.tracker is not None:
+            self.tracker.log_metrics({"train/first_step_seconds": seconds}, step=self.global_step)
+        log.info("first step (compilation, warm-up) took %.1f s", seconds)
 
     def train_step(self, images: torch.Tensor) -> torch.Tensor:
         """One optimiser step on a uint8 batch [N, 3, H, W] already on the device."""
@@ -505,8 +551,9 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, epoch: int) -> dict[str, float]:
-        """Probes (and reconstructions) of the EMA model. Runs under its own seeded RNG so that
+    def evaluate(self, epoch: int, last: bool = True) -> dict[str, float]:
+        """Probes, latent gap (and reconstructions) of the EMA model; the linear probe only at the
+        `last` evaluation when eval.linear_probe=last. Runs under its own seeded RNG so that
         evaluating, or not, never changes the training that follows."""
         e = self.settings.eval
         ema_model: SODA = self.ema.ema_model
@@ -515,17 +562,35 @@ class Trainer:
         started = time.perf_counter()
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.settings.seed * 7_919 + epoch)
-            metrics = self._probe(ema_model)
+            metrics = self._probe(ema_model, linear=last or e.linear_probe == "every")
+            if e.latent_gap_images > 0:
+                metrics.update(self._latent_gap(ema_model))
             if e.num_reconstructions > 0:
                 metrics["eval/recon_mse"] = self._reconstruct(ema_model, epoch)
         metrics = {k: float(v) for k, v in metrics.items()}
-        self.tracker.log_metrics({**metrics, "eval/seconds": time.perf_counter() - started}, step=epoch)
+        progress = {
+            "eval/seconds": time.perf_counter() - started,
+            # Progress in images and training seconds: comparable across batch sizes, GPU counts
+            # and time-boxed runs.
+            "train/images_seen": float(self.global_step * self.schedule.batch_size),
+            "train/seconds": self.train_seconds,
+        }
+        self.tracker.log_metrics({**metrics, **progress}, step=epoch)
         shown = "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
         log.info("eval epoch %d: %s", epoch, shown)
         self.metrics = metrics
         return metrics
 
-    def _probe(self, ema_model: SODA) -> dict[str, float]:
+    def _latent_gap(self, ema_model: SODA) -> dict[str, float]:
+        """eval/latent_gap on a fixed test batch with fixed noise (the same at every evaluation),
+        and the gap at each timestep."""
+        e = self.settings.eval
+        images = self.test_set.images[: e.latent_gap_images].to(self.device).float() / 255
+        errors = latent_errors(ema_model, images, e.latent_gap_timesteps, seed=self.settings.seed)
+        gaps = {f"eval/latent_gap_t{step}": latent_gap({step: errors[step]}) for step in errors}
+        return {"eval/latent_gap": latent_gap(errors), **gaps}
+
+    def _probe(self, ema_model: SODA, linear: bool = True) -> dict[str, float]:
         e = self.settings.eval
         autocast = self.autocast_dtype if self.device.type == "cuda" else None
 
@@ -555,8 +620,9 @@ class Trainer:
             probe_augmented_batches=[batches(self.train_set, probe_augment) for _ in range(e.probe_augmented_copies)],
             seed=self.settings.seed,
             device=self.device,
+            linear=linear,
         )
-        return {"eval/knn_acc": result["knn_acc"], "eval/linear_acc": result["linear_acc"]}
+        return {f"eval/{name}": value for name, value in result.items()}
 
     def _reconstruct(self, ema_model: SODA, epoch: int) -> float:
         e = self.settings.eval
@@ -591,6 +657,8 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_states,  # one entry per rank
             "metrics": self.metrics,
+            "train_seconds": self.train_seconds,
+            "last_eval_seconds": self.last_eval_seconds,
             "mlflow_run_id": self.tracker.run_id or "",
         }
 
@@ -617,3 +685,6 @@ class Trainer:
         self.step_in_epoch = state["step_in_epoch"]
         self.global_step = state["global_step"]
         self.metrics = dict(state["metrics"])
+        # Checkpoints written before the training clock existed have none of it.
+        self.train_seconds = state.get("train_seconds", 0.0)
+        self.last_eval_seconds = state.get("last_eval_seconds", 0.0)

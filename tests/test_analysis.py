@@ -577,3 +577,34 @@ def test_notebook_runs_top_to_bottom_on_the_store(store, tmp_path, monkeypatch):
     assert ["Res18+DDPM", "CIFAR-10", "32x32", "800", "11 + 40", "", "81.0 ± 1.0", "81.0 ± 2.6", "3"] in rows
     assert ["none", "none", "36.0 ± 1.4", "41.0 ± 1.4", "0.1200 ± 0.0141", "2"] in rows
     assert sum("image/png" in output.get("data", {}) for output in outputs) == 2
+
+
+def test_main_table_shows_the_latent_gap_in_percent_when_runs_recorded_it(tmp_path):
+    gap_store = Store(tmp_path / "mlflow.db")
+    experiment = gap_store.experiment("soda")
+    for seed, gap in [(0, 0.012), (1, 0.018)]:
+        gap_store.run(
+            experiment,
+            "gap",
+            config("soda_r18_ddpm", "cifar10", 32, 800, seed, counts=R18),
+            finals={"eval/knn_acc": 0.8, "eval/linear_acc": 0.8, "eval/latent_gap": gap},
+        )
+    gap_store.run(
+        experiment,
+        "older",
+        config("soda_r18_ddpm", "cifar100", 32, 800, 0),
+        finals={"eval/knn_acc": 0.5, "eval/linear_acc": 0.5},
+    )
+    table = main_table(load_runs(gap_store.uri, ["soda"]))
+    assert list(table.cells["Latent gap (%)"]) == ["1.50 ± 0.42", "–"]
+    assert table.numbers.loc[0, "eval/latent_gap.mean"] == pytest.approx(0.015)
+    assert any(note.startswith("eval/latent_gap missing in 1 of 3 finished runs") for note in table.notes)
+    # Runs that recorded no gap at all (older ones) keep the table as it was.
+    assert "Latent gap (%)" not in main_table(load_runs(store_uri_without_gap(tmp_path), ["soda"])).cells
+
+
+def store_uri_without_gap(tmp_path: Path) -> str:
+    plain = Store(tmp_path / "plain.db")
+    experiment = plain.experiment("soda")
+    plain.run(experiment, "plain", config("soda_r18_ddpm", "cifar10", 32, 800, 0), finals={"eval/knn_acc": 0.8})
+    return plain.uri

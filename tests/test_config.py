@@ -62,6 +62,11 @@ def test_data_root_follows_soda_data(monkeypatch):
         ("augmentation.source.crop_prob=1.5", "augmentation.source.crop_prob=1.5 must be a probability"),
         ("eval.knn_vote=majority", "eval.knn_vote='majority'"),
         ("device=tpu", "device='tpu'"),
+        ("eval.linear_probe=sometimes", "eval.linear_probe='sometimes'; allowed: every, last"),
+        ("eval.latent_gap_timesteps=[500,1000]", "eval.latent_gap_timesteps=[500, 1000] must lie in 0..999"),
+        ("eval.latent_gap_images=1", "eval.latent_gap_images=1 must be 0 to turn it off, or at least 2"),
+        ("schedule.train_seconds=0", "schedule.train_seconds=0.0 must be positive or null"),
+        ("eval.every_seconds=-5", "eval.every_seconds=-5.0 must be positive or null"),
     ],
 )
 def test_out_of_range_values_fail_validation(override, message):

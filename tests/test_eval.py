@@ -4,7 +4,15 @@ import torch
 import torch.nn.functional as F
 from sklearn.neighbors import KNeighborsClassifier
 
-from soda.eval import evaluate_probes, knn_accuracy, knn_predict, linear_probe_accuracy, train_linear_probe
+from soda.eval import (
+    evaluate_probes,
+    knn_accuracy,
+    knn_predict,
+    latent_errors,
+    latent_gap,
+    linear_probe_accuracy,
+    train_linear_probe,
+)
 
 
 def _random_bank(n_bank=600, n_query=300, dim=16, classes=7, seed=0):
@@ -120,3 +128,72 @@ def test_mismatched_feature_banks_are_value_errors():
         knn_predict(bank, bank_labels, query, k=601)
     with pytest.raises(ValueError, match=r"train_labels has 10 entries but train_features has 600 rows"):
         train_linear_probe(bank, bank_labels[:10], 7)
+
+
+# The latent gap.
+
+
+class _OracleModel(torch.nn.Module):
+    """A stand-in SODA whose latent is the image itself and whose decoder inverts q_sample with
+    it: exact with an image's own latent, wrong with any other. It records the latents it gets."""
+
+    def __init__(self):
+        super().__init__()
+        from soda.models.diffusion import GaussianDiffusion
+
+        self.diffusion = GaussianDiffusion(timesteps=1000)
+        self.seen: list[torch.Tensor] = []
+        self.decoder = self._decode
+
+    def encode(self, images, normalize=True):
+        return images.flatten(1)
+
+    def _decode(self, noisy, fraction, latent):
+        self.seen.append(latent)
+        t = (fraction * self.diffusion.timesteps).round().long()
+        x0 = latent.view(noisy.shape) * 2 - 1
+        signal = self.diffusion.q_sample(x0, t, torch.zeros_like(x0))  # sqrt(alpha_bar) x0
+        noise_scale = self.diffusion.q_sample(torch.zeros_like(x0), t, torch.ones_like(x0))
+        return (noisy - signal) / noise_scale
+
+
+def test_latent_errors_swap_every_latent_for_another_images():
+    model = _OracleModel()
+    images = torch.rand(9, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    errors = latent_errors(model, images, [500, 700], seed=3)
+    own, shuffled, dropped = model.seen[:3]
+    assert torch.equal(own, images.flatten(1))
+    assert not (shuffled == own).all(dim=1).any()  # no image keeps its own latent
+    assert sorted(shuffled.sum(1).tolist()) == pytest.approx(sorted(own.sum(1).tolist()))  # a permutation
+    assert torch.equal(dropped, torch.zeros_like(own))
+    for step in (500, 700):
+        assert errors[step]["own"] < 1e-10 and errors[step]["shuffled"] > 1e-4
+    # Fixed noise and fixed swap: the same numbers again, whatever else drew from the global RNG.
+    torch.rand(100)
+    assert latent_errors(_OracleModel(), images, [500, 700], seed=3) == errors
+
+
+def test_latent_gap_is_the_relative_increase_over_all_timesteps():
+    errors = {500: {"own": 1.0, "shuffled": 1.1, "dropped": 2.0}, 700: {"own": 3.0, "shuffled": 3.3, "dropped": 4.0}}
+    assert latent_gap(errors) == pytest.approx(0.1)
+    assert latent_gap({500: errors[500]}) == pytest.approx(0.1)
+
+
+def test_latent_gap_of_a_decoder_that_ignores_its_latent_is_zero():
+    from tests.models.helpers import tiny_soda
+
+    model = tiny_soda(dropout=0.0).eval()
+    images = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    uses_latent = latent_gap(latent_errors(model, images, [50, 70]))
+    assert uses_latent != 0.0
+    for block in model.decoder.modules():
+        if hasattr(block, "latent_proj"):
+            torch.nn.init.zeros_(block.latent_proj.weight)  # the shift/scale no longer depend on z
+    assert latent_gap(latent_errors(model, images, [50, 70])) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_latent_errors_need_two_images_and_known_timesteps():
+    with pytest.raises(ValueError, match="at least 2 images"):
+        latent_errors(_OracleModel(), torch.rand(1, 3, 4, 4), [500])
+    with pytest.raises(ValueError, match="timestep 1000 is outside"):
+        latent_errors(_OracleModel(), torch.rand(2, 3, 4, 4), [1000])

@@ -34,6 +34,7 @@ def test_experiment_smoke_run_writes_a_complete_mlflow_record(experiment, tmp_pa
         assert 0.0 <= metrics[key] <= 1.0
     assert objective == metrics["eval/linear_acc"]
     assert metrics["train/loss"] > 0 and "eval/recon_mse" in metrics
+    assert -1 < metrics["eval/latent_gap"] < 1 and "eval/latent_gap_t700" in metrics
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     history = client.get_metric_history(run.info.run_id, "eval/linear_acc")
     assert [m.step for m in history] == [0, 1]  # demo evaluates the untrained encoder too
@@ -168,3 +169,57 @@ def test_sigusr1_checkpoints_mid_epoch_and_the_rerun_matches_an_uninterrupted_ru
     client = mlflow.MlflowClient(f"sqlite:///{preempted_dir}/mlflow.db")
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_time_boxed_run_stops_on_its_training_clock_and_probes_linearly_at_the_end(tmp_path, monkeypatch):
+    """schedule.train_seconds and eval.every_seconds on a fake clock: every step takes 0.25 s, the
+    first step (compilation) is not counted, evaluations pause the clock. 3 steps per epoch."""
+    import types
+
+    clock = [0.0]
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: clock[0], sleep=lambda s: None))
+    original = train.Trainer.train_step
+
+    def timed_step(self, images):
+        clock[0] += 0.25
+        return original(self, images)
+
+    monkeypatch.setattr(train.Trainer, "train_step", timed_step)
+    overrides = [
+        *SMOKE,
+        "schedule.epochs=1000",
+        "schedule.train_seconds=1.6",
+        "eval.every=1000",
+        "eval.every_seconds=0.75",
+        "eval.at_start=true",
+        "eval.linear_probe=last",
+        "eval.latent_gap_images=8",
+        "eval.num_reconstructions=0",
+    ]
+    objective = train.run(compose_config(overrides, tmp_path), run_dir=tmp_path / "run")
+
+    (run,) = _runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+
+    def history(key):
+        return [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+
+    # Clock after each epoch: 0.5 (its first step uncounted), 1.25 (>= 0.75 since the last
+    # evaluation: evaluate), then 1.75 two steps into epoch 3: spent, so epoch 3 is the last.
+    assert [step for step, _ in history("eval/knn_acc")] == [0, 2, 3]
+    assert history("train/seconds") == [(0, 0.0), (2, 1.25), (3, 1.75)]
+    assert history("train/images_seen") == [(0, 0.0), (2, 6 * 32.0), (3, 8 * 32.0)]
+    assert history("eval/linear_acc") == [(3, objective)]  # the linear probe only at the end
+    gaps = history("eval/latent_gap")
+    assert [step for step, _ in gaps] == [0, 2, 3] and all(abs(gap) < 1 for _, gap in gaps)
+    assert [step for step, _ in history("eval/latent_gap_t500")] == [0, 2, 3]
+    (first_step,) = history("train/first_step_seconds")
+    assert first_step == (1, 0.25)
+    checkpoint = torch.load(tmp_path / "run" / train.CHECKPOINT, weights_only=True)
+    assert checkpoint["epoch"] == 3 and checkpoint["global_step"] == 8 and checkpoint["train_seconds"] == 1.75
+
+    # The same command again: the budget is spent, so the run is finished and nothing is added.
+    again = train.run(compose_config(overrides, tmp_path), run_dir=tmp_path / "run")
+    assert again == objective
+    assert [step for step, _ in history("eval/knn_acc")] == [0, 2, 3]
