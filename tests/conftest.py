@@ -4,6 +4,17 @@ import pytest
 import torch
 
 
+def pytest_collection_modifyitems(config, items):
+    """`cuda` tests need a GPU: without one they are skipped (`make test` deselects them, so CI,
+    which has no GPU, does not count them; `make gpu-check` runs them on a GPU)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run by make gpu-check)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """In CI every selected test must run: a skip there is a failure, not a pass."""
