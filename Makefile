@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo sweep-demo test test-all lint format summary bench faults table mlflow-ui mlflow-server optuna-dashboard \
+.PHONY: help install demo sweep-demo test test-all lint format summary bench gpu-check gpu-carry faults table mlflow-ui mlflow-server optuna-dashboard \
 	slurm-up slurm-down postgres-up postgres-down clean
 
 help: ## List the targets
@@ -26,7 +26,7 @@ sweep-demo: install ## The augmentation ablation on the demo: a grid of 12 small
 	$(PY) launch.py -m sweep=augment_ablation experiment=demo schedule.epochs=2 eval.every=2 eval.at_start=false
 
 test: install ## Run the test suite (CPU, about 25 minutes; slurm/postgres tests need make slurm-up, postgres-up)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow and not cuda"
 
 test-all: install ## Run every test, slow ones included
 	$(PY) -m pytest
@@ -44,6 +44,12 @@ summary: install ## Print parameters and training FLOPs of the reference model
 
 bench: install ## Throughput, fast path vs a straightforward one, side by side (CPU: small sizes, ~4 min; GPU: CIFAR-10 reference)
 	$(PY) bench/throughput.py
+
+gpu-check: ## CUDA tests, throughput and a time-boxed CIFAR-10 run in one go (~9 min on a GPU; a CPU: smoke size) [ARGS=]
+	bash bench/gpu-check.sh $(ARGS)
+
+gpu-carry: install ## Pack .carry/ for a GPU machine without a registry: wheels for its Python 3.12, the CIFAR-10 archive
+	$(PY) bench/gpu_carry.py
 
 faults: install ## Fault campaign: kills, SLURM requeues, a crowd of trials, failing trials, bad inputs (needs slurm-up, postgres-up; about 30 min)
 	$(PY) bench/faults.py

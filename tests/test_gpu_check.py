@@ -1,0 +1,71 @@
+"""make gpu-check keeps working between the sessions that have a GPU: its CPU-sized run goes
+through every stage (tiny JPEG folder, cuda tests collected, throughput bench, a time-boxed
+launch.py run read back from MLflow) and writes its record and summary line."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SUMMARY = re.compile(
+    r"gpu-check ok e2e=(\d+) step=(\d+) mfu=- knn_start=([\d.]+) knn_end=([\d.]+) images=(\d+) latent_gap=(-?[\d.]+)"
+)
+
+
+def test_cpu_sized_gpu_check_runs_every_stage_and_writes_its_record(tmp_path):
+    record_path = tmp_path / "record.json"
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    result = subprocess.run(
+        [sys.executable, "bench/gpu_check.py", "--smoke", "--work", str(tmp_path / "work"), "--out", str(record_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    last = result.stdout.strip().splitlines()[-1]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    match = SUMMARY.fullmatch(last)
+    assert match, last
+    record = json.loads(record_path.read_text())
+    assert record["summary"] == last and record["kind"] == "cpu"
+    assert record["torch"] and len(record["git_sha"]) == 40
+    stages = record["stages"]
+    assert [stages[name]["status"] for name in ("data", "cuda_tests", "throughput", "training")] == ["ok"] * 4
+    assert all(stage["seconds"] > 0 for stage in stages.values())
+    assert stages["data"]["images"] == {"train": 400, "test": 200}
+    assert stages["cuda_tests"]["collected"] >= 7 and stages["cuda_tests"]["ran"] is False
+    assert round(stages["throughput"]["end_to_end_images_per_s"]) == int(match.group(1))
+
+    training = stages["training"]
+    knn = training["curves"]["eval/knn_acc"]
+    assert knn[0][0] == 0 and len(knn) >= 2  # the untrained encoder, then at least the end
+    assert [step for step, _ in training["curves"]["eval/linear_acc"]] == [knn[-1][0]]  # the probe at the end only
+    assert [training["knn_start"], training["knn_end"]] == [knn[0][1], knn[-1][1]]
+    assert float(match.group(3)) == round(knn[0][1], 4) and float(match.group(4)) == round(knn[-1][1], 4)
+    assert 0.1 < training["knn_start"] <= 1  # 10 classes that a pixel k-NN tells apart
+    gaps = training["curves"]["eval/latent_gap"]
+    assert len(gaps) == len(knn) and training["latent_gap_end"] == gaps[-1][1]
+    images = training["images_seen"]
+    assert images == int(match.group(5)) > 0 and images % 64 == 0
+    assert training["train_seconds"] >= training["train_seconds_budget"] > 0
+    assert set(record["targets"]) >= {"knn_end_above_start", "latent_gap_grew"}
+
+
+def test_gpu_check_without_the_packages_or_carried_wheels_says_what_to_do(tmp_path):
+    env = {**os.environ, "SODA_PYTHON": sys.executable, "SODA_CARRY": str(tmp_path / "nothing"), "PYTHONPATH": ""}
+    env["PYTHONNOUSERSITE"] = "1"
+    # A Python without hydra: the interpreter in isolated mode does not see the project's site-packages.
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nexec {sys.executable} -I -S "$@"\n')
+    python.chmod(0o755)
+    env["SODA_PYTHON"] = str(python)
+    result = subprocess.run(
+        ["bash", "bench/gpu-check.sh"], cwd=REPO, capture_output=True, text=True, env=env, timeout=60
+    )
+    assert result.returncode == 1
+    assert result.stdout.strip().startswith("gpu-check failed install:")
+    assert "make gpu-carry" in result.stdout and "make install" in result.stdout
