@@ -113,6 +113,8 @@ def main() -> None:
     parser.add_argument(
         "--eval-full", action="store_true", help="time the probes on the whole of --dataset-root's train and test sets"
     )
+    parser.add_argument("--steps", type=int, help="timed steps of (b) and (c) (default: the preset's)")
+    parser.add_argument("--warmup", type=int, help="untimed steps before them (default: the preset's)")
     parser.add_argument("--json", help="record path (default: bench/results/throughput-<cpu|cuda>.json)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. schedule.compile=none")
     args = parser.parse_args()
@@ -120,7 +122,11 @@ def main() -> None:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
-    preset = PRESETS[args.preset or ("reference" if device.type == "cuda" else "cpu")]
+    preset = dict(PRESETS[args.preset or ("reference" if device.type == "cuda" else "cpu")])
+    if args.steps:
+        preset.update(steps=args.steps, end_to_end_steps=args.steps, data_batches=args.steps)
+    if args.warmup is not None:
+        preset["warmup"] = args.warmup
     batch = args.batch or preset["batch"]
     settings = _settings([*preset["overrides"], f"schedule.batch_size={batch}", *args.overrides])
     if device.type == "cuda":
@@ -403,7 +409,12 @@ def measure_end_to_end(settings, train_set, test_set, device, batch, steps, warm
     trajectory = _compare(fast_curve, baseline_curve)
     print(f"    fast {fast:,.0f} images/s, baseline {baseline:,.0f} images/s; {trajectory['verdict']}", flush=True)
     result = {
-        "fast": {"images_per_s": fast, "seconds_before_timing": compile_seconds, "memory_mib": fast_memory},
+        "fast": {
+            "images_per_s": fast,
+            "seconds_before_timing": compile_seconds,
+            "memory_mib": fast_memory,
+            "compile": trainer.compile_state,
+        },
         "baseline": {"images_per_s": baseline},
         "steps": steps,
         "warmup_steps": warmup,

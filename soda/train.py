@@ -136,7 +136,12 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | list[floa
             signal.signal(sig, handler)
     if tracker is None:
         return None
-    tracker.finish("FINISHED", tags={"trial_state": "COMPLETE"} if settings.sweep.trial is not None else None)
+    # How the loss ran: a compile that fell back to eager trains at eager speed, so say so.
+    tags = {
+        "compile": trainer.compile_state,
+        **({"trial_state": "COMPLETE"} if settings.sweep.trial is not None else {}),
+    }
+    tracker.finish("FINISHED", tags=tags)
     summary = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
     print(f"final {summary} (epoch {trainer.epoch}, mlflow run {tracker.run_id}, {run_dir})", flush=True)
     if isinstance(settings.objective, str):
@@ -374,6 +379,13 @@ class Trainer:
         self.preempt_signal = signal.SIGUSR1
         # Augmentation, timestep and noise draws differ per rank, seeded from the global rank.
         torch.manual_seed(settings.seed * 1_000 + self.world.rank)
+
+    @property
+    def compile_state(self) -> str:
+        """eager (not asked for), compiled, or fallback (compiling failed: training ran eager)."""
+        if not isinstance(self.loss_fn, _EagerFallback):
+            return "eager"
+        return "fallback" if self.loss_fn.compiled is self.loss_fn.eager else "compiled"
 
     def request_preemption(self, signum=signal.SIGUSR1, frame=None) -> None:
         """SIGUSR1/SIGUSR2 (SLURM's warning before a time limit or preemption): finish the

@@ -52,6 +52,7 @@ def test_cpu_sized_gpu_check_runs_every_stage_and_writes_its_record(tmp_path):
     images = training["images_seen"]
     assert images == int(match.group(5)) > 0 and images % 64 == 0
     assert training["train_seconds"] >= training["train_seconds_budget"] > 0
+    assert training["compile"] == stages["throughput"]["compile"] == "eager"  # compile=auto: CUDA only
     assert set(record["targets"]) >= {"knn_end_above_start", "latent_gap_grew"}
 
 

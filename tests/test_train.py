@@ -30,6 +30,7 @@ def test_experiment_smoke_run_writes_a_complete_mlflow_record(experiment, tmp_pa
     assert params["schedule.epochs"] == "1" and params["seed"] == "0"
     assert len(tags["git_sha"]) in (40, 7) or tags["git_sha"] == "unknown"
     assert tags["git_dirty"] in ("true", "false", "unknown") and tags["seed"] == "0"
+    assert tags["compile"] == "eager"  # schedule.compile=auto compiles on CUDA only
     for key in ("eval/knn_acc", "eval/linear_acc"):
         assert 0.0 <= metrics[key] <= 1.0
     assert objective == metrics["eval/linear_acc"]
