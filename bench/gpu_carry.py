@@ -128,6 +128,12 @@ def main() -> None:
             sys.exit(f"error: {args.archive} not found; pass --archive PATH (CIFAR-10 JPEG archive) or --no-archive")
         shutil.copy2(args.archive, args.into / args.archive.name)
 
+    # The device gets the working tree without .git: say which commit this carry was made for.
+    sys.path.insert(0, str(REPO))
+    from soda.tracking import git_state
+
+    (args.into / "source.json").write_text(json.dumps({**git_state(REPO), "carried": _now()}) + "\n")
+
     files = sorted(p for p in args.into.rglob("*") if p.is_file())
     total = sum(p.stat().st_size for p in files) / 2**20
     print(f"{args.into}: {len(list(wheels.glob('*.whl')))} wheels for Python {args.python_version}, {total:.1f} MiB")
@@ -138,6 +144,12 @@ def main() -> None:
             f"error: {total:.1f} MiB is too close to the device tool's {LIMIT_MIB} MiB limit (the checkout counts too)"
         )
     print(f"carry it: run(command='make gpu-check', carry=['{args.into.relative_to(REPO)}'], timeout_s=600)")
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _run(command: list[str]) -> None:

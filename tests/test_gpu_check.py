@@ -32,7 +32,7 @@ def test_cpu_sized_gpu_check_runs_every_stage_and_writes_its_record(tmp_path):
     assert match, last
     record = json.loads(record_path.read_text())
     assert record["summary"] == last and record["kind"] == "cpu"
-    assert record["torch"] and len(record["git_sha"]) == 40
+    assert record["torch"] and len(record["git_sha"]) == 40 and record["git_source"] == "git"
     stages = record["stages"]
     assert [stages[name]["status"] for name in ("data", "cuda_tests", "throughput", "training")] == ["ok"] * 4
     assert all(stage["seconds"] > 0 for stage in stages.values())
