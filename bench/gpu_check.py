@@ -122,6 +122,8 @@ def main() -> int:
     # One inductor cache for every process of the check: the graph compiled by the CUDA tests is
     # loaded, not compiled again, by the bench and the training run.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor-cache"))
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
@@ -321,9 +323,13 @@ def stage_cuda_tests(check: Check) -> dict:
         entry.update(collected=int(collected.group(1)), ran=False, note="no GPU: collected, not run")
         return entry
     report = check.work / "cuda-tests.xml"
-    command = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", f"--junitxml={report}"]
+    command = [sys.executable, "-m", "pytest", "-v", "-m", "cuda", "-p", "no:cacheprovider", f"--junitxml={report}"]
     command += CUDA_TEST_FILES
-    result = run_logged(check, "cuda_tests", command, reserve=200)
+    try:
+        result = run_logged(check, "cuda_tests", command, reserve=200)
+    except StageError:
+        entry.update(_outcomes_so_far(check.work / "cuda_tests.log"))  # pytest's report comes at its end
+        raise
     if not report.exists():
         raise StageError(f"pytest wrote no report (exit {result.returncode})")
     counts, failures = _junit(report)
@@ -335,6 +341,15 @@ def stage_cuda_tests(check: Check) -> dict:
             f"{counts['failed'] + counts['errors']} of {counts['tests']} cuda tests failed; first: {first}"
         )
     return entry
+
+
+def _outcomes_so_far(log: Path) -> dict:
+    """From pytest -v's lines, what had run when the stage was cut short."""
+    outcomes = re.findall(r"::(\S+) (PASSED|FAILED|ERROR|SKIPPED)", log.read_text(errors="replace"))
+    return {
+        "outcomes_before_timeout": {state: sum(1 for _, s in outcomes if s == state) for _, state in outcomes},
+        "failures": [name for name, state in outcomes if state in ("FAILED", "ERROR")],
+    }
 
 
 def _junit(path: Path) -> tuple[dict, list[str]]:

@@ -70,3 +70,67 @@ def test_gpu_check_without_the_packages_or_carried_wheels_says_what_to_do(tmp_pa
     assert result.returncode == 1
     assert result.stdout.strip().startswith("gpu-check failed install:")
     assert "make gpu-carry" in result.stdout and "make install" in result.stdout
+
+
+def _gpu_check_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_gpu_only_parts_read_pytest_reports_and_judge_the_targets(tmp_path):
+    """What only runs on a GPU, on fabricated inputs: the pytest report of the cuda tests, and the
+    targets and summary line of a CUDA record."""
+    gpu_check = _gpu_check_module()
+    (tmp_path / "test_sample.py").write_text(
+        "import pytest\n"
+        "def test_good(): pass\n"
+        "def test_bad(): assert 1 == 2, 'one is not two'\n"
+        "@pytest.mark.skip(reason='no')\n"
+        "def test_skipped(): pass\n"
+    )
+    report = tmp_path / "report.xml"
+    subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", "test_sample.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        env={k: v for k, v in os.environ.items() if k != "CI"},
+        timeout=120,
+    )
+    counts, failures = gpu_check._junit(report)
+    assert counts == {"tests": 3, "failed": 1, "errors": 0, "skipped": 1, "passed": 1}
+    assert len(failures) == 1 and failures[0].startswith("test_bad: AssertionError: one is not two")
+
+    record = {
+        "kind": "cuda",
+        "stages": {
+            "throughput": {
+                "end_to_end_images_per_s": 6100.4,
+                "step_images_per_s": 5000.0,
+                "fraction_of_peak": 0.3141,
+                "host_syncs_per_step": 0.0,
+                "compile": "compiled",
+            },
+            "training": {
+                "knn_start": 0.31,
+                "knn_end": 0.35,
+                "latent_gap_start": 0.002,
+                "latent_gap_end": 0.001,
+                "images_seen": 1_024_000,
+            },
+        },
+    }
+    assert gpu_check.targets(record) == {
+        "end_to_end_at_least_6000": True,
+        "step_at_least_5400": False,
+        "zero_host_syncs_per_step": True,
+        "compiled": True,
+        "knn_end_above_start": True,
+        "latent_gap_grew": False,
+    }
+    assert gpu_check.summary_line(record) == (
+        "gpu-check ok e2e=6100 step=5000 mfu=0.314 knn_start=0.3100 knn_end=0.3500 images=1024000 latent_gap=0.0010"
+    )
