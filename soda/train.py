@@ -375,6 +375,7 @@ class Trainer:
         self.train_seconds = 0.0
         self.last_eval_seconds = 0.0
         self.first_step_done = False
+        self.out_of_time = False
         self.preempt_requested = False
         self.preempt_signal = signal.SIGUSR1
         # Augmentation, timestep and noise draws differ per rank, seeded from the global rank.
@@ -407,8 +408,7 @@ class Trainer:
             self.epoch, self.step_in_epoch = epoch, 0
             self.out_of_time = self._spent(self.train_seconds)
             last = epoch == s.epochs or self.out_of_time
-            due = e.every_seconds is not None and self.train_seconds - self.last_eval_seconds >= e.every_seconds
-            if last or epoch % e.every == 0 or dist.any_rank(due, self.device):
+            if last or epoch % e.every == 0 or self._evaluation_due():
                 self._evaluate_on_main(epoch, last)
             if last or epoch % s.checkpoint_every == 0:
                 self.save()
@@ -419,7 +419,12 @@ class Trainer:
     def _spent(self, seconds: float) -> bool:
         """Has the training clock reached schedule.train_seconds (on any rank: all stop together)?"""
         budget = self.schedule.train_seconds
-        return dist.any_rank(budget is not None and seconds >= budget, self.device)
+        return budget is not None and dist.any_rank(seconds >= budget, self.device)
+
+    def _evaluation_due(self) -> bool:
+        """eval.every_seconds of training since the last evaluation (on any rank)?"""
+        every = self.settings.eval.every_seconds
+        return every is not None and dist.any_rank(self.train_seconds - self.last_eval_seconds >= every, self.device)
 
     def _evaluate_on_main(self, epoch: int, last: bool) -> None:
         """Rank 0 evaluates; the others wait on a gloo barrier, which costs them nothing. The
