@@ -143,7 +143,11 @@ def main() -> None:
         sys.exit(
             f"error: {total:.1f} MiB is too close to the device tool's {LIMIT_MIB} MiB limit (the checkout counts too)"
         )
-    print(f"carry it: run(command='make gpu-check', carry=['{args.into.relative_to(REPO)}'], timeout_s=600)")
+    into = args.into.resolve()
+    if into.is_relative_to(REPO):
+        print(f"carry it: run(command='make gpu-check', carry=['{into.relative_to(REPO)}'], timeout_s=600)")
+    else:  # outside the checkout (a rehearsal): point bench/gpu-check.sh at it
+        print(f"use it: SODA_CARRY={into} bash bench/gpu-check.sh")
 
 
 def _now() -> str:

@@ -233,7 +233,7 @@ def source_state() -> dict:
     state = git_state(REPO)
     if state["git_sha"] != "unknown":
         return {**state, "git_source": "git"}
-    carried = REPO / ".carry" / "source.json"
+    carried = REPO / os.environ.get("SODA_CARRY", ".carry") / "source.json"
     if carried.is_file():
         return {**json.loads(carried.read_text()), "git_source": "make gpu-carry"}
     return {**state, "git_source": None}
