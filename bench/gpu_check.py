@@ -140,6 +140,9 @@ def main() -> int:
         skip="training" in args.skip,
     )
     line = check.finish()
+    if os.environ.get("OUT"):  # the device tool brings back what is under $OUT: the stages' whole logs too
+        for log in sorted(work.glob("*.log")):
+            shutil.copy2(log, Path(os.environ["OUT"]) / f"gpu-check-{log.name}")
     if not args.keep and args.work is None:
         shutil.rmtree(work, ignore_errors=True)  # decoded data, checkpoint, caches: hundreds of MB
     print(line, flush=True)
