@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +70,29 @@ def file_size_limit(size: int):
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(module: str, world: int, *args: str, timeout: int = 180) -> None:
+    """`python -m <module> RANK <args>` for each rank at once (the repository on PYTHONPATH);
+    each must exit 0."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-m", module, str(rank), *args],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(world)
+    ]
+    for rank in ranks:
+        output, _ = rank.communicate(timeout=timeout)
+        assert rank.returncode == 0, output[-3000:]

@@ -10,10 +10,6 @@ and the time-boxed training of `make gpu-check` load from inductor's cache.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,10 +19,9 @@ from soda.config import to_settings
 from soda.data import LabelledImages
 from soda.eval import evaluate_probes, knn_predict
 from soda.train import Trainer, build_model
-from tests.helpers import SMOKE, compose_config
+from tests.helpers import SMOKE, compose_config, free_port, run_ranks
 
 pytestmark = pytest.mark.cuda
-REPO = Path(__file__).resolve().parents[1]
 CUDA = torch.device("cuda")
 # Compiled bf16 against eager fp32 on the same batch and weights. The two draw their timesteps,
 # noise and dropout from different random streams (inductor generates its own random numbers), so
@@ -104,12 +99,6 @@ def test_fused_adamw_matches_foreach():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_syncbatchnorm_and_ddp_in_a_one_rank_nccl_group():
     """The multi-GPU set-up of soda.train on one GPU: an NCCL group, SyncBatchNorm, DDP. A training
     step through it equals the plain model's (one rank: DDP averages over itself)."""
@@ -119,7 +108,7 @@ def test_syncbatchnorm_and_ddp_in_a_one_rank_nccl_group():
     plain = build_model(to_settings(compose_config(SMOKE))).to(CUDA)
     synced = build_model(to_settings(compose_config(SMOKE)))
     synced.load_state_dict(plain.state_dict())
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         assert dist.get_backend() == "nccl"
         synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(synced).to(CUDA)
@@ -143,21 +132,7 @@ def test_syncbatchnorm_gathers_statistics_across_two_ranks(tmp_path):
     """One rank does not exercise the all-gather (PyTorch skips it for a world of 1), and NCCL
     refuses two ranks on one GPU: two gloo ranks on cuda:0 do. Batch statistics over both halves
     must equal BatchNorm's over the whole batch."""
-    port = _free_port()
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.support.syncbn_worker", str(r), str(port), str(tmp_path)],
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in (0, 1)
-    ]
-    for rank in ranks:
-        output, _ = rank.communicate(timeout=180)
-        assert rank.returncode == 0, output[-3000:]
+    run_ranks("tests.support.syncbn_worker", 2, str(free_port()), str(tmp_path))
     halves = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     whole = torch.load(tmp_path / "whole.pt", weights_only=True)
     torch.testing.assert_close(torch.cat([h["output"] for h in halves]), whole["output"], rtol=1e-4, atol=1e-5)

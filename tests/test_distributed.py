@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import mlflow
 import pytest
 import torch
 
-from tests.helpers import REPO, SMOKE, launch
+from tests.helpers import REPO, SMOKE, free_port, launch, run_ranks
 from tests.support.slurm import preempt, release_requeued, squeue
 
 TRACK = "tracking.experiment=soda"
@@ -52,27 +51,8 @@ def _multirun(tmp_path: Path, *args: str, timeout: int = 600, env: dict | None =
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_ranks_apply_identical_gradients(tmp_path):
-    port = _free_port()
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.support.gradient_worker", str(r), "2", str(port), str(tmp_path)],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in (0, 1)
-    ]
-    for rank in ranks:
-        output, _ = rank.communicate(timeout=180)
-        assert rank.returncode == 0, output[-3000:]
+    run_ranks("tests.support.gradient_worker", 2, "2", str(free_port()), str(tmp_path))
     first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert first["grads"].keys() == second["grads"].keys() and len(first["grads"]) > 100
     assert all(torch.equal(first["grads"][k], second["grads"][k]) for k in first["grads"])
