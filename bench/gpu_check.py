@@ -97,7 +97,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU-sized check (the default without a GPU)")
     parser.add_argument("--archive", type=Path, help="cifar10-jpeg.tar.gz to unpack (cifar10/{train,test}/<class>/)")
-    parser.add_argument("--data", type=Path, help="an unpacked CIFAR-10 image folder (instead of --archive)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        help="CIFAR-10 as an image folder or torchvision's batches (default on a GPU: $SODA_DATA/cifar10)",
+    )
     parser.add_argument("--work", type=Path, help="scratch folder (default: a fresh one under the temp dir)")
     parser.add_argument("--out", type=Path, help="record path (default: $OUT/gpu-check.json or bench/results/)")
     parser.add_argument("--deadline", type=float, help="seconds for the whole check, from --started (GPU 540)")
@@ -282,8 +286,13 @@ def stage_data(check: Check, args) -> Path:
         root = check.work / "data" / "cifar10"
     elif check.kind == "cpu":
         root = write_tiny_cifar(check.work / "data" / "cifar10")
+    elif (REPO / os.environ.get("SODA_DATA", "data") / "cifar10").is_dir():  # where launch.py looks
+        root = REPO / os.environ.get("SODA_DATA", "data") / "cifar10"
     else:
-        raise StageError("no data: pass --archive (make gpu-carry copies cifar10-jpeg.tar.gz into .carry/)")
+        raise StageError(
+            "no CIFAR-10: pass --archive or --data, or put it under $SODA_DATA/cifar10 "
+            "(make gpu-carry copies cifar10-jpeg.tar.gz into .carry/, which gpu-check.sh passes on)"
+        )
     began = time.perf_counter()
     sizes = {}
     for split in ("train", "test"):
