@@ -19,7 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from hydra_plugins.soda_sweeper.optuna_sweeper import override_value, parse_space
 from soda.sweep import PRUNER_ATTR, SweepError, TrialReporter, open_storage
-from tests.helpers import REPO, SMOKE, launch
+from tests.helpers import REPO, SMOKE, free_port, launch
 from tests.test_distributed import needs_slurm
 
 EXPERIMENT = "sweeps"
@@ -424,9 +424,7 @@ needs_postgres = pytest.mark.skipif(not _postgres_available(), reason="no Postgr
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    from tests.test_distributed import _free_port
-
-    port = _free_port()
+    port = free_port()
     database = f"mlflow_{uuid.uuid4().hex[:8]}"
     import psycopg
 
