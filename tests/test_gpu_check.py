@@ -134,3 +134,14 @@ def test_the_gpu_only_parts_read_pytest_reports_and_judge_the_targets(tmp_path):
     assert gpu_check.summary_line(record) == (
         "gpu-check ok e2e=6100 step=5000 mfu=0.314 knn_start=0.3100 knn_end=0.3500 images=1024000 latent_gap=0.0010"
     )
+
+
+def test_the_training_budget_leaves_room_for_a_compile_the_cache_did_not_save(tmp_path):
+    gpu_check = _gpu_check_module()
+    check = gpu_check.Check(tmp_path / "record.json", tmp_path, deadline=0.0, kind="cuda")
+    assert gpu_check.training_overhead(check) == 70 + 165  # nothing filled the cache
+    check.record["stages"]["cuda_tests"] = {"status": "ok"}
+    assert gpu_check.training_overhead(check) == 70 + 30  # the CUDA tests compiled the graph
+    check.record["stages"]["throughput"] = {"compile_seconds": 180.0}
+    assert gpu_check.training_overhead(check) == 70 + 180  # the bench saw a miss: so will training
+    assert gpu_check.training_overhead(gpu_check.Check(tmp_path / "r.json", tmp_path, 0.0, "cpu")) == 45
