@@ -475,18 +475,12 @@ def training_overhead(check: Check) -> float:
 
 
 def read_training_record(store: Path) -> dict:
-    """The run's evaluations and progress, from its MLflow store."""
-    from mlflow import MlflowClient
+    """The run's evaluations and progress, from its MLflow store (through analysis/, which reads
+    every table's records)."""
+    from analysis import load_history, load_runs
 
-    client = MlflowClient(f"sqlite:///{store}")
-    experiment = client.get_experiment_by_name("gpu-check")
-    (run,) = client.search_runs([experiment.experiment_id])
-
-    def history(key: str) -> list[list[float]]:
-        return [
-            [m.step, m.value] for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
-        ]
-
+    uri = f"sqlite:///{store}"
+    (run,) = load_runs(uri, ["gpu-check"]).to_dict("records")
     keys = (
         "eval/knn_acc",
         "eval/linear_acc",
@@ -501,13 +495,14 @@ def read_training_record(store: Path) -> dict:
         "train/first_step_seconds",
         "train/loss",
     )
-    curves = {key: history(key) for key in keys}
+    history = load_history(uri, [run["run_id"]], keys)
+    curves = {key: history.loc[history["key"] == key, ["step", "value"]].values.tolist() for key in keys}
     knn, gap, images = curves["eval/knn_acc"], curves["eval/latent_gap"], curves["train/images_seen"]
     rates = [value for _, value in curves["train/images_per_second"]]
     result = {
-        "mlflow_run_id": run.info.run_id,
-        "status": run.info.status,
-        "compile": run.data.tags.get("compile"),
+        "mlflow_run_id": run["run_id"],
+        "status": run["status"],
+        "compile": run.get("tags.compile"),
         "epochs": int(knn[-1][0]) if knn else 0,
         "knn_start": knn[0][1] if knn else None,
         "knn_end": knn[-1][1] if knn else None,

@@ -38,7 +38,7 @@ def main() -> None:
     _, test_set = load_data(settings)
     images = test_set.images[: args.images].float() / 255
     # The metric eval/latent_gap is the same computation at the eval config's timesteps.
-    errors = latent_errors(model, images, args.timesteps, seed=settings.seed)
+    errors = latent_errors(model, images, args.timesteps, seed=settings.seed, dropped=True)
     print(f"run {args.run_dir}  epoch {state['epoch']}  {images.shape[0]} test images")
     print(f"{'t':>6} {'own latent':>12} {'shuffled':>12} {'dropped':>12} {'latent gap':>12}")
     for step, error in errors.items():

@@ -233,10 +233,11 @@ def latent_errors(
     images: torch.Tensor,
     timesteps: Sequence[int],
     seed: int = 0,
+    dropped: bool = False,
 ) -> dict[int, dict[str, float]]:
     """The decoder's noise-prediction error on `images` (in [0, 1]) at each of `timesteps`, with
-    each image's own latent, with another image's (a derangement of the batch: no image keeps
-    its own) and with the latent dropped. `model` is a SODA model (encode, decoder, diffusion);
+    each image's own latent ("own"), with another image's ("shuffled": a derangement of the
+    batch, no image keeps its own) and, if `dropped`, with the latent zeroed ("dropped"). `model` is a SODA model (encode, decoder, diffusion);
     it is used as it is (call .eval() first for a deterministic decoder).
 
     The noise and the derangement come from a CPU generator seeded with `seed`, so the same
@@ -252,7 +253,9 @@ def latent_errors(
     other = torch.empty_like(order)
     other[order] = order.roll(-1)  # image order[i] gets the latent of order[i + 1]: never its own
     latents = model.encode(images, normalize=False).float()
-    candidates = {"own": latents, "shuffled": latents[other.to(device)], "dropped": torch.zeros_like(latents)}
+    candidates = {"own": latents, "shuffled": latents[other.to(device)]}
+    if dropped:
+        candidates["dropped"] = torch.zeros_like(latents)
     x0 = images * 2 - 1
     errors: dict[int, dict[str, float]] = {}
     for step in timesteps:

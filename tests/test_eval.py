@@ -160,7 +160,7 @@ class _OracleModel(torch.nn.Module):
 def test_latent_errors_swap_every_latent_for_another_images():
     model = _OracleModel()
     images = torch.rand(9, 3, 4, 4, generator=torch.Generator().manual_seed(0))
-    errors = latent_errors(model, images, [500, 700], seed=3)
+    errors = latent_errors(model, images, [500, 700], seed=3, dropped=True)
     own, shuffled, dropped = model.seen[:3]
     assert torch.equal(own, images.flatten(1))
     assert not (shuffled == own).all(dim=1).any()  # no image keeps its own latent
@@ -170,7 +170,8 @@ def test_latent_errors_swap_every_latent_for_another_images():
         assert errors[step]["own"] < 1e-10 and errors[step]["shuffled"] > 1e-4
     # Fixed noise and fixed swap: the same numbers again, whatever else drew from the global RNG.
     torch.rand(100)
-    assert latent_errors(_OracleModel(), images, [500, 700], seed=3) == errors
+    assert latent_errors(_OracleModel(), images, [500, 700], seed=3, dropped=True) == errors
+    assert set(latent_errors(_OracleModel(), images, [500], seed=3)[500]) == {"own", "shuffled"}
 
 
 def test_latent_gap_is_the_relative_increase_over_all_timesteps():
