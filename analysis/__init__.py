@@ -1,5 +1,6 @@
 """MLflow runs -> pandas tables and plots: the README's results (`make table`), the `python -m
-analysis` CLI and the notebooks in analysis/notebooks/ all use these functions."""
+analysis` CLI and the notebooks in analysis/notebooks/ all use these functions. The record's keys,
+tags and default store are soda.tracking's."""
 
 from analysis.plots import (
     ablation_figure,
@@ -13,7 +14,6 @@ from analysis.plots import (
 from analysis.readme import Regenerated, regenerate_readme, replace_section, results_markdown
 from analysis.runs import (
     AnalysisError,
-    default_tracking_uri,
     describe_selection,
     exclusion_note,
     finished_runs,
@@ -34,7 +34,6 @@ __all__ = [
     "ablation_figure",
     "ablation_table",
     "configuration_params",
-    "default_tracking_uri",
     "describe_selection",
     "exclusion_note",
     "finished_runs",

@@ -8,6 +8,8 @@ and the README's results section (what `make table` runs).
     python -m analysis plots --out docs/results
     python -m analysis readme                                 # = make table
 
+Paths are relative to where you run it (`make table` runs from the repository root), and so is the
+default store: soda.tracking's, `mlflow.db` in the working directory, as the runs write it.
 Tables go to stdout, notes (which runs, what was left out) to stderr. A problem is one line,
 `error: ...`, on stderr, and exit status 2.
 """
@@ -21,9 +23,7 @@ from pathlib import Path
 from analysis.plots import save_plots
 from analysis.readme import regenerate_readme
 from analysis.runs import (
-    TRACKING_URI_ENV,
     AnalysisError,
-    default_tracking_uri,
     describe_selection,
     finished_runs,
     load_runs,
@@ -33,8 +33,7 @@ from analysis.runs import (
     select_runs,
 )
 from analysis.tables import ABLATION_STUDY, FORMATS, ablation_table, format_table, main_table
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from soda.tracking import STORE_DIR_ENV, STUDY, TRACKING_URI_ENV, default_tracking_uri, redact
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = selection.add_argument_group("which runs")
     group.add_argument(
         "--tracking-uri",
-        help=f"MLflow store to read: sqlite:///file.db, http://host:5000, ... (default: ${TRACKING_URI_ENV}, "
-        f"else the embedded store {default_tracking_uri()})",
+        help=f"MLflow store to read: sqlite:///file.db, http://host:5000, ... (default: ${TRACKING_URI_ENV}, else "
+        f"mlflow.db in ${STORE_DIR_ENV} or in the directory you run this in, as runs launched there write it; here: "
+        f"{redact(default_tracking_uri())})",
     )
     group.add_argument(
         "--experiment",
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="an MLflow experiment to read (repeat for several; default: every experiment)",
     )
-    group.add_argument("--sweep", metavar="STUDY", help="only the trials of this sweep (their tag optuna_study)")
+    group.add_argument("--sweep", metavar="STUDY", help=f"only the trials of this sweep (their tag {STUDY})")
     group.add_argument(
         "--tag", action="append", default=[], metavar="KEY=VALUE", help="only runs with this tag (repeatable)"
     )
@@ -76,14 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
     ablation.add_argument("--format", choices=FORMATS, default="text")
     plots = commands.add_parser("plots", parents=[selection], help="write the probe-curve and ablation PNGs")
     plots.add_argument("--study", default=ABLATION_STUDY, help="the ablation's sweep (default: %(default)s)")
-    plots.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "results", help="folder for the PNG files")
+    plots.add_argument(
+        "--out",
+        type=Path,
+        default=Path("docs") / "results",
+        help="folder for the PNG files (default: %(default)s, relative to where you run this)",
+    )
     readme = commands.add_parser(
         "readme",
         aliases=["table"],
         parents=[selection],
         help="regenerate README.md's results section and its plots (make table)",
     )
-    readme.add_argument("--readme", type=Path, default=REPO_ROOT / "README.md", help="the README to update")
+    readme.add_argument(
+        "--readme",
+        type=Path,
+        default=Path("README.md"),
+        help="the README to update (default: %(default)s in the directory you run this in; make table runs it "
+        "from the repository root)",
+    )
     readme.add_argument("--study", default=ABLATION_STUDY, help="the ablation's sweep (default: %(default)s)")
     readme.add_argument("--out", type=Path, help="folder for the PNG files (default: docs/results beside the README)")
     return parser

@@ -16,9 +16,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from analysis.files import write_if_changed
 from analysis.runs import AnalysisError, load_history
 from analysis.tables import ACCURACIES, METRIC_LABELS, UNSET, VIEW_ORDER, Table, sort_key
+from soda.files import write_atomically
 
 SOURCE, TARGET = "augmentation.source.name", "augmentation.target.name"
 NOT_IN_LABELS = {*METRIC_LABELS.values(), "Runs", "Params (M)"}
@@ -149,6 +149,16 @@ def png_bytes(figure: Figure) -> bytes:
 def write_png(figure: Figure, path: Path) -> bool:
     """Save the figure to `path` (atomically; untouched when the same). Returns whether it changed."""
     return write_if_changed(Path(path), png_bytes(figure))
+
+
+def write_if_changed(path: Path, data: bytes) -> bool:
+    """Replace `path` by `data` through soda.files.write_atomically, unless it holds them already:
+    regenerating unchanged results touches no file (nor its time). Returns whether it changed."""
+    path = Path(path)
+    if path.is_file() and path.read_bytes() == data:
+        return False
+    write_atomically(path, lambda handle: handle.write(data))
+    return True
 
 
 def save_plots(tracking_uri: str, main: Table, ablation: Table | None, folder: Path) -> dict[str, Path]:

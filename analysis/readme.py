@@ -1,7 +1,7 @@
 """Regenerate the README's results: the part between two marker lines, from the MLflow runs.
 
-Only the text between `<!-- results:start -->` and `<!-- results:end -->` is replaced, through a
-temporary file and os.replace, so the README is never half-written. The text depends on the runs
+Only the text between `<!-- results:start -->` and `<!-- results:end -->` is replaced, through
+soda.files.write_atomically (a temporary file, then os.replace), so the README is never half-written. The text depends on the runs
 alone (sorted, no "generated at" time): with no new runs, a second regeneration changes nothing.
 When no run matches, the README is left as it was.
 """
@@ -13,11 +13,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from analysis.files import write_if_changed
-from analysis.plots import save_plots
+from analysis.plots import save_plots, write_if_changed
 from analysis.runs import (
     AnalysisError,
-    default_tracking_uri,
     describe_selection,
     finished_runs,
     load_runs,
@@ -26,6 +24,7 @@ from analysis.runs import (
     select_runs,
 )
 from analysis.tables import ABLATION_STUDY, Table, ablation_table, format_table, main_table
+from soda.tracking import default_tracking_uri
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 PLOT_FOLDER = Path("docs") / "results"  # relative to the README's folder
@@ -109,7 +108,7 @@ def regenerate_readme(
     it) from the runs that match; the ablation part only if sweep `study` has finished runs there."""
     readme = Path(readme)
     if not readme.is_file():
-        raise AnalysisError(f"no README at {readme}")
+        raise AnalysisError(f"no README at {readme.absolute()} (run from the repository root, or pass --readme)")
     replace_section(_read(readme), "")  # bad markers: stop before any work
     uri = tracking_uri or default_tracking_uri()
     experiments = list(experiments) if experiments is not None else None

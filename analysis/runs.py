@@ -10,35 +10,30 @@ Opening a store never creates one: a missing SQLite file or folder is an error, 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pandas as pd
 
-from soda.errors import SodaError
-from soda.sweep import redact
-from soda.tracking import quick_http_failures, server_unreachable
+from soda.errors import SodaError, first_line
+from soda.tracking import (
+    STUDY,
+    SWEEP,
+    SWEEP_PARENT,
+    TRIAL_STATE,
+    default_tracking_uri,
+    quick_http_failures,
+    redact,
+    server_unreachable,
+)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TRACKING_URI_ENV = "SODA_TRACKING_URI"
 RUN_COLUMNS = ["run_id", "experiment", "experiment_id", "status", "start_time", "end_time", "run_name"]
 PAGE_SIZE = 1000
 
 
 class AnalysisError(SodaError):
     """Runs that cannot be read or tabulated; the message says what to change."""
-
-
-def default_tracking_uri() -> str:
-    """$SODA_TRACKING_URI, else the embedded store the runs write by default (tracking=local)."""
-    return os.environ.get(TRACKING_URI_ENV) or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def open_store(tracking_uri: str):
@@ -71,7 +66,7 @@ def open_store(tracking_uri: str):
         with quick_http_failures():
             client.search_experiments(max_results=1)
     except Exception as error:
-        raise AnalysisError(f"MLflow tracking store {shown} cannot be read ({_first_line(error)})") from None
+        raise AnalysisError(f"MLflow tracking store {shown} cannot be read ({first_line(error)})") from None
     return client
 
 
@@ -116,7 +111,7 @@ def load_runs(tracking_uri: str | None = None, experiments: Iterable[str] | None
     except AnalysisError:
         raise
     except Exception as error:
-        raise AnalysisError(f"cannot read the runs of {redact(uri)} ({_first_line(error)})") from None
+        raise AnalysisError(f"cannot read the runs of {redact(uri)} ({first_line(error)})") from None
 
     by_id = {experiment_id: name for name, experiment_id in known.items()}
     rows = [
@@ -157,12 +152,12 @@ def select_runs(
     tags: Mapping[str, str] | None = None,
     params: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
-    """The runs of sweep `sweep` (tag optuna_study) whose tags and config values (params, dotted keys)
+    """The runs of sweep `sweep` (tag STUDY) whose tags and config values (params, dotted keys)
     equal the given ones, compared as the strings MLflow stores (`"800"`, `"True"`)."""
     wanted = {f"tags.{key}": value for key, value in (tags or {}).items()}
     wanted |= {f"params.{key}": value for key, value in (params or {}).items()}
     if sweep is not None:
-        wanted["tags.optuna_study"] = sweep
+        wanted[f"tags.{STUDY}"] = sweep
     keep = pd.Series(True, index=runs.index)
     for column, value in wanted.items():
         keep &= runs[column].eq(str(value)) if column in runs else False
@@ -190,8 +185,8 @@ def _tag(runs: pd.DataFrame, key: str) -> pd.Series:
 
 
 def sweep_parents(runs: pd.DataFrame) -> pd.Series:
-    """True for a sweep's own run (tag sweep=parent): it holds the study, not a result."""
-    return _tag(runs, "sweep").eq("parent")
+    """True for a sweep's own run (soda.tracking.parent_tags): it holds the study, not a result."""
+    return _tag(runs, SWEEP).eq(SWEEP_PARENT)
 
 
 def finished_runs(runs: pd.DataFrame) -> pd.DataFrame:
@@ -204,7 +199,7 @@ def exclusion_note(runs: pd.DataFrame) -> str:
     "" when none. Unfinished: still running, or killed (interrupted or preempted, to be resumed)."""
     candidates = runs[~sweep_parents(runs)]
     status = candidates["status"]
-    pruned = status.eq("KILLED") & _tag(candidates, "trial_state").eq("PRUNED")
+    pruned = status.eq("KILLED") & _tag(candidates, TRIAL_STATE).eq("PRUNED")
     counts = {
         "failed": int(status.eq("FAILED").sum()),
         "pruned": int(pruned.sum()),
@@ -232,7 +227,7 @@ def provenance(runs: pd.DataFrame) -> str:
     if finished.empty:
         return "no finished runs"
     experiments = sorted(finished["experiment"].unique())
-    sweeps = sorted(_tag(finished, "optuna_study").dropna().unique())
+    sweeps = sorted(_tag(finished, STUDY).dropna().unique())
     text = f"{_counted(len(finished), 'finished run')} of {_named(experiments, 'experiment')}"
     if sweeps:
         text += f" ({_named(sweeps, 'sweep')})"
@@ -276,7 +271,7 @@ def load_history(tracking_uri: str, run_ids: Iterable[str], keys: Iterable[str])
                 for key in keys:
                     rows += [(run_id, key, m.step, m.value) for m in client.get_metric_history(run_id, key)]
     except Exception as error:
-        raise AnalysisError(f"cannot read metric history from {redact(tracking_uri)} ({_first_line(error)})") from None
+        raise AnalysisError(f"cannot read metric history from {redact(tracking_uri)} ({first_line(error)})") from None
     history = pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
     # A resumed run may hold a step twice (the tracker prevents it; older runs may not): keep the last.
     history = history.drop_duplicates(["run_id", "key", "step"], keep="last")

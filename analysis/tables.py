@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import pandas as pd
 
 from analysis.runs import AnalysisError, exclusion_note, finished_runs, select_runs
+from soda.tracking import KNN_ACC, LATENT_GAP, LINEAR_ACC, RECON_MSE
 
-KNN, LINEAR, RECON, GAP = "eval/knn_acc", "eval/linear_acc", "eval/recon_mse", "eval/latent_gap"
-METRIC_LABELS = {KNN: "k-NN", LINEAR: "Linear probe", RECON: "Recon. MSE", GAP: "Latent gap (%)"}
-ACCURACIES = (KNN, LINEAR)  # fractions, shown in % with one decimal
-PERCENT_DIGITS = {KNN: 1, LINEAR: 1, GAP: 2}  # fractions shown in %, with these decimals
+METRIC_LABELS = {KNN_ACC: "k-NN", LINEAR_ACC: "Linear probe", RECON_MSE: "Recon. MSE", LATENT_GAP: "Latent gap (%)"}
+ACCURACIES = (KNN_ACC, LINEAR_ACC)  # fractions, shown in % with one decimal
+PERCENT_DIGITS = {KNN_ACC: 1, LINEAR_ACC: 1, LATENT_GAP: 2}  # fractions shown in %, with these decimals
 ABLATION_STUDY = "augment_ablation"
 UNSET = "unset"  # a config key some run did not record (an older run, say)
 NO_VALUE = "–"
@@ -258,7 +258,7 @@ def main_table(runs: pd.DataFrame) -> Table:
         note = exclusion_note(runs)
         raise AnalysisError("no finished runs to tabulate" + (f" ({note})" if note else ""))
     _require_metrics(finished, ACCURACIES, "the main table")
-    metrics = [*ACCURACIES, *([GAP] if _metric(finished, GAP).notna().any() else [])]
+    metrics = [*ACCURACIES, *([LATENT_GAP] if _metric(finished, LATENT_GAP).notna().any() else [])]
     numbers = summarize(finished, MAIN_KEYS, metrics)
     notes = [exclusion_note(runs), *missing_metric_notes(finished, metrics)]
     return Table("main", "Main results", numbers, _cells(numbers, MAIN_KEYS, metrics, params=True), _kept(notes))
@@ -273,7 +273,7 @@ def ablation_table(runs: pd.DataFrame, study: str = ABLATION_STUDY) -> Table:
         note = exclusion_note(study_runs)
         raise AnalysisError(f"no finished runs of sweep {study!r}" + (f" ({note})" if note else ""))
     _require_metrics(finished, ACCURACIES, f"sweep {study!r}")
-    metrics = [*ACCURACIES, *([RECON] if _metric(finished, RECON).notna().any() else [])]
+    metrics = [*ACCURACIES, *([RECON_MSE] if _metric(finished, RECON_MSE).notna().any() else [])]
     orders = dict.fromkeys(ABLATION_KEYS, VIEW_ORDER)
     numbers = summarize(finished, ABLATION_KEYS, metrics, orders)
     notes = [common_setup(finished), exclusion_note(study_runs), *missing_metric_notes(finished, metrics)]

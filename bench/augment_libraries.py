@@ -14,18 +14,14 @@ augmentation if it does the job. Two questions decide it:
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torchvision.transforms import v2
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from soda.data.augment import resized_crop_flip, sample_crop_boxes  # noqa: E402
-from soda.data.randaugment import BatchRandAugment  # noqa: E402
-from soda.data.shapes import make_shapes  # noqa: E402
+from soda.data.augment import resized_crop_flip, sample_crop_boxes
+from soda.data.randaugment import BatchRandAugment
+from soda.data.shapes import make_shapes
 
 
 def distinct(images: torch.Tensor) -> int:

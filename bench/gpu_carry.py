@@ -129,7 +129,6 @@ def main() -> None:
         shutil.copy2(args.archive, args.into / args.archive.name)
 
     # The device gets the working tree without .git: say which commit this carry was made for.
-    sys.path.insert(0, str(REPO))
     from soda.tracking import git_state
 
     (args.into / "source.json").write_text(json.dumps({**git_state(REPO), "carried": _now()}) + "\n")

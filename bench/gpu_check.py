@@ -8,7 +8,7 @@ fast is training, and does the latent start to carry information? (`make gpu-che
 Stages, each timed, each recorded even when an earlier one failed:
   data        unpack the CIFAR-10 archive (--archive) and decode both splits into the decode cache
               that the later stages read; --smoke writes a tiny 10-class JPEG folder instead.
-  cuda_tests  pytest -m cuda (tests/test_cuda.py, the cuda cases of tests/test_augment.py). The
+  cuda_tests  pytest -m cuda (tests/test_cuda.py, the cuda cases of tests/data/test_augment.py and tests/test_ema.py). The
               first test compiles the reference training graph; the later stages load it from
               inductor's on-disk cache (TORCHINDUCTOR_CACHE_DIR, shared), so compile is paid once.
               Without a GPU the tests are only collected.
@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = ("data", "cuda_tests", "throughput", "training")
 # The files that hold cuda tests: naming them keeps pytest from importing the other test modules,
 # whose dev-only imports (jupytext, scikit-learn, psycopg) a GPU machine may lack.
-CUDA_TEST_FILES = ("tests/test_cuda.py", "tests/test_augment.py")
+CUDA_TEST_FILES = ("tests/test_cuda.py", "tests/data/test_augment.py", "tests/test_ema.py")
 # The targets of one H200 (issue: the seed as shipped ran 621 images/s end to end; bf16 + SDPA +
 # compile on the seed's own model step reached 5,439).
 TARGETS = {"end_to_end_images_per_s": 6_000, "step_images_per_s": 5_400, "host_syncs_per_step": 0}
@@ -478,44 +478,49 @@ def read_training_record(store: Path) -> dict:
     """The run's evaluations and progress, from its MLflow store (through analysis/, which reads
     every table's records)."""
     from analysis import load_history, load_runs
+    from soda import tracking
 
     uri = f"sqlite:///{store}"
     (run,) = load_runs(uri, ["gpu-check"]).to_dict("records")
+    # The timesteps the run measured the gap at, as its config said (a list param: "[500, 700]").
+    timesteps = run.get("params.eval.latent_gap_timesteps")
+    timesteps = json.loads(timesteps) if isinstance(timesteps, str) else []
     keys = (
-        "eval/knn_acc",
-        "eval/linear_acc",
-        "eval/latent_gap",
-        "eval/latent_gap_t500",
-        "eval/latent_gap_t700",
-        "eval/recon_mse",
-        "eval/seconds",
-        "train/images_seen",
-        "train/seconds",
-        "train/images_per_second",
-        "train/first_step_seconds",
-        "train/loss",
+        tracking.KNN_ACC,
+        tracking.LINEAR_ACC,
+        tracking.LATENT_GAP,
+        *(tracking.latent_gap_at(timestep) for timestep in timesteps),
+        tracking.RECON_MSE,
+        tracking.EVAL_SECONDS,
+        tracking.IMAGES_SEEN,
+        tracking.TRAIN_SECONDS,
+        tracking.IMAGES_PER_SECOND,
+        tracking.FIRST_STEP_SECONDS,
+        tracking.TRAIN_LOSS,
     )
     history = load_history(uri, [run["run_id"]], keys)
     curves = {key: history.loc[history["key"] == key, ["step", "value"]].values.tolist() for key in keys}
-    knn, gap, images = curves["eval/knn_acc"], curves["eval/latent_gap"], curves["train/images_seen"]
-    rates = [value for _, value in curves["train/images_per_second"]]
+    knn, linear, gap = curves[tracking.KNN_ACC], curves[tracking.LINEAR_ACC], curves[tracking.LATENT_GAP]
+    images, seconds = curves[tracking.IMAGES_SEEN], curves[tracking.TRAIN_SECONDS]
+    first_step = curves[tracking.FIRST_STEP_SECONDS]
+    rates = [value for _, value in curves[tracking.IMAGES_PER_SECOND]]
     result = {
         "mlflow_run_id": run["run_id"],
         "status": run["status"],
-        "compile": run.get("tags.compile"),
+        "compile": run.get(f"tags.{tracking.COMPILE}"),
         "epochs": int(knn[-1][0]) if knn else 0,
         "knn_start": knn[0][1] if knn else None,
         "knn_end": knn[-1][1] if knn else None,
-        "linear_end": curves["eval/linear_acc"][-1][1] if curves["eval/linear_acc"] else None,
+        "linear_end": linear[-1][1] if linear else None,
         "latent_gap_start": gap[0][1] if gap else None,
         "latent_gap_end": gap[-1][1] if gap else None,
         "images_seen": int(images[-1][1]) if images else 0,
-        "train_seconds": curves["train/seconds"][-1][1] if curves["train/seconds"] else 0.0,
-        "first_step_seconds": curves["train/first_step_seconds"][0][1] if curves["train/first_step_seconds"] else None,
+        "train_seconds": seconds[-1][1] if seconds else 0.0,
+        "first_step_seconds": first_step[0][1] if first_step else None,
         # Epochs after the first (which includes the warm-up step), as the run logged them.
         "images_per_s_median": sorted(rates[1:])[len(rates[1:]) // 2] if len(rates) > 1 else None,
-        "curves": {key: value for key, value in curves.items() if key != "train/loss"},
-        "loss_points": len(curves["train/loss"]),
+        "curves": {key: value for key, value in curves.items() if key != tracking.TRAIN_LOSS},
+        "loss_points": len(curves[tracking.TRAIN_LOSS]),
     }
     return result
 

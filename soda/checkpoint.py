@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from soda.errors import CheckpointError
+from soda.errors import CheckpointError, first_line
 from soda.faults import mark
 from soda.files import write_atomically
 
@@ -75,9 +75,8 @@ def load_checkpoint(path: str | os.PathLike, signature: dict[str, Any]) -> dict[
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
         raise CheckpointError(
-            f"checkpoint {path} is unreadable (truncated or corrupt: {reason}); move it away to "
+            f"checkpoint {path} is unreadable (truncated or corrupt: {first_line(error)}); move it away to "
             f"start this run over, or restore a good copy"
         ) from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:

@@ -23,3 +23,10 @@ class TrackingError(SodaError):
 
 class DivergenceError(SodaError):
     """The loss became NaN or infinite."""
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an error's message (cut at `limit` characters), or its type's name when
+    it has none: what a one-line message quotes as the reason."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__

@@ -15,13 +15,17 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object
     then replaces `path`. On any failure the temporary file is removed and `path` is unchanged.
     A write the operating system refuses (full disk, quota, `ulimit -f`, read-only folder) is
     raised as its OSError, also where the writer hid it: torch.save reports a failed write as
-    RuntimeError "unexpected pos ...", with the OSError only as that error's context."""
+    RuntimeError "unexpected pos ...", with the OSError only as that error's context.
+    The file keeps the mode it had, or gets the one open() gives a new file (mkstemp's private
+    0600 would otherwise become the file's)."""
     path = Path(path)
     temporary = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask()
         descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(descriptor, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)
             write(handle)
             handle.flush()
             if fsync:
@@ -44,3 +48,9 @@ def _os_error(error: BaseException | None) -> OSError | None:
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from pathlib import Path
 
-from soda.errors import SodaError
+from soda.errors import SodaError, first_line
+from soda.tracking import redact
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +31,6 @@ PRUNER_ATTR = "soda_pruner"  # study user attribute: {"name": ..., "options": {.
 
 class SweepError(SodaError):
     """A sweep that cannot start or continue: bad sweep file, unusable storage, too many failures."""
-
-
-def redact(url: str) -> str:
-    """A storage URL without its password, for messages and MLflow params."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
 
 
 def open_storage(spec: str):
@@ -53,9 +48,8 @@ def open_storage(spec: str):
         try:
             return optuna.storages.RDBStorage(spec, engine_kwargs={"pool_pre_ping": True})
         except Exception as error:
-            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
             raise SweepError(
-                f"Optuna storage {redact(spec)} cannot be used ({reason}); start the database "
+                f"Optuna storage {redact(spec)} cannot be used ({first_line(error)}); start the database "
                 "(make postgres-up for the local PostgreSQL) or fix sweep.storage"
             ) from None
     path = Path(spec).expanduser()

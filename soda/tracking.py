@@ -10,25 +10,117 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 import subprocess
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from soda.errors import TrackingError
+from soda.errors import TrackingError, first_line
 from soda.faults import mark
 from soda.files import write_atomically
 
 log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run_id"
+
+# ---------------------------------------------------------------------------------------------
+# The record's contract. Runs write these keys and tags; analysis/, the sweeper, the benchmarks
+# and the tests read them. Each is spelled here and nowhere else.
+
+# Metrics of an evaluation (step = epoch; epoch 0 is the untrained encoder).
+KNN_ACC = "eval/knn_acc"
+LINEAR_ACC = "eval/linear_acc"
+RECON_MSE = "eval/recon_mse"
+LATENT_GAP = "eval/latent_gap"
+EVAL_SECONDS = "eval/seconds"
+# What a sweep may optimise (`objective`).
+OBJECTIVES = (KNN_ACC, LINEAR_ACC, RECON_MSE, LATENT_GAP)
+# Metrics of training: per log point (step = optimiser step) ...
+TRAIN_LOSS = "train/loss"
+TRAIN_LR = "train/lr"
+FIRST_STEP_SECONDS = "train/first_step_seconds"
+# ... per epoch (step = epoch) ...
+EPOCH_SECONDS = "train/epoch_seconds"
+IMAGES_PER_SECOND = "train/images_per_second"
+# ... and with each evaluation (step = epoch): progress comparable across batch sizes and GPUs.
+IMAGES_SEEN = "train/images_seen"
+TRAIN_SECONDS = "train/seconds"
+
+
+def latent_gap_at(timestep: int) -> str:
+    """The latent gap measured at one timestep."""
+    return f"{LATENT_GAP}_t{timestep}"
+
+
+# Tags. A sweep's trials carry TRIAL and STUDY and point at the sweep's run with PARENT_RUN;
+# the sweep's own run carries SWEEP=SWEEP_PARENT.
+RUN_DIR = "run_dir"
+ERROR = "error"
+COMPILE = "compile"
+TRIAL = "trial"
+STUDY = "optuna_study"
+TRIAL_STATE = "trial_state"
+SWEEP = "sweep"
+SWEEP_PARENT = "parent"
+PARENT_RUN = "mlflow.parentRunId"  # MLflow's own tag: the UI nests the trials under the sweep
+
+
+def trial_tags(study: str, number: int, parent_run_id: str | None = None) -> dict[str, str]:
+    """The tags that make a run trial `number` of `study` (and a child of the sweep's run)."""
+    tags = {TRIAL: str(number), STUDY: str(study)}
+    if parent_run_id:
+        tags[PARENT_RUN] = parent_run_id
+    return tags
+
+
+def parent_tags(study: str) -> dict[str, str]:
+    """The tags of a sweep's own run."""
+    return {SWEEP: SWEEP_PARENT, STUDY: str(study)}
+
+
+# Where records go by default: beside the directory the command runs in, unless the environment
+# says otherwise (the package's own location never decides).
+TRACKING_URI_ENV = "SODA_TRACKING_URI"
+SWEEP_STORAGE_ENV = "SODA_SWEEP_STORAGE"
+STORE_DIR_ENV = "SODA_STORE_DIR"
+
+
+def store_dir() -> Path:
+    """$SODA_STORE_DIR, else the working directory: the folder of the embedded stores."""
+    return Path(os.environ.get(STORE_DIR_ENV) or os.getcwd()).resolve()
+
+
+def default_tracking_uri() -> str:
+    """$SODA_TRACKING_URI, else the embedded SQLite store `mlflow.db` in store_dir()."""
+    return os.environ.get(TRACKING_URI_ENV) or f"sqlite:///{store_dir() / 'mlflow.db'}"
+
+
+def default_artifact_location() -> str:
+    """Where a new experiment of the embedded store keeps its artifacts."""
+    return str(store_dir() / "mlartifacts")
+
+
+def default_sweep_storage() -> str:
+    """$SODA_SWEEP_STORAGE, else the Optuna journal `optuna-journal.log` in store_dir()."""
+    return os.environ.get(SWEEP_STORAGE_ENV) or str(store_dir() / "optuna-journal.log")
+
+
+def redact(url: str) -> str:
+    """A store URL without its password, for messages and MLflow params."""
+    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", str(url))
+
+
+# ---------------------------------------------------------------------------------------------
 # MLflow's SQL store logs every database error with its traceback before raising it; we raise it
 # again as one line that says what to do, so its copy is noise on the user's terminal.
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
-def git_state(repo: Path) -> dict[str, str]:
-    """The commit that produced a run, and whether the work tree had uncommitted changes."""
+def git_state(repo: Path | None = None) -> dict[str, str]:
+    """The commit that produced a run, and whether the work tree had uncommitted changes: by
+    default those of the source tree this package was imported from (the code that ran)."""
+    repo = repo if repo is not None else Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10, check=True
@@ -110,7 +202,7 @@ def check_reachable(uri: str) -> None:
         with quick_http_failures():
             mlflow.MlflowClient(uri).search_experiments(max_results=1)
     except Exception as error:
-        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        reason = first_line(error)
         raise TrackingError(
             f"MLflow tracking store {uri} cannot be used ({reason}); fix tracking.uri or use tracking=local"
         ) from None
@@ -289,3 +381,27 @@ class Tracker:
         # Points sent by this process (a resumed run's earlier points were sent by earlier ones).
         mlflow.set_tags({**(tags or {}), "metric_points_logged": str(self.points_logged)})
         mlflow.end_run(status=status)
+
+
+class NullTracker:
+    """The tracker of every rank but global rank 0 (and of code run without a record): it has
+    the Tracker's methods and records nothing, so callers need no "am I rank 0" branches."""
+
+    run_id = None
+    resumed = False
+    points_logged = 0
+
+    def check(self) -> None:
+        pass
+
+    def start(self, run_dir: Path, params: dict[str, str], config_yaml: str, tags: dict[str, str]) -> None:
+        return None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: Path, folder: str) -> None:
+        pass
+
+    def finish(self, status: str, error: str | None = None, tags: dict[str, str] | None = None) -> None:
+        pass

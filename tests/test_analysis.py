@@ -9,6 +9,7 @@ hand from the values logged below.
 from __future__ import annotations
 
 import io
+import os
 import socket
 import subprocess
 import sys
@@ -32,6 +33,18 @@ from analysis import (
 )
 from analysis.__main__ import main as cli
 from analysis.readme import END, START
+from soda.tracking import (
+    KNN_ACC,
+    LATENT_GAP,
+    LINEAR_ACC,
+    RECON_MSE,
+    STORE_DIR_ENV,
+    TRACKING_URI_ENV,
+    TRAIN_LOSS,
+    TRIAL_STATE,
+    parent_tags,
+    trial_tags,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 HOUR_MS = 3_600_000
@@ -109,12 +122,12 @@ def store(tmp_path_factory) -> Store:
     # one), an older R18 CIFAR-100 run without parameter counts, an R50 run without a linear probe.
     soda = store.experiment("soda")
     for seed, knn, linear in [(0, 0.80, 0.79), (1, 0.81, 0.80), (2, 0.82, 0.84)]:
-        curve = {"eval/knn_acc": [(0, 0.30 + seed / 100), (400, 0.70)], "eval/linear_acc": [(0, 0.35), (400, 0.72)]}
+        curve = {KNN_ACC: [(0, 0.30 + seed / 100), (400, 0.70)], LINEAR_ACC: [(0, 0.35), (400, 0.72)]}
         store.run(
             soda,
             "r18-cifar10",
             config("soda_r18_ddpm", "cifar10", 32, 800, seed, counts=R18),
-            finals={"eval/knn_acc": knn, "eval/linear_acc": linear, "train/loss": 0.05},
+            finals={KNN_ACC: knn, LINEAR_ACC: linear, TRAIN_LOSS: 0.05},
             history=curve,
             tags={"git_sha": "a" * 40, "seed": str(seed)},
         )
@@ -123,28 +136,28 @@ def store(tmp_path_factory) -> Store:
         soda,
         "running",
         config("soda_r18_ddpm", "cifar10", 32, 800, 4, counts=R18),
-        history={"eval/knn_acc": [(400, 0.10)]},
+        history={KNN_ACC: [(400, 0.10)]},
         status="RUNNING",
     )
     store.run(
         soda,
         "interrupted",
         config("soda_r18_ddpm", "cifar10", 32, 800, 5, counts=R18),
-        history={"eval/knn_acc": [(400, 0.10)]},
+        history={KNN_ACC: [(400, 0.10)]},
         status="KILLED",
     )
     store.run(
         soda,
         "r18-cifar100",
         config("soda_r18_ddpm", "cifar100", 32, 800, 0),
-        finals={"eval/knn_acc": 0.514, "eval/linear_acc": 0.549},
+        finals={KNN_ACC: 0.514, LINEAR_ACC: 0.549},
         tags={"git_sha": "b" * 40, "git_dirty": "true"},
     )
     store.run(
         soda,
         "r50-cifar10",
         config("soda_r50_ddpm", "cifar10", 32, 800, 0, counts=R50),
-        finals={"eval/knn_acc": 0.70},
+        finals={KNN_ACC: 0.70},
         tags={"git_sha": "b" * 40},
     )
 
@@ -157,7 +170,7 @@ def store(tmp_path_factory) -> Store:
             f"{study}-parent",
             {"sweep.study_name": study, "sweep.n_jobs": "2"},
             finals={"best_value": 0.9},
-            tags={"sweep": "parent", "optuna_study": study, "git_sha": "c" * 40},
+            tags={**parent_tags(study), "git_sha": "c" * 40},
         )
     trial = 0
     for (source, target), values in ABLATION.items():
@@ -167,7 +180,7 @@ def store(tmp_path_factory) -> Store:
                 demo,
                 "ablation",
                 config("tiny", "shapes", 16, 2, seed, source, target, counts=(11_200_000, 190_000)),
-                finals={"eval/knn_acc": knn, "eval/linear_acc": linear, "eval/recon_mse": recon},
+                finals={KNN_ACC: knn, LINEAR_ACC: linear, RECON_MSE: recon},
                 tags=_trial_tags("augment_ablation", trial, "COMPLETE"),
             )
             trial += 1
@@ -175,7 +188,7 @@ def store(tmp_path_factory) -> Store:
         demo,
         "pruned",
         config("tiny", "shapes", 16, 2, 2, "reference", "none"),
-        history={"eval/linear_acc": [(1, 0.1)]},
+        history={LINEAR_ACC: [(1, 0.1)]},
         tags=_trial_tags("augment_ablation", trial, "PRUNED"),
         status="KILLED",
     )
@@ -184,7 +197,7 @@ def store(tmp_path_factory) -> Store:
             demo,
             "lr",
             config("tiny", "shapes", 16, 2, 0, lr=lr),
-            finals={"eval/knn_acc": 0.5, "eval/linear_acc": 0.52},
+            finals={KNN_ACC: 0.5, LINEAR_ACC: 0.52},
             tags=_trial_tags("lr_search", trial, "COMPLETE"),
         )
     store.run(
@@ -198,12 +211,12 @@ def store(tmp_path_factory) -> Store:
 
     store.experiment("empty")
     no_eval = store.experiment("no-eval")
-    store.run(no_eval, "no-eval", config("tiny", "shapes", 16, 2, 0), finals={"train/loss": 0.2})
+    store.run(no_eval, "no-eval", config("tiny", "shapes", 16, 2, 0), finals={TRAIN_LOSS: 0.2})
     return store
 
 
 def _trial_tags(study: str, number: int, state: str) -> dict[str, str]:
-    return {"optuna_study": study, "trial": str(number), "trial_state": state, "git_sha": "c" * 40}
+    return {**trial_tags(study, number), TRIAL_STATE: state, "git_sha": "c" * 40}
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -243,7 +256,7 @@ def test_load_runs_gives_one_row_per_run_with_params_metrics_and_tags(store):
     first = runs.iloc[0]
     assert first["run_id"] == store.ids["r18-cifar10"][0]
     assert first["params.model.name"] == "soda_r18_ddpm"
-    assert first["metrics.eval/knn_acc"] == pytest.approx(0.80)  # the last value, at epoch 800
+    assert first[f"metrics.{KNN_ACC}"] == pytest.approx(0.80)  # the last value, at epoch 800
     assert first["tags.git_sha"] == "a" * 40
     assert sorted(runs["status"].unique()) == ["FAILED", "FINISHED", "KILLED", "RUNNING"]
     assert len(load_runs(store.uri)) == 8 + 19 + 1  # every experiment
@@ -288,12 +301,12 @@ def test_main_table_has_seed_means_stds_and_counts(store):
     )
     pd.testing.assert_frame_equal(table.cells, expected)
     first = table.numbers.iloc[0]
-    assert first["eval/knn_acc.mean"] == pytest.approx(0.81)
-    assert first["eval/knn_acc.std"] == pytest.approx(0.01)
-    assert first["eval/linear_acc.std"] == pytest.approx(7**0.5 / 100)  # sample std of .79, .80, .84
-    assert first["eval/knn_acc.n"] == 3
+    assert first[f"{KNN_ACC}.mean"] == pytest.approx(0.81)
+    assert first[f"{KNN_ACC}.std"] == pytest.approx(0.01)
+    assert first[f"{LINEAR_ACC}.std"] == pytest.approx(7**0.5 / 100)  # sample std of .79, .80, .84
+    assert first[f"{KNN_ACC}.n"] == 3
     r50 = store.ids["r50-cifar10"][0]
-    assert f"eval/linear_acc missing in 1 of 5 finished runs ({r50[:8]})" in table.notes
+    assert f"{LINEAR_ACC} missing in 1 of 5 finished runs ({r50[:8]})" in table.notes
 
 
 def test_main_table_names_the_setting_that_tells_rows_apart(store):
@@ -350,7 +363,7 @@ def test_formats_text_markdown_csv_and_latex(store):
     assert text[2].split()[:5] == ["Res18+DDPM", "CIFAR-10", "32x32", "800", "11"]
     csv = pd.read_csv(io.StringIO(format_table(table, "csv")))
     assert list(csv["runs"]) == [3, 1, 1]
-    assert csv.loc[0, "eval/knn_acc.mean"] == pytest.approx(0.81)  # raw fractions in CSV
+    assert csv.loc[0, f"{KNN_ACC}.mean"] == pytest.approx(0.81)  # raw fractions in CSV
     assert csv.loc[0, "run_ids"].split() == store.ids["r18-cifar10"]
     latex = format_table(table, "latex")
     assert r"Res18+DDPM & CIFAR-10 & 32x32 & 800 & 11 + 40 & 81.0 $\pm$ 1.0 & 81.0 $\pm$ 2.6 & 3 \\" in latex
@@ -369,9 +382,9 @@ def test_provenance_names_experiments_dates_and_commits(store):
 def test_probe_curves_average_each_configuration_over_its_seeds(store):
     table = main_table(load_runs(store.uri, ["soda"]))
     run_ids = [run_id for ids in table.numbers["run_ids"] for run_id in ids.split()]
-    history = load_history(store.uri, run_ids, ["eval/knn_acc", "eval/linear_acc"])
+    history = load_history(store.uri, run_ids, [KNN_ACC, LINEAR_ACC])
     curves = probe_curves(history, table)
-    knn = curves[(curves["row"] == 0) & (curves["key"] == "eval/knn_acc")]
+    knn = curves[(curves["row"] == 0) & (curves["key"] == KNN_ACC)]
     assert list(knn["step"]) == [0, 400, 800]
     assert list(knn["n"]) == [3, 3, 3]
     assert knn["mean"].tolist() == pytest.approx([0.31, 0.70, 0.81])
@@ -415,7 +428,7 @@ BAD_INPUTS = {
     "unknown experiment": (["--experiment", "nope"], "no experiment 'nope' in"),
     "experiment without runs": (["--experiment", "empty"], "no finished runs match experiment 'empty' in"),
     "no run matches": (["--param", "model.name=nope"], "no finished runs match model.name=nope in"),
-    "runs missing the metrics": (["--experiment", "no-eval"], "recorded eval/knn_acc or eval/linear_acc"),
+    "runs missing the metrics": (["--experiment", "no-eval"], f"recorded {KNN_ACC} or {LINEAR_ACC}"),
     "malformed filter": (["--tag", "git_sha"], "--tag 'git_sha' is not KEY=VALUE"),
 }
 
@@ -509,9 +522,47 @@ def test_readme_names_the_runs_it_used(store, tmp_path, capsys):
     assert (
         "From 5 finished runs of experiment `soda`, started 2026-11-01, git aaaaaaa, bbbbbbb (dirty); "
         "selected: experiment 'soda'; excluded: 1 failed, 2 unfinished; "
-        f"eval/linear_acc missing in 1 of 5 finished runs ({r50[:8]})."
+        f"{LINEAR_ACC} missing in 1 of 5 finished runs ({r50[:8]})."
     ) in section
     assert "Augmentation ablation" not in section  # no ablation runs in this experiment
+
+
+def test_readme_plots_and_store_default_to_the_working_directory(store, tmp_path, monkeypatch, capsys):
+    # `make table` runs from the repository root: README.md, docs/results/ and the store the runs
+    # wrote there (mlflow.db) are found in the working directory, wherever this package lies.
+    monkeypatch.delenv(TRACKING_URI_ENV, raising=False)
+    monkeypatch.delenv(STORE_DIR_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mlflow.db").symlink_to(store.uri[len("sqlite:///") :])
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    readme.chmod(0o640)  # the rewrite keeps the README's mode (the atomic writer's temporary file is 0600)
+    code, out, err = run_cli(capsys, "readme")
+    assert code == 0, err
+    assert out.startswith("README.md: results section updated, from 20 finished runs")
+    assert "No results yet" not in readme.read_text()
+    assert readme.stat().st_mode & 0o777 == 0o640
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("probe_accuracy.png", "augment_ablation.png"):
+        png = tmp_path / "docs" / "results" / name
+        assert png.read_bytes().startswith(b"\x89PNG")
+        assert png.stat().st_mode & 0o777 == 0o666 & ~umask  # what open() gives a new file
+    assert sorted(p.name for p in (tmp_path / "docs" / "results").iterdir()) == [
+        "augment_ablation.png",
+        "probe_accuracy.png",
+    ]  # no temporary files left
+
+    code, out, err = run_cli(capsys, "plots", "--experiment", "soda")
+    assert code == 0, err
+    assert out.splitlines() == [str(Path("docs") / "results" / "probe_accuracy.png")]
+
+
+def test_missing_readme_says_where_it_looked(store, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "readme", "--tracking-uri", store.uri)
+    assert code == 2
+    assert err == f"error: no README at {tmp_path / 'README.md'} (run from the repository root, or pass --readme)\n"
 
 
 def test_readme_is_untouched_when_no_run_matches(store, tmp_path, capsys):
@@ -565,7 +616,7 @@ def test_notebook_runs_top_to_bottom_on_the_store(store, tmp_path, monkeypatch):
     import jupytext
     from nbclient import NotebookClient
 
-    monkeypatch.setenv("SODA_TRACKING_URI", store.uri)
+    monkeypatch.setenv(TRACKING_URI_ENV, store.uri)
     notebook = jupytext.read(REPO / "analysis" / "notebooks" / "results.py")
     NotebookClient(
         notebook, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(tmp_path)}}
@@ -589,18 +640,18 @@ def test_main_table_shows_the_latent_gap_in_percent_when_runs_recorded_it(tmp_pa
             experiment,
             "gap",
             config("soda_r18_ddpm", "cifar10", 32, 800, seed, counts=R18),
-            finals={"eval/knn_acc": 0.8, "eval/linear_acc": 0.8, "eval/latent_gap": gap},
+            finals={KNN_ACC: 0.8, LINEAR_ACC: 0.8, LATENT_GAP: gap},
         )
     gap_store.run(
         experiment,
         "older",
         config("soda_r18_ddpm", "cifar100", 32, 800, 0),
-        finals={"eval/knn_acc": 0.5, "eval/linear_acc": 0.5},
+        finals={KNN_ACC: 0.5, LINEAR_ACC: 0.5},
     )
     table = main_table(load_runs(gap_store.uri, ["soda"]))
     assert list(table.cells["Latent gap (%)"]) == ["1.50 ± 0.42", "–"]
-    assert table.numbers.loc[0, "eval/latent_gap.mean"] == pytest.approx(0.015)
-    assert any(note.startswith("eval/latent_gap missing in 1 of 3 finished runs") for note in table.notes)
+    assert table.numbers.loc[0, f"{LATENT_GAP}.mean"] == pytest.approx(0.015)
+    assert any(note.startswith(f"{LATENT_GAP} missing in 1 of 3 finished runs") for note in table.notes)
     # Runs that recorded no gap at all (older ones) keep the table as it was.
     assert "Latent gap (%)" not in main_table(load_runs(store_uri_without_gap(tmp_path), ["soda"])).cells
 
@@ -608,5 +659,5 @@ def test_main_table_shows_the_latent_gap_in_percent_when_runs_recorded_it(tmp_pa
 def store_uri_without_gap(tmp_path: Path) -> str:
     plain = Store(tmp_path / "plain.db")
     experiment = plain.experiment("soda")
-    plain.run(experiment, "plain", config("soda_r18_ddpm", "cifar10", 32, 800, 0), finals={"eval/knn_acc": 0.8})
+    plain.run(experiment, "plain", config("soda_r18_ddpm", "cifar10", 32, 800, 0), finals={KNN_ACC: 0.8})
     return plain.uri

@@ -16,18 +16,18 @@
 #
 # The runs of an MLflow store as tables and plots, with the same functions as `make table` and
 # `python -m analysis`. Open it as a notebook (`jupytext --to ipynb analysis/notebooks/results.py`,
-# or Jupyter with jupytext installed). It reads the store named by `$SODA_TRACKING_URI`, by default
-# the embedded `mlflow.db` of the repository.
+# or Jupyter with jupytext installed). It reads the store the runs write by default
+# (soda.tracking.default_tracking_uri): `$SODA_TRACKING_URI`, else `mlflow.db` in `$SODA_STORE_DIR`,
+# else in the working directory. Jupyter starts the kernel in the notebook's folder, not where the
+# runs were launched, so name the store: e.g. `SODA_STORE_DIR=$PWD jupyter lab` from the repository
+# root, or set TRACKING_URI below.
 
 # %%
-import os
-
 from IPython.display import Image, Markdown, display
 
 from analysis import (
     ablation_figure,
     ablation_table,
-    default_tracking_uri,
     exclusion_note,
     finished_runs,
     format_table,
@@ -40,8 +40,9 @@ from analysis import (
     provenance,
     select_runs,
 )
+from soda.tracking import KNN_ACC, LINEAR_ACC, default_tracking_uri
 
-TRACKING_URI = os.environ.get("SODA_TRACKING_URI", default_tracking_uri())
+TRACKING_URI = default_tracking_uri()
 EXPERIMENTS = None  # a list of experiment names, e.g. ["soda"]; None reads every experiment
 ABLATION = "augment_ablation"  # the ablation's sweep (Optuna study)
 
@@ -86,7 +87,7 @@ display(table.numbers)
 
 # %%
 run_ids = [run_id for ids in table.numbers["run_ids"] for run_id in ids.split()]
-history = load_history(TRACKING_URI, run_ids, ["eval/knn_acc", "eval/linear_acc"])
+history = load_history(TRACKING_URI, run_ids, [KNN_ACC, LINEAR_ACC])
 curves = probe_curves(history, table)
 display(Image(png_bytes(probe_curves_figure(curves))))
 display(curves)

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from soda.data.shapes import CLASSES as SHAPE_CLASSES
 from soda.data.shapes import make_shapes
-from soda.errors import DataError
+from soda.errors import DataError, first_line
 from soda.files import write_atomically
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -106,7 +106,7 @@ def _torchvision_cifar(name: str, root: Path, split: str, image_size: int, downl
         try:
             dataset = dataset_class(str(root), train=split == "train", download=True)
         except Exception as error:  # URLError, socket errors, HTTP errors: all "could not download"
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            reason = first_line(error, limit=1000)
             raise _missing(name, root, f"download failed: {reason}") from None
     images = torch.from_numpy(np.ascontiguousarray(dataset.data)).permute(0, 3, 1, 2).contiguous()
     images = _resize(images, image_size)
