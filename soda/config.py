@@ -4,20 +4,26 @@ Hydra composes `conf/` on top of these schemas (registered as `soda_schema`), so
 not here is an error and a value of the wrong type is an error. Ranges are checked when the
 composed config is turned into these dataclasses (`to_settings`), which `soda.train.run` does
 first thing. This is the one place in `soda/` that knows about Hydra.
+
+The values live in conf/, once: a field that a YAML file sets is MISSING ("???") here, so a
+composition that lacks it is an error naming the key. The few fields no YAML file needs to set
+(dataset.train_limit, ...) keep their one default here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional  # noqa: UP035 - OmegaConf needs typing's generics
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-from soda.errors import ConfigError
+from soda import tracking
+from soda.errors import ConfigError, first_line
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 PRECISIONS = ("fp32", "fp16", "bf16")
 # torch.compile modes for the training loss; auto = "default" on CUDA, eager elsewhere.
 COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -33,37 +39,38 @@ def _check(condition: bool, message: str) -> None:
 
 @dataclass
 class ModelConfig:
-    name: str = "soda_r18_ddpm"
-    arch: str = "resnet18"
-    latent_dim: int = 128
-    small_images: bool = True
-    base_channels: int = 128
-    channel_mults: List[int] = field(default_factory=lambda: [1, 2, 2, 2])  # noqa: UP006
-    attention_levels: List[bool] = field(default_factory=lambda: [False, True, False, False])  # noqa: UP006
-    blocks_per_level: int = 2
-    attention_heads: int = 1
-    dropout: float = 0.1
-    norm_groups: int = 32
-    layer_groups: int = 1
-    layer_mask_prob: float = 0.0
-    latent_drop_prob: float = 0.1
-    source_noise_std: float = 0.1
-    noise_schedule: str = "linear"
-    timesteps: int = 1000
-    beta_start: float = 1.0e-4
-    beta_end: float = 0.02
-    # Model-level validation happens when soda.models.build_soda builds it (before any data).
+    name: str = MISSING
+    arch: str = MISSING
+    latent_dim: int = MISSING
+    small_images: bool = MISSING
+    base_channels: int = MISSING
+    channel_mults: List[int] = MISSING  # noqa: UP006
+    attention_levels: List[bool] = MISSING  # noqa: UP006
+    blocks_per_level: int = MISSING
+    attention_heads: int = MISSING
+    dropout: float = MISSING
+    norm_groups: int = MISSING
+    layer_groups: int = MISSING
+    layer_mask_prob: float = MISSING
+    latent_drop_prob: float = MISSING
+    source_noise_std: float = MISSING
+    noise_schedule: str = MISSING
+    timesteps: int = MISSING
+    beta_start: float = MISSING
+    beta_end: float = MISSING
+    # Model-level validation happens when soda.models.build_soda builds it (before any data), from
+    # these fields under these names: build_soda(**Config.model_arguments()).
 
 
 @dataclass
 class DatasetConfig:
-    name: str = "cifar10"
-    root: str = "./data/cifar10"
-    image_size: int = 32
-    num_classes: int = 10
-    mean: List[float] = field(default_factory=lambda: [0.4914, 0.4822, 0.4465])  # noqa: UP006
-    std: List[float] = field(default_factory=lambda: [0.2023, 0.1994, 0.2010])  # noqa: UP006
-    download: bool = True  # torchvision download when the files are missing (needs network)
+    name: str = MISSING
+    root: str = MISSING
+    image_size: int = MISSING
+    num_classes: int = MISSING
+    mean: List[float] = MISSING  # noqa: UP006
+    std: List[float] = MISSING  # noqa: UP006
+    download: bool = MISSING  # torchvision download when the files are missing (needs network)
     train_limit: Optional[int] = None  # noqa: UP045 - use only the first N training images (quick runs)
     test_limit: Optional[int] = None  # noqa: UP045
     train_size: int = 0  # shapes only: how many images to generate
@@ -88,14 +95,14 @@ class ViewConfig:
     resized crop followed by a horizontal flip (p = flip_prob); then with probability
     `randaugment_prob` RandAugment. A view with everything at 0 is the image as stored."""
 
-    name: str = "reference"  # the option of conf/augmentation/view/ it came from (for tables)
-    crop_prob: float = 0.95
-    crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # noqa: UP006
-    crop_ratio: List[float] = field(default_factory=lambda: [0.75, 1.3333333])  # noqa: UP006
-    flip_prob: float = 0.5
-    randaugment_prob: float = 0.65
-    randaugment_ops: int = 2
-    randaugment_magnitude: int = 9
+    name: str = MISSING  # the option of conf/augmentation/view/ it came from (for tables)
+    crop_prob: float = MISSING
+    crop_scale: List[float] = MISSING  # noqa: UP006
+    crop_ratio: List[float] = MISSING  # noqa: UP006
+    flip_prob: float = MISSING
+    randaugment_prob: float = MISSING
+    randaugment_ops: int = MISSING
+    randaugment_magnitude: int = MISSING
 
     def validate(self, where: str) -> None:
         for key in ("crop_prob", "flip_prob", "randaugment_prob"):
@@ -111,9 +118,9 @@ class ViewConfig:
 
 @dataclass
 class AugmentationConfig:
-    name: str = "seed"
-    source: ViewConfig = field(default_factory=ViewConfig)
-    target: ViewConfig = field(default_factory=ViewConfig)
+    name: str = MISSING
+    source: ViewConfig = MISSING
+    target: ViewConfig = MISSING
 
     def __post_init__(self):
         self.source.validate("augmentation.source")
@@ -122,26 +129,26 @@ class AugmentationConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = "reference_800ep"
-    epochs: int = 800
-    warmup_epochs: float = 20.0
-    batch_size: int = 512  # global batch (all ranks together)
-    decoder_lr: float = 4.0e-4  # already scaled for the global batch; nothing multiplies it later
-    encoder_lr_ratio: float = 2.0  # encoder lr = decoder_lr * encoder_lr_ratio
-    weight_decay: float = 0.05
-    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.95])  # noqa: UP006
-    grad_clip: Optional[float] = 1.0  # noqa: UP045 - max gradient norm; null = no clipping
-    ema_decay: float = 0.9999
-    ema_update_every: int = 1
-    ema_warmup_power: float = 0.6666667  # ema-pytorch's warm-up: decay = 1 - (1 + step) ** -power, capped
-    precision: str = "bf16"  # the seed used fp16; bf16 needs no loss scaler (and its host syncs)
-    compile: str = "auto"  # torch.compile mode of the loss: auto (compile on CUDA), none, or a mode
-    channels_last: Optional[bool] = None  # noqa: UP045 - NHWC weights and views; null = on a CPU only
-    checkpoint_every: int = 100  # epochs; a checkpoint is also written at the end
-    log_every: int = 50  # optimiser steps between train/loss points
+    name: str = MISSING
+    epochs: int = MISSING
+    warmup_epochs: float = MISSING
+    batch_size: int = MISSING  # global batch (all ranks together)
+    decoder_lr: float = MISSING  # already scaled for the global batch; nothing multiplies it later
+    encoder_lr_ratio: float = MISSING  # encoder lr = decoder_lr * encoder_lr_ratio
+    weight_decay: float = MISSING
+    adam_betas: List[float] = MISSING  # noqa: UP006
+    grad_clip: Optional[float] = MISSING  # noqa: UP045 - max gradient norm; null = no clipping
+    ema_decay: float = MISSING
+    ema_update_every: int = MISSING
+    ema_warmup_power: float = MISSING  # ema-pytorch's warm-up: decay = 1 - (1 + step) ** -power, capped
+    precision: str = MISSING  # the seed used fp16; bf16 needs no loss scaler (and its host syncs)
+    compile: str = MISSING  # torch.compile mode of the loss: auto (compile on CUDA), none, or a mode
+    channels_last: Optional[bool] = MISSING  # noqa: UP045 - NHWC weights and views; null = on a CPU only
+    checkpoint_every: int = MISSING  # epochs; a checkpoint is also written at the end
+    log_every: int = MISSING  # optimiser steps between train/loss points
     # Stop training after this many seconds, counted from the end of the first optimiser step (so
     # compilation is not in it) and without the evaluations; then evaluate and finish. null = off.
-    train_seconds: Optional[float] = None  # noqa: UP045
+    train_seconds: Optional[float] = MISSING  # noqa: UP045
 
     def __post_init__(self):
         _check(self.epochs >= 1, f"schedule.epochs={self.epochs} must be at least 1")
@@ -172,32 +179,30 @@ class ScheduleConfig:
 
 @dataclass
 class EvalConfig:
-    name: str = "reference"
-    every: int = 100  # epochs between probe evaluations; the last epoch is always evaluated
+    name: str = MISSING
+    every: int = MISSING  # epochs between probe evaluations; the last epoch is always evaluated
     # Also evaluate at the end of an epoch once this many seconds of training passed since the last
     # evaluation (for time-boxed runs, see schedule.train_seconds). null = by epochs only.
-    every_seconds: Optional[float] = None  # noqa: UP045
-    at_start: bool = False  # also evaluate the untrained encoder (epoch 0), a baseline
-    linear_probe: str = "every"  # every: at each evaluation; last: only at the final one (k-NN always)
-    batch_size: int = 512  # feature extraction batch
-    knn_k: int = 20
-    knn_vote: str = "uniform"  # uniform (the reference) | weighted (DINO)
-    knn_temperature: float = 0.07
-    probe_epochs: int = 15
-    probe_lr: float = 1.0e-3
-    probe_batch_size: int = 128
-    probe_augmented_copies: int = 0  # extra augmented passes over the training set for the probe
-    probe_augmentation: ViewConfig = field(
-        default_factory=lambda: ViewConfig(name="probe", crop_prob=0.65, randaugment_prob=0.0)
-    )
-    num_reconstructions: int = 8  # test images reconstructed into the grid at each eval (0 = none)
-    sample_steps: int = 100
-    sample_eta: float = 0.0
-    guidance: float = 0.3
+    every_seconds: Optional[float] = MISSING  # noqa: UP045
+    at_start: bool = MISSING  # also evaluate the untrained encoder (epoch 0), a baseline
+    linear_probe: str = MISSING  # every: at each evaluation; last: only at the final one (k-NN always)
+    batch_size: int = MISSING  # feature extraction batch
+    knn_k: int = MISSING
+    knn_vote: str = MISSING  # uniform (the reference) | weighted (DINO)
+    knn_temperature: float = MISSING
+    probe_epochs: int = MISSING
+    probe_lr: float = MISSING
+    probe_batch_size: int = MISSING
+    probe_augmented_copies: int = MISSING  # extra augmented passes over the training set for the probe
+    probe_augmentation: ViewConfig = MISSING  # the view the probe trains on (with probe_augmented_copies)
+    num_reconstructions: int = MISSING  # test images reconstructed into the grid at each eval (0 = none)
+    sample_steps: int = MISSING
+    sample_eta: float = MISSING
+    guidance: float = MISSING
     # eval/latent_gap: how much worse the decoder predicts noise with another image's latent than
     # with its own, on the first latent_gap_images test images (0 = off) at these timesteps.
-    latent_gap_images: int = 512
-    latent_gap_timesteps: List[int] = field(default_factory=lambda: [500, 700])  # noqa: UP006
+    latent_gap_images: int = MISSING
+    latent_gap_timesteps: List[int] = MISSING  # noqa: UP006
 
     def __post_init__(self):
         _check(self.every >= 1, f"eval.every={self.every} must be at least 1")
@@ -231,13 +236,13 @@ class EvalConfig:
 
 @dataclass
 class TrackingConfig:
-    name: str = "local"
-    uri: str = "sqlite:///mlflow.db"
-    experiment: str = "soda"
-    artifact_location: Optional[str] = None  # noqa: UP045 - where a new experiment keeps artifacts
-    run_name: Optional[str] = None  # noqa: UP045
-    system_metrics: bool = True  # CPU/GPU/memory sampled by MLflow in the background
-    tags: Dict[str, str] = field(default_factory=dict)  # noqa: UP006 - extra tags on the run
+    name: str = MISSING
+    uri: str = MISSING
+    experiment: str = MISSING
+    artifact_location: Optional[str] = MISSING  # noqa: UP045 - where a new experiment keeps artifacts
+    run_name: Optional[str] = MISSING  # noqa: UP045
+    system_metrics: bool = MISSING  # CPU/GPU/memory sampled by MLflow in the background
+    tags: Dict[str, str] = MISSING  # noqa: UP006 - extra tags on the run
 
 
 @dataclass
@@ -246,13 +251,13 @@ class SweepConfig:
     (hydra/sweeper=optuna, whose settings default to these). A trial learns its number and
     its MLflow parent run through `trial` and `parent_run_id`, which the sweeper adds."""
 
-    study_name: Optional[str] = None  # noqa: UP045 - the Optuna study; same name = resume it
-    storage: str = "${repo_root:}/optuna-journal.log"  # a journal file, or postgresql://... (see soda/sweep.py)
-    n_trials: Optional[int] = None  # noqa: UP045 - trials to finish; null = the whole grid
-    n_jobs: int = 1  # trials in flight at once
-    max_failure_rate: float = 0.25  # stop when more than this fraction of n_trials failed
-    trial: Optional[int] = None  # noqa: UP045 - set by the sweeper in each trial's job
-    parent_run_id: Optional[str] = None  # noqa: UP045 - set by the sweeper: the sweep's MLflow run
+    study_name: Optional[str] = MISSING  # noqa: UP045 - the Optuna study; same name = resume it
+    storage: str = MISSING  # a journal file, or postgresql://... (see soda/sweep.py)
+    n_trials: Optional[int] = MISSING  # noqa: UP045 - trials to finish; null = the whole grid
+    n_jobs: int = MISSING  # trials in flight at once
+    max_failure_rate: float = MISSING  # stop when more than this fraction of n_trials failed
+    trial: Optional[int] = MISSING  # noqa: UP045 - set by the sweeper in each trial's job
+    parent_run_id: Optional[str] = MISSING  # noqa: UP045 - set by the sweeper: the sweep's MLflow run
 
     def __post_init__(self):
         _check(self.n_trials is None or self.n_trials >= 1, f"sweep.n_trials={self.n_trials} must be >= 1 or null")
@@ -260,22 +265,28 @@ class SweepConfig:
         _check(0.0 <= self.max_failure_rate <= 1.0, f"sweep.max_failure_rate={self.max_failure_rate} must be in [0, 1]")
 
 
-METRICS = ("eval/knn_acc", "eval/linear_acc", "eval/recon_mse", "eval/latent_gap")
+METRICS = tracking.OBJECTIVES
 
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
-    seed: int = 0
+    model: ModelConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    augmentation: AugmentationConfig = MISSING
+    schedule: ScheduleConfig = MISSING
+    eval: EvalConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    sweep: SweepConfig = MISSING
+    seed: int = MISSING
     # The metric launch.py returns (what a sweeper optimises); a list for multi-objective sweeps.
-    objective: Any = "eval/linear_acc"
-    device: str = "auto"  # auto = cuda when available, else cpu
+    objective: Any = MISSING
+    device: str = MISSING  # auto = cuda when available, else cpu
+
+    def model_arguments(self) -> dict[str, Any]:
+        """soda.models.build_soda's arguments: the model node, plus what the data set decides."""
+        model = {key: value for key, value in asdict(self.model).items() if key != "name"}
+        data = self.dataset
+        return {**model, "image_size": data.image_size, "input_mean": tuple(data.mean), "input_std": tuple(data.std)}
 
     def __post_init__(self):
         _check(self.device in DEVICES, f"device={self.device!r}; allowed: {', '.join(DEVICES)}")
@@ -287,12 +298,12 @@ class Config:
         if not isinstance(self.objective, str):
             self.objective = names
         _check(
-            "eval/recon_mse" not in names or self.eval.num_reconstructions > 0,
-            "objective eval/recon_mse needs eval.num_reconstructions > 0",
+            tracking.RECON_MSE not in names or self.eval.num_reconstructions > 0,
+            f"objective {tracking.RECON_MSE} needs eval.num_reconstructions > 0",
         )
         _check(
-            "eval/latent_gap" not in names or self.eval.latent_gap_images > 0,
-            "objective eval/latent_gap needs eval.latent_gap_images > 0",
+            tracking.LATENT_GAP not in names or self.eval.latent_gap_images > 0,
+            f"objective {tracking.LATENT_GAP} needs eval.latent_gap_images > 0",
         )
         steps = self.model.timesteps
         _check(
@@ -305,8 +316,22 @@ class Config:
 def register() -> None:
     """Make the schema known to Hydra (conf/config.yaml lists `soda_schema` first)."""
     ConfigStore.instance().store(name="soda_schema", node=Config)
-    if not OmegaConf.has_resolver("repo_root"):
-        OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
+    if not OmegaConf.has_resolver("soda_default"):
+        # ${soda_default:tracking_uri}, ...: the default store locations, owned by soda.tracking.
+        OmegaConf.register_new_resolver("soda_default", _store_default)
+
+
+STORE_DEFAULTS = {
+    "tracking_uri": tracking.default_tracking_uri,
+    "artifact_location": tracking.default_artifact_location,
+    "sweep_storage": tracking.default_sweep_storage,
+}
+
+
+def _store_default(name: str) -> str:
+    if name not in STORE_DEFAULTS:
+        raise ConfigError(f"soda_default:{name} is not known; allowed: {', '.join(STORE_DEFAULTS)}")
+    return STORE_DEFAULTS[name]()
 
 
 def to_settings(cfg: DictConfig) -> Config:
@@ -314,11 +339,35 @@ def to_settings(cfg: DictConfig) -> Config:
     try:
         schema = OmegaConf.structured(Config)
         merged = OmegaConf.merge(schema, cfg)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        _check(not missing, f"no value for {', '.join(missing)}: give one in conf/ or as key=value on the command line")
         return OmegaConf.to_object(merged)
     except ConfigError:
         raise
     except Exception as error:  # OmegaConf's validation errors are multi-line; keep the first line
-        raise ConfigError(str(error).splitlines()[0]) from error
+        raise ConfigError(first_line(error, limit=1000)) from error
+
+
+def compose(overrides: Sequence[str] = ()) -> Config:
+    """The validated settings of conf/ with command-line style overrides (`model=tiny`,
+    `model.layer_groups=2`), for tools that run outside launch.py (soda.models.summary)."""
+    return to_settings(compose_config(overrides))
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The composed (unvalidated) config of conf/ with command-line style overrides; a Hydra
+    error is a one-line ConfigError."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as error:
+        cause = f": {first_line(error.__cause__)}" if error.__cause__ else ""  # e.g. which key is unknown
+        raise ConfigError(first_line(error, limit=1000).rstrip(".") + cause) from error
 
 
 register()

@@ -1,7 +1,11 @@
+import dataclasses
+import os
 from pathlib import Path
 
 import pytest
+from omegaconf import MISSING, OmegaConf
 
+from soda import config
 from soda.config import to_settings
 from soda.errors import ConfigError
 from tests.helpers import CONF, compose_config, launch
@@ -54,6 +58,41 @@ def test_data_root_follows_soda_data(monkeypatch):
     assert to_settings(compose_config(["dataset=cifar10"])).dataset.root == "/somewhere/else/cifar10"
 
 
+def test_the_schema_holds_types_and_conf_the_values():
+    # Each default is written once: a field that a YAML file of conf/ sets has none in the schema.
+    # These four are the exceptions no YAML file needs (shapes sets its sizes).
+    schemas = [value for value in vars(config).values() if dataclasses.is_dataclass(value)]
+    assert len(schemas) == 9
+    fields = [(schema.__name__, field) for schema in schemas for field in dataclasses.fields(schema)]
+    with_default = {f"{schema}.{field.name}" for schema, field in fields if field.default != MISSING}
+    assert with_default == {f"DatasetConfig.{key}" for key in ("train_limit", "test_limit", "train_size", "test_size")}
+
+
+def test_a_value_missing_from_conf_is_an_error_naming_the_key():
+    composed = OmegaConf.to_container(compose_config([]))
+    del composed["model"]["latent_dim"], composed["eval"]["probe_augmentation"]["crop_scale"]
+    with pytest.raises(ConfigError, match=r"no value for eval\.probe_augmentation\.crop_scale, model\.latent_dim"):
+        to_settings(OmegaConf.create(composed))
+
+
+def test_sweep_settings_come_from_conf_and_a_sweep_file_changes_them():
+    plain = to_settings(compose_config([])).sweep
+    assert plain.n_jobs == 1 and plain.max_failure_rate == 0.25 and plain.study_name is None
+    assert plain.storage.endswith("optuna-journal.log") or plain.storage == os.environ.get("SODA_SWEEP_STORAGE")
+    search = to_settings(compose_config(["sweep=lr_search", "sweep.n_jobs=3"])).sweep
+    assert (search.study_name, search.n_trials, search.n_jobs, search.max_failure_rate) == ("lr_search", 16, 3, 0.25)
+
+
+def test_views_take_what_they_do_not_set_from_the_reference_view():
+    settings = to_settings(compose_config(["augmentation=none"]))
+    reference = to_settings(compose_config([])).augmentation.source
+    none = settings.augmentation.source
+    assert none.name == "none" and none.crop_prob == none.flip_prob == none.randaugment_prob == 0
+    assert (none.crop_scale, none.randaugment_ops) == (reference.crop_scale, reference.randaugment_ops)
+    probe = settings.eval.probe_augmentation
+    assert (probe.name, probe.crop_prob, probe.randaugment_prob) == ("probe", 0.65, 0.0)
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -82,6 +121,7 @@ def test_out_of_range_values_fail_validation(override, message):
         ("schedule.epochz=3", "epochz"),
         ("schedule.epochs=many", "schedule.epochs"),
         ("model.latent_dim=100 model.layer_groups=3", "latent_dim=100 does not divide into layer_groups=3"),
+        ("model.noise_schedule=bogus", "model: noise_schedule='bogus' is not known; allowed: linear, cosine"),
     ],
 )
 def test_bad_overrides_exit_nonzero_with_one_line(override, expected, tmp_path: Path):

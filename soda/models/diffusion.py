@@ -33,7 +33,7 @@ def inverted_cosine_alpha_bar(u: torch.Tensor, s: float = 0.008) -> torch.Tensor
 
 
 def make_betas(
-    schedule: str,
+    noise_schedule: str,
     timesteps: int,
     beta_start: float = 1e-4,
     beta_end: float = 0.02,
@@ -42,15 +42,15 @@ def make_betas(
 ) -> torch.Tensor:
     """Betas for steps 1..T in float64. Cosine-type schedules are defined by alpha_bar; their betas
     are its step ratios, clipped at `max_beta` so the last steps stay invertible."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule={schedule!r} is not known; allowed: {', '.join(SCHEDULES)}")
+    if noise_schedule not in SCHEDULES:
+        raise ValueError(f"noise_schedule={noise_schedule!r} is not known; allowed: {', '.join(SCHEDULES)}")
     if timesteps < 1:
         raise ValueError(f"timesteps={timesteps} must be at least 1")
-    if schedule == "linear":
+    if noise_schedule == "linear":
         if not 0.0 < beta_start < beta_end < 1.0:
             raise ValueError(f"linear schedule needs 0 < beta_start < beta_end < 1; got {beta_start}, {beta_end}")
         return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
-    alpha_bar = cosine_alpha_bar if schedule == "cosine" else inverted_cosine_alpha_bar
+    alpha_bar = cosine_alpha_bar if noise_schedule == "cosine" else inverted_cosine_alpha_bar
     u = torch.linspace(0, 1, timesteps + 1, dtype=torch.float64)
     values = alpha_bar(u, s)
     return (1 - values[1:] / values[:-1]).clamp(0, max_beta)
@@ -61,17 +61,17 @@ class GaussianDiffusion(nn.Module):
 
     def __init__(
         self,
-        schedule: str = "linear",
+        noise_schedule: str = "linear",
         timesteps: int = 1000,
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         s: float = 0.008,
     ):
         super().__init__()
-        self.schedule = schedule
+        self.noise_schedule = noise_schedule
         self.timesteps = timesteps
         betas = torch.cat(
-            [torch.zeros(1, dtype=torch.float64), make_betas(schedule, timesteps, beta_start, beta_end, s)]
+            [torch.zeros(1, dtype=torch.float64), make_betas(noise_schedule, timesteps, beta_start, beta_end, s)]
         )
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)
         self.register_buffer("betas", betas.float())

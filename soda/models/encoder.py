@@ -16,7 +16,7 @@ class ResNetEncoder(nn.Module):
     so a 32x32 image is not reduced to 8x8 before the first residual stage.
     """
 
-    def __init__(self, arch: str = "resnet18", latent_dim: int = 128, small_images: bool = True):
+    def __init__(self, arch: str, latent_dim: int, small_images: bool):
         super().__init__()
         if arch not in ARCHITECTURES:
             raise ValueError(f"arch={arch!r} is not a known encoder; allowed: {', '.join(ARCHITECTURES)}")

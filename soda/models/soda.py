@@ -6,6 +6,8 @@ cannot disagree about it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,11 +23,12 @@ class SODA(nn.Module):
         encoder: nn.Module,
         decoder: LatentUNet,
         diffusion: GaussianDiffusion,
-        latent_drop_prob: float = 0.1,  # whole-latent dropout: trains the unconditional branch for guidance
-        layer_mask_prob: float = 0.0,  # per-group modulation dropout (layer masking); 0 = the reference
-        source_noise_std: float = 0.1,  # Gaussian noise on the normalised source view, training only
-        input_mean: tuple[float, ...] = (0.5, 0.5, 0.5),
-        input_std: tuple[float, ...] = (0.5, 0.5, 0.5),
+        *,
+        latent_drop_prob: float,  # whole-latent dropout: trains the unconditional branch for guidance
+        layer_mask_prob: float,  # per-group modulation dropout (layer masking); 0 = the reference
+        source_noise_std: float,  # Gaussian noise on the normalised source view, training only
+        input_mean: Sequence[float],
+        input_std: Sequence[float],
     ):
         super().__init__()
         for name, p in (("latent_drop_prob", latent_drop_prob), ("layer_mask_prob", layer_mask_prob)):
@@ -80,9 +83,10 @@ class SODA(nn.Module):
     def sample(
         self,
         latents: torch.Tensor,
-        steps: int = 100,
-        eta: float = 0.0,
-        guidance: float = 0.3,
+        *,
+        steps: int,  # DDIM steps (eval.sample_steps)
+        eta: float,  # 0 = deterministic DDIM
+        guidance: float,  # classifier-free guidance weight w
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
@@ -119,7 +123,8 @@ class SODA(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, **sample_kwargs) -> torch.Tensor:
-        """Encode images in [0, 1] and decode them again by guided DDIM sampling."""
+        """Encode images in [0, 1] and decode them again by guided DDIM sampling (`sample_kwargs`:
+        sample's steps, eta, guidance, and optionally generator)."""
         was_training = self.training
         self.eval()
         try:
@@ -130,33 +135,36 @@ class SODA(nn.Module):
 
 
 def build_soda(
+    *,
     # Encoder.
-    arch: str = "resnet18",
-    latent_dim: int = 128,
-    small_images: bool = True,
+    arch: str,  # resnet18 | resnet50
+    latent_dim: int,
+    small_images: bool,  # 3x3 stride-1 stem, no max-pool (32x32 images)
     # Decoder.
-    image_size: int = 32,
-    base_channels: int = 128,
-    channel_mults: tuple[int, ...] = (1, 2, 2, 2),
-    attention_levels: tuple[bool, ...] = (False, True, False, False),
-    blocks_per_level: int = 2,
-    attention_heads: int = 1,
-    dropout: float = 0.1,
-    layer_groups: int = 1,
-    norm_groups: int = 32,
+    image_size: int,
+    base_channels: int,
+    channel_mults: Sequence[int],
+    attention_levels: Sequence[bool],
+    blocks_per_level: int,
+    attention_heads: int,
+    dropout: float,
+    norm_groups: int,
+    layer_groups: int,
+    # Conditioning.
+    layer_mask_prob: float,
+    latent_drop_prob: float,
+    source_noise_std: float,
     # Diffusion.
-    schedule: str = "linear",
-    timesteps: int = 1000,
-    beta_start: float = 1e-4,
-    beta_end: float = 0.02,
-    # Conditioning and input.
-    latent_drop_prob: float = 0.1,
-    layer_mask_prob: float = 0.0,
-    source_noise_std: float = 0.1,
-    input_mean: tuple[float, ...] = (0.5, 0.5, 0.5),
-    input_std: tuple[float, ...] = (0.5, 0.5, 0.5),
+    noise_schedule: str,  # linear | cosine | inverted_cosine
+    timesteps: int,
+    beta_start: float,
+    beta_end: float,
+    # Input: the data set's per-channel mean and std, for the encoder's input.
+    input_mean: Sequence[float],
+    input_std: Sequence[float],
 ) -> SODA:
-    """The model from plain arguments; the defaults are the reference CIFAR-10 settings."""
+    """The model from plain arguments, named as the run config's model node (conf/model/, where
+    the reference values are): build_soda(**settings.model_arguments())."""
     encoder = ResNetEncoder(arch=arch, latent_dim=latent_dim, small_images=small_images)
     decoder = LatentUNet(
         image_size=image_size,
@@ -170,7 +178,9 @@ def build_soda(
         layer_groups=layer_groups,
         norm_groups=norm_groups,
     )
-    diffusion = GaussianDiffusion(schedule=schedule, timesteps=timesteps, beta_start=beta_start, beta_end=beta_end)
+    diffusion = GaussianDiffusion(
+        noise_schedule=noise_schedule, timesteps=timesteps, beta_start=beta_start, beta_end=beta_end
+    )
     return SODA(
         encoder,
         decoder,

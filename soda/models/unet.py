@@ -19,6 +19,7 @@ Two ideas of the SODA paper go past the reference and are off by default:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -123,17 +124,18 @@ def _level_groups(levels: int, layer_groups: int) -> list[int]:
 class LatentUNet(nn.Module):
     def __init__(
         self,
-        image_size: int = 32,
+        *,
+        image_size: int,
+        base_channels: int,  # channels at full resolution; level i has base * mults[i]
+        channel_mults: Sequence[int],
+        attention_levels: Sequence[bool],  # one per level: self-attention after its blocks
+        blocks_per_level: int,  # residual blocks per level going down (one more going up)
+        attention_heads: int,
+        dropout: float,
+        latent_dim: int,
+        layer_groups: int,  # 1 = the reference: the whole latent modulates every block
+        norm_groups: int,
         image_channels: int = 3,
-        base_channels: int = 128,  # channels at full resolution; level i has base * mults[i]
-        channel_mults: tuple[int, ...] = (1, 2, 2, 2),
-        attention_levels: tuple[bool, ...] = (False, True, False, False),
-        blocks_per_level: int = 2,  # residual blocks per level going down (one more going up)
-        attention_heads: int = 1,
-        dropout: float = 0.1,
-        latent_dim: int = 128,
-        layer_groups: int = 1,  # 1 = the reference: the whole latent modulates every block
-        norm_groups: int = 32,
     ):
         super().__init__()
         channel_mults = tuple(channel_mults)

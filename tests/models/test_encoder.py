@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from soda.models import ResNetEncoder, build_soda
+from soda.models import ResNetEncoder
+from tests.models.helpers import reference_soda
 
 
 def _count(module):
@@ -10,7 +11,7 @@ def _count(module):
 
 def test_reference_cifar10_parameter_counts_match_the_seed_exactly():
     with torch.device("meta"):
-        model = build_soda()
+        model = reference_soda()  # conf/'s defaults: model=soda_r18_ddpm dataset=cifar10
     # 11.2 M + 39.6 M in SEED.md; the exact figures of the reference implementation.
     assert _count(model.encoder) == 11_234_496
     assert _count(model.decoder) == 39_595_139
@@ -27,10 +28,10 @@ def test_small_image_stem_keeps_resolution_and_head_maps_to_latent():
 
 def test_resnet50_head_maps_2048_features_to_the_latent():
     with torch.device("meta"):
-        encoder = ResNetEncoder("resnet50", latent_dim=256)
+        encoder = ResNetEncoder("resnet50", latent_dim=256, small_images=True)
     assert encoder.net.fc.in_features == 2048 and encoder.net.fc.out_features == 256
 
 
 def test_unknown_architecture_is_a_value_error_naming_the_allowed_ones():
     with pytest.raises(ValueError, match=r"arch='vgg16'.*resnet18, resnet50"):
-        ResNetEncoder("vgg16")
+        ResNetEncoder("vgg16", latent_dim=64, small_images=True)

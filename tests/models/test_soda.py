@@ -85,7 +85,9 @@ def test_ddim_with_guidance_returns_images_in_unit_range_deterministic_for_eta_z
     assert torch.equal(first, second)
     assert model.training, "sampling must restore training mode"
     # eta > 0 draws fresh noise each step; guidance changes the prediction.
-    stochastic = model.sample(latents, steps=5, eta=1.0, noise=noise, generator=torch.Generator().manual_seed(2))
+    stochastic = model.sample(
+        latents, steps=5, eta=1.0, guidance=0.3, noise=noise, generator=torch.Generator().manual_seed(2)
+    )
     assert not torch.equal(first, stochastic)
     unguided = model.sample(latents, steps=5, eta=0.0, guidance=0.0, noise=noise)
     assert not torch.equal(first, unguided)
@@ -94,5 +96,35 @@ def test_ddim_with_guidance_returns_images_in_unit_range_deterministic_for_eta_z
 def test_reconstruct_returns_one_image_per_input():
     model = tiny_soda()
     images = torch.rand(2, 3, 8, 8)
-    out = model.reconstruct(images, steps=3, generator=torch.Generator().manual_seed(0))
+    out = model.reconstruct(images, steps=3, eta=0.0, guidance=0.3, generator=torch.Generator().manual_seed(0))
     assert out.shape == images.shape and 0 <= out.min() and out.max() <= 1
+
+
+def test_build_soda_takes_the_model_config_under_its_own_names():
+    import dataclasses
+    import inspect
+
+    from soda.config import ModelConfig
+    from soda.models import build_soda
+
+    schema = {f.name for f in dataclasses.fields(ModelConfig)} - {"name"}
+    from_data = {"image_size", "input_mean", "input_std"}
+    assert set(inspect.signature(build_soda).parameters) == schema | from_data
+    assert all(p.default is inspect.Parameter.empty for p in inspect.signature(build_soda).parameters.values())
+
+
+def test_the_trainers_call_builds_from_the_composed_config():
+    from dataclasses import asdict
+
+    from soda.config import compose
+    from soda.models import build_soda
+
+    settings = compose(["model=tiny", "dataset=shapes", "model.noise_schedule=cosine"])
+    model_settings = {k: v for k, v in asdict(settings.model).items() if k != "name"}
+    data = settings.dataset
+    model = build_soda(
+        **model_settings, image_size=data.image_size, input_mean=tuple(data.mean), input_std=tuple(data.std)
+    )
+    assert model.diffusion.noise_schedule == "cosine" and model.decoder.image_size == 16
+    assert model.input_std.flatten().tolist() == list(data.std)
+    assert build_soda(**settings.model_arguments()).decoder.latent_dim == settings.model.latent_dim

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from soda.models import LatentUNet
+from tests.models.helpers import reference_soda
 
 SMALL = dict(
     image_size=8,
@@ -9,9 +10,11 @@ SMALL = dict(
     channel_mults=(1, 2),
     attention_levels=(False, True),
     blocks_per_level=1,
-    norm_groups=8,
-    latent_dim=8,
+    attention_heads=1,
     dropout=0.0,
+    latent_dim=8,
+    layer_groups=1,
+    norm_groups=8,
 )
 
 
@@ -27,7 +30,7 @@ def test_output_has_the_input_shape():
 
 def test_reference_structure_attention_only_at_16x16_and_middle():
     with torch.device("meta"):
-        unet = LatentUNet()
+        unet = reference_soda().decoder
     attention = [name for name, m in unet.named_modules() if type(m).__name__ == "SelfAttention"]
     # 2 down blocks + 3 up blocks at the 16x16 level, plus the middle block's.
     assert len(attention) == 6
