@@ -10,7 +10,7 @@ Three measurements, each for both paths, in images per second:
       baseline: per-image PIL transforms (torchvision's RandomResizedCrop, flip, RandAugment,
       ToTensor, Normalize, as the seed ships them) in DataLoader workers, then copied over.
   (b) model step alone on fixed views: loss, backward, clip, AdamW, EMA.
-      fast: soda.train.Trainer.optimize (precision and compile from the schedule, fused AdamW on
+      fast: soda.loop.Trainer.optimize (precision and compile from the schedule, fused AdamW on
       CUDA, sync-free foreach EMA). baseline: fp16 autocast and GradScaler on CUDA (fp32 on a
       CPU), eager, AdamW's defaults, ema-pytorch's update() as shipped.
   (c) end to end: (a) and (b) together, as training runs them; both start from the same weights,
@@ -51,7 +51,7 @@ import soda.config  # noqa: E402 - registers the schema
 from soda.data import LabelledImages, load_split  # noqa: E402
 from soda.data.shapes import make_shapes  # noqa: E402
 from soda.models.summary import training_step_flops_per_image  # noqa: E402
-from soda.train import Trainer, build_model  # noqa: E402
+from soda.train import build_evaluator, build_model, build_trainer  # noqa: E402
 
 PRESETS = {
     # Small enough for two CPU cores in a few minutes; CIFAR-10's image size and augmentation.
@@ -171,7 +171,7 @@ def main() -> None:
             if not args.dataset_root:
                 parser.error("--eval-full needs --dataset-root")
             fast_trainer.train_set, fast_trainer.test_set = _data(args.dataset_root, None, settings)
-        record["eval"] = measure_eval(fast_trainer, device)
+        record["eval"] = measure_eval(settings, fast_trainer, device)
     record["peak_memory_mib"] = _peak_memory_mib(device)
     record["speedup"] = {
         name: record[name]["fast"]["images_per_s"] / record[name]["baseline"]["images_per_s"]
@@ -323,14 +323,15 @@ def _fresh(settings, train_set, test_set, device, tmp: Path):
     model = build_model(settings)
     baseline_model = build_model(settings)
     baseline_model.load_state_dict(model.state_dict())
-    trainer = Trainer(model, train_set, test_set, settings, tmp, device, tracker=None)
+    trainer = build_trainer(settings, model, train_set, tmp, device)
+    trainer.test_set = test_set  # what measure_eval probes on
     return trainer, StraightforwardStep(baseline_model, settings, device, trainer.warmup_steps)
 
 
 # ------------------------------------------------------------------------------------------------
 def measure_data(settings, train_set, device, batch, batches, workers) -> dict:
     print("(a) data path ...", flush=True)
-    trainer = Trainer(build_model(settings), train_set, train_set, settings, Path("."), device, tracker=None)
+    trainer = build_trainer(settings, build_model(settings), train_set, Path("."), device)
     model = trainer.model
 
     def fast_batches(count):
@@ -498,14 +499,15 @@ def host_syncs_per_step(step, device, steps: int = 3) -> float | None:
     return sum("synchroniz" in str(w.message) for w in caught) / steps
 
 
-def measure_eval(trainer, device) -> dict:
+def measure_eval(settings, trainer, device) -> dict:
     """The probes of the EMA encoder with the eval config's settings: features of the training
     and test sets, k-NN (matmul + top-k on the device), linear probe on cached features."""
     print("(d) probes ...", flush=True)
     _sync(device)
     started = time.perf_counter()
     with torch.no_grad():
-        metrics = trainer._probe(trainer.ema.ema_model.eval())
+        evaluator = build_evaluator(settings, trainer.train_set, trainer.test_set, device)
+        metrics = evaluator.probes(trainer.ema.ema_model.eval())
     _sync(device)
     seconds = time.perf_counter() - started
     print(f"    {seconds:.1f} s for k-NN + linear probe on {len(trainer.train_set)} + {len(trainer.test_set)} images")

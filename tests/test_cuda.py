@@ -1,7 +1,7 @@
 """The CUDA paths, on a GPU: compiled bf16 training against eager fp32, fused AdamW, NCCL with
 SyncBatchNorm and DDP, SyncBatchNorm's all-gather between two ranks, zero host syncs per step, and
 the probes against the CPU. Skipped without a GPU; `make gpu-check` runs them (with the `cuda`
-cases of test_augment.py: the GPU augmentation and the sync-free EMA).
+cases of tests/data/test_augment.py and tests/test_ema.py: the GPU augmentation and the sync-free EMA).
 
 The reference-model test builds its Trainer exactly as `launch.py` does for the reference on one
 GPU (batch 512, bf16, compile), so the compiled graph it pays for is the one the throughput bench
@@ -18,7 +18,8 @@ import torch
 from soda.config import to_settings
 from soda.data import LabelledImages
 from soda.eval import evaluate_probes, knn_predict
-from soda.train import Trainer, build_model
+from soda.loop import Trainer
+from soda.train import build_model, build_trainer
 from tests.helpers import SMOKE, compose_config, free_port, run_ranks
 
 pytestmark = pytest.mark.cuda
@@ -44,7 +45,9 @@ def _reference_trainer(tmp_path: Path) -> Trainer:
     torch.manual_seed(settings.seed)
     model = build_model(settings)
     data = _images(settings.schedule.batch_size)
-    return Trainer(model, data, data, settings, tmp_path, CUDA, tracker=None)
+    trainer = build_trainer(settings, model, data, tmp_path, CUDA)
+    trainer.settings = settings  # what the test builds its eager copy from
+    return trainer
 
 
 def _grads_finite(model: torch.nn.Module) -> bool:
@@ -150,7 +153,7 @@ def test_a_training_step_makes_no_host_syncs(tmp_path):
     settings = to_settings(compose_config([*SMOKE, "device=cuda", "schedule.precision=bf16", "schedule.compile=none"]))
     torch.manual_seed(0)
     data = _images(64, size=16)
-    trainer = Trainer(build_model(settings), data, data, settings, tmp_path, CUDA, tracker=None)
+    trainer = build_trainer(settings, build_model(settings), data, tmp_path, CUDA)
     batch = trainer.train_images[: settings.schedule.batch_size]
     trainer.train_step(batch)  # first-call allocations and cuDNN autotuning may sync
     torch.cuda.synchronize()

@@ -16,15 +16,15 @@ def main(rank: int, world: int, port: int, out: str) -> None:
     )
     from soda import dist
     from soda.config import to_settings
-    from soda.train import Trainer, build_model, load_data
+    from soda.train import build_model, build_trainer, load_data
     from tests.helpers import SMOKE, compose_config
 
     settings = to_settings(compose_config(SMOKE))
     info = dist.setup(use_cuda=False)
     torch.manual_seed(settings.seed)
     model = build_model(settings)
-    train_set, test_set = load_data(settings)
-    trainer = Trainer(model, train_set, test_set, settings, Path(out), torch.device("cpu"), None, info)
+    train_set, _ = load_data(settings)
+    trainer = build_trainer(settings, model, train_set, Path(out), torch.device("cpu"), world=info)
     grads = {}
 
     def capture(optimizer, args, kwargs):

@@ -4,13 +4,13 @@ named by SODA_TEST_FAIL_RANK raise in its second training step, to test how a jo
 import os
 
 if "SODA_TEST_FAIL_RANK" in os.environ:
-    import soda.train
+    import soda.loop
 
-    _original = soda.train.Trainer.train_step
+    _original = soda.loop.Trainer.train_step
 
     def _failing(self, images):
         if self.global_step == 1 and os.environ.get("RANK") == os.environ["SODA_TEST_FAIL_RANK"]:
             raise RuntimeError(f"injected failure on rank {os.environ['RANK']}")
         return _original(self, images)
 
-    soda.train.Trainer.train_step = _failing
+    soda.loop.Trainer.train_step = _failing

@@ -1,0 +1,418 @@
+"""The training loop of SEED.md, on plain values: AdamW, linear warm-up then a constant learning
+rate, gradient-norm clipping, EMA every step, mixed precision, checkpoints, a training clock.
+
+`soda.train.run` reads the config and builds everything this loop is handed: the model, the
+decoded images, the two view augmentations, the evaluation and what to do with its result. The
+loop knows nothing of Hydra or Optuna: it reports each evaluation through `on_evaluation`, whose
+answer (stop or go on) is how a sweep's pruner ends a trial.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from soda import dist, tracking
+from soda.checkpoint import save_checkpoint
+from soda.compiled import compile_loss, compile_state
+from soda.data import LabelledImages, ViewAugmentation
+from soda.ema import SyncFreeEMA
+from soda.errors import ConfigError, DivergenceError
+from soda.models import SODA
+from soda.tracking import NullTracker
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoints/last.pt"
+PRECISION_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# evaluate(ema_model, epoch, last) -> metrics; on_evaluation(epoch, metrics) -> stop the run?
+Evaluate = Callable[[SODA, int, bool], dict[str, float]]
+OnEvaluation = Callable[[int, dict[str, float]], bool]
+
+
+class Preempted(Exception):
+    """Raised by the loop after it saved a checkpoint because SIGUSR1/SIGUSR2 arrived."""
+
+
+class StopRequested(Exception):
+    """Raised on every rank when `on_evaluation` asked to stop (a sweep's pruner, for example)."""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Trainer:
+    """One run's training state and loop. Only global rank 0 keeps the EMA and evaluates; the
+    `tracker` of the other ranks records nothing (soda.tracking.NullTracker)."""
+
+    def __init__(
+        self,
+        model: SODA,
+        train_set: LabelledImages,
+        run_dir: Path,
+        device: torch.device,
+        *,
+        source_augment: ViewAugmentation,  # the encoder's view
+        target_augment: ViewAugmentation | None,  # the decoder's view; None: the same settings
+        evaluate: Evaluate,  # probes of the EMA model (rank 0 only)
+        on_evaluation: OnEvaluation | None = None,  # where each evaluation's metrics go
+        tracker=None,  # training metrics and the run id; NullTracker when None
+        world: dist.Distributed | None = None,
+        seed: int = 0,  # data order and per-rank draws
+        signature: dict | None = None,  # what a checkpoint must share with the run resuming it
+        epochs: int,  # epochs to train
+        warmup_epochs: float,  # linear learning-rate warm-up
+        batch_size: int,  # global batch, all ranks together
+        decoder_lr: float,  # already scaled for the global batch
+        encoder_lr_ratio: float,  # encoder lr = decoder_lr * encoder_lr_ratio
+        weight_decay: float,
+        adam_betas: tuple[float, float],
+        grad_clip: float | None,  # max gradient norm; None = no clipping
+        ema_decay: float,
+        ema_update_every: int,
+        ema_warmup_power: float,
+        precision: str,  # fp32 | fp16 | bf16 autocast
+        compile: str,  # torch.compile mode of the loss (soda.compiled.compile_loss)
+        channels_last: bool | None,  # NHWC weights and views; None = on a CPU only
+        checkpoint_every: int,  # epochs
+        log_every: int,  # optimiser steps between train/loss points (and host syncs)
+        train_seconds: float | None,  # training-clock budget; None = all epochs
+        eval_every: int,  # epochs between evaluations; the last epoch is always evaluated
+        eval_every_seconds: float | None,  # also evaluate after this much training clock
+        eval_at_start: bool,  # also evaluate the untrained encoder (epoch 0)
+    ):
+        self.run_dir = run_dir
+        self.device = device
+        self.tracker = tracker if tracker is not None else NullTracker()
+        self.world = world or dist.Distributed()
+        self.evaluate = evaluate
+        self.on_evaluation = on_evaluation or (lambda epoch, metrics: False)
+        self.seed = seed
+        self.signature = dict(signature or {})
+        self.epochs, self.batch_size = epochs, batch_size
+        self.grad_clip, self.checkpoint_every, self.log_every = grad_clip, checkpoint_every, log_every
+        self.decoder_lr, self.train_budget = decoder_lr, train_seconds
+        self.eval_every, self.eval_every_seconds, self.eval_at_start = eval_every, eval_every_seconds, eval_at_start
+
+        # Devices and layout.
+        if self.world.enabled and device.type == "cuda":
+            # Batch statistics over the global batch; NCCL only (PyTorch's SyncBatchNorm needs a GPU).
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cuda":
+            # Fixed shapes every step: let cuDNN pick its fastest convolution algorithms once.
+            torch.backends.cudnn.benchmark = True
+        channels_last = channels_last if channels_last is not None else device.type == "cpu"
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.to(device, memory_format=self.memory_format)
+        # The loss goes through DDP when there are several ranks (gradients averaged across them).
+        self.forward = self.model
+        if self.world.enabled:
+            self.forward = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+
+        # Data: the decoded set sits on the training device; batches are indexed from it directly.
+        self.train_set = train_set
+        self.train_images = train_set.images.to(device)
+        self.source_augment = source_augment
+        self.target_augment = target_augment
+
+        # Optimiser, precision, EMA.
+        self.base_lrs = [decoder_lr * encoder_lr_ratio, decoder_lr]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": model.encoder.parameters()}, {"params": model.decoder.parameters()}],
+            lr=decoder_lr,
+            betas=tuple(adam_betas),
+            weight_decay=weight_decay,
+            fused=device.type == "cuda",
+        )
+        self.autocast_dtype = PRECISION_DTYPES[precision]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        # Only rank 0 evaluates, so only rank 0 keeps the EMA copy.
+        self.ema = None
+        if self.world.is_main:
+            self.ema = SyncFreeEMA(
+                model,
+                beta=ema_decay,
+                update_after_step=0,
+                update_every=ema_update_every,
+                power=ema_warmup_power,
+                include_online_model=False,
+            )
+        # The loss, compiled where that pays; the EMA and the probes use the plain modules, and
+        # checkpoints hold the plain state_dict.
+        self.loss_fn = compile_loss(self.forward, compile, device)
+
+        # Progress.
+        self.rank_batch = batch_size // self.world.world_size
+        self.steps_per_epoch = len(train_set) // batch_size
+        self.warmup_steps = max(1, round(warmup_epochs * self.steps_per_epoch))
+        self.epoch = 0  # last completed epoch
+        self.step_in_epoch = 0  # steps of epoch + 1 already done (a preempted epoch resumes there)
+        self.global_step = 0
+        self.metrics: dict[str, float] = {}
+        # The training clock (train_seconds, eval_every_seconds): seconds spent in training steps,
+        # from the end of this process's first step (which compiles), without evaluations; it
+        # goes on across a resume.
+        self.train_seconds = 0.0
+        self.last_eval_seconds = 0.0
+        self.first_step_done = False
+        self.out_of_time = False
+        self.preempt_requested = False
+        self.preempt_signal = signal.SIGUSR1
+        # Augmentation, timestep and noise draws differ per rank, seeded from the global rank.
+        torch.manual_seed(seed * 1_000 + self.world.rank)
+
+    @property
+    def compile_state(self) -> str:
+        """eager (not asked for), compiled, or fallback (compiling failed: training ran eager)."""
+        return compile_state(self.loss_fn)
+
+    def request_preemption(self, signum=signal.SIGUSR1, frame=None) -> None:
+        """SIGUSR1/SIGUSR2 (SLURM's warning before a time limit or preemption): finish the
+        current step, write a checkpoint, then stop; the requeued job resumes from it."""
+        self.preempt_requested = True
+        self.preempt_signal = signum
+
+    # ----------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, float]:
+        """Train the remaining epochs; returns the last evaluation's metrics (on rank 0)."""
+        if self.epoch == 0 and self.step_in_epoch == 0 and self.eval_at_start:
+            self._evaluate_on_main(epoch=0, last=False)
+        # A resumed time-boxed run that had spent its budget is finished (a larger budget goes on).
+        self.out_of_time = self._spent(self.train_seconds)
+        while self.epoch < self.epochs and not self.out_of_time:
+            epoch = self.epoch + 1
+            self.train_epoch(epoch)
+            # A time-boxed run stops inside an epoch: that partial epoch counts as the last one.
+            self.epoch, self.step_in_epoch = epoch, 0
+            self.out_of_time = self._spent(self.train_seconds)
+            last = epoch == self.epochs or self.out_of_time
+            if last or epoch % self.eval_every == 0 or self._evaluation_due():
+                self._evaluate_on_main(epoch, last)
+            if last or epoch % self.checkpoint_every == 0:
+                self.save()
+        if self.world.is_main and not self.metrics:  # resumed a run that had already finished
+            raise ConfigError("this run directory holds a finished run without metrics; use a new run directory")
+        return self.metrics
+
+    def _spent(self, seconds: float) -> bool:
+        """Has the training clock reached the budget (on any rank: all stop together)?"""
+        return self.train_budget is not None and dist.any_rank(seconds >= self.train_budget, self.device)
+
+    def _evaluation_due(self) -> bool:
+        """eval_every_seconds of training since the last evaluation (on any rank)?"""
+        every = self.eval_every_seconds
+        return every is not None and dist.any_rank(self.train_seconds - self.last_eval_seconds >= every, self.device)
+
+    def _evaluate_on_main(self, epoch: int, last: bool) -> None:
+        """Rank 0 evaluates; the others wait on a gloo barrier, which costs them nothing. The
+        probes are cheap next to training, and a single process keeps them deterministic."""
+        self.last_eval_seconds = self.train_seconds
+        stop = False
+        if self.world.is_main:
+            started = time.perf_counter()
+            self.metrics = {k: float(v) for k, v in self.evaluate(self.ema.ema_model, epoch, last).items()}
+            progress = {
+                tracking.EVAL_SECONDS: time.perf_counter() - started,
+                # Progress in images and training seconds: comparable across batch sizes, GPU
+                # counts and time-boxed runs.
+                tracking.IMAGES_SEEN: float(self.global_step * self.batch_size),
+                tracking.TRAIN_SECONDS: self.train_seconds,
+            }
+            shown = "  ".join(f"{k}={v:.4f}" for k, v in sorted(self.metrics.items()))
+            log.info("eval epoch %d: %s", epoch, shown)
+            stop = bool(self.on_evaluation(epoch, {**self.metrics, **progress}))
+        dist.wait_for_all()
+        if dist.any_rank(stop, self.device):
+            raise StopRequested(f"pruned at epoch {epoch}")
+
+    def save(self) -> None:
+        """Checkpoint on rank 0 (with every rank's RNG state); all ranks leave together."""
+        rng_states = dist.gather_to_main(self._rng_state())
+        if self.world.is_main:
+            save_checkpoint(self.run_dir / CHECKPOINT, self.state_dict(rng_states))
+        dist.wait_for_all()
+
+    # ----------------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> None:
+        # One global order per epoch, the same on every rank; each rank takes its slice of each
+        # global batch, so the global batch is the same whatever the number of ranks.
+        order_rng = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.train_set), generator=order_rng).to(self.device)
+        offset = self.world.rank * self.rank_batch
+        self.model.train()
+        running, count = torch.zeros((), device=self.device), 0
+        started, first = time.perf_counter(), self.step_in_epoch
+        clock_at_start = self.train_seconds
+        bar = tqdm(
+            range(first, self.steps_per_epoch),
+            desc=f"epoch {epoch}/{self.epochs}",
+            leave=False,
+            disable=None if self.world.is_main else True,
+        )
+        for index in bar:
+            # Step.
+            start = index * self.batch_size + offset
+            loss = self.train_step(self.train_images[order[start : start + self.rank_batch]])
+            self.step_in_epoch = index + 1
+            running += loss.detach()
+            count += 1
+            if not self.first_step_done:
+                # The first step of a process compiles and autotunes: time what comes after it.
+                _sync(self.device)
+                self._first_step_finished(time.perf_counter() - started)
+                started, first = time.perf_counter(), index + 1
+            self.train_seconds = clock_at_start + time.perf_counter() - started
+            if self.global_step % self.log_every:
+                continue
+
+            # Log point: the only host sync of the loop, once every log_every steps.
+            value = dist.all_mean(running / count).item()
+            if not math.isfinite(value):
+                raise DivergenceError(
+                    f"{tracking.TRAIN_LOSS} is {value} at step {self.global_step}; lower schedule.decoder_lr, "
+                    f"keep schedule.grad_clip, or try schedule.precision=bf16"
+                )
+            self.tracker.log_metrics(
+                {tracking.TRAIN_LOSS: value, tracking.TRAIN_LR: self._lr_factor() * self.decoder_lr},
+                step=self.global_step,
+            )
+            bar.set_postfix(loss=f"{value:.4f}")
+            running, count = torch.zeros((), device=self.device), 0
+
+            # Stop early: preemption (checkpoint first) or the training clock spent.
+            if dist.any_rank(self.preempt_requested, self.device):
+                self.save()
+                raise Preempted(
+                    f"preempted: checkpoint saved at epoch {epoch - 1} + {self.step_in_epoch} steps; "
+                    "rerun the same command (or let SLURM requeue the job) to resume"
+                )
+            if self._spent(self.train_seconds):
+                log.info("training clock budget of %s s spent in epoch %d", self.train_budget, epoch)
+                break
+
+        # Epoch throughput, without the first step of the process.
+        _sync(self.device)
+        seconds = time.perf_counter() - started
+        self.train_seconds = clock_at_start + seconds
+        steps = self.step_in_epoch - first
+        throughput = steps * self.batch_size / seconds if steps and seconds > 0 else math.nan
+        if steps:
+            self.tracker.log_metrics(
+                {tracking.EPOCH_SECONDS: seconds, tracking.IMAGES_PER_SECOND: throughput}, step=epoch
+            )
+        log.info("epoch %d/%d  %.1f s  %.0f images/s", epoch, self.epochs, seconds, throughput)
+
+    def _first_step_finished(self, seconds: float) -> None:
+        """Record how long this process's first step took (compilation, cuDNN autotuning)."""
+        self.first_step_done = True
+        self.tracker.log_metrics({tracking.FIRST_STEP_SECONDS: seconds}, step=self.global_step)
+        log.info("first step (compilation, warm-up) took %.1f s", seconds)
+
+    def train_step(self, images: torch.Tensor) -> torch.Tensor:
+        """One optimiser step on a uint8 batch [N, 3, H, W] already on the device."""
+        source_view, target_view = self.make_views(images)
+        return self.optimize(source_view, target_view)
+
+    def make_views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two independent augmentations of each image. With the same settings for both
+        views, one call on the doubled batch does both: the draws are per image anyway, and
+        half the calls is half the per-op overhead."""
+        if self.target_augment is None:
+            both = self.source_augment(torch.cat([images, images]))
+            return both[: images.shape[0]], both[images.shape[0] :]
+        return self.source_augment(images), self.target_augment(images)
+
+    def optimize(self, source_view: torch.Tensor, target_view: torch.Tensor) -> torch.Tensor:
+        """Loss, backward, clip, AdamW, EMA; returns the loss as a device tensor (no host sync:
+        nothing here reads a value back, so the CPU can queue the next step at once)."""
+        # Learning rate: linear warm-up, then constant (a host-side step count, no sync).
+        factor = self._lr_factor()
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+
+        # Accumulate gradients.
+        source_view = source_view.contiguous(memory_format=self.memory_format)
+        target_view = target_view.contiguous(memory_format=self.memory_format)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            loss = self.loss_fn(source_view, target_view)
+        self.scaler.scale(loss).backward()
+
+        # Clip and step.
+        if self.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        # Update EMA.
+        if self.ema is not None:
+            self.ema.update()
+        self.global_step += 1
+        return loss
+
+    def _lr_factor(self) -> float:
+        return min(1.0, (self.global_step + 1) / self.warmup_steps)
+
+    # ----------------------------------------------------------------------------------------
+    def _rng_state(self) -> dict:
+        state = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def state_dict(self, rng_states: list[dict]) -> dict:
+        return {
+            "signature": self.signature,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_states,  # one entry per rank
+            "metrics": self.metrics,
+            "train_seconds": self.train_seconds,
+            "last_eval_seconds": self.last_eval_seconds,
+            "mlflow_run_id": self.tracker.run_id or "",
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        rng_states = state["rng"]
+        if len(rng_states) == self.world.world_size:
+            mine = rng_states[self.world.rank]
+            torch.set_rng_state(mine["torch"])
+            if self.device.type == "cuda" and "cuda" in mine:
+                torch.cuda.set_rng_state(mine["cuda"], self.device)
+        else:
+            log.warning(
+                "checkpoint has %d RNG states for %d ranks: resuming with fresh per-rank seeds, "
+                "so the run will not repeat an uninterrupted one bit for bit",
+                len(rng_states),
+                self.world.world_size,
+            )
+        self.epoch = state["epoch"]
+        self.step_in_epoch = state["step_in_epoch"]
+        self.global_step = state["global_step"]
+        self.metrics = dict(state["metrics"])
+        # Checkpoints written before the training clock existed have none of it.
+        self.train_seconds = state.get("train_seconds", 0.0)
+        self.last_eval_seconds = state.get("last_eval_seconds", 0.0)
