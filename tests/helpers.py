@@ -10,12 +10,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_dir
 
 import soda.config  # noqa: F401 - registers the schema
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
+# Device parameter of tests that also run on a GPU (marker `cuda`: deselected by make test, run
+# by make gpu-check).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 # A run that finishes in seconds on a CPU: tiny data, tiny model, one short epoch.
 SMOKE = [

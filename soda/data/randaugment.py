@@ -3,7 +3,7 @@
 The definition is torchvision's `RandAugment` (its 14 operations, 31 magnitude bins, a random
 sign for the signed ones, nearest-neighbour geometry filled with black), applied to uint8 images
 the way torchvision's tensor kernels do: every intermediate result is truncated to an integer.
-`tests/test_augment.py` checks each operation against torchvision's own kernel.
+`tests/data/test_augment.py` checks each operation against torchvision's own kernel.
 
 Why not torchvision's or kornia's transform: torchvision's draws one set of operations per call, so
 per-image randomness costs one Python call per image; kornia's `auto.RandAugment` draws its

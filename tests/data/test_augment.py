@@ -1,22 +1,16 @@
-"""The batched augmentation against torchvision's per-image definition, the sync-free EMA against
-ema-pytorch's, and the compile fallback; on the CPU, and on CUDA where a GPU is visible (the
-`cuda` parameters, which `make gpu-check` runs)."""
-
-import logging
+"""The batched augmentation (soda/data) against torchvision's per-image definition, on the CPU,
+and on CUDA where a GPU is visible (the `cuda` parameters, which `make gpu-check` runs)."""
 
 import pytest
 import torch
-from ema_pytorch import EMA
 from scipy import stats
 from torchvision.transforms import v2
 
 from soda.data import ViewAugmentation
 from soda.data.randaugment import OP, OPERATIONS, SIGNED, BatchRandAugment, magnitudes
 from soda.data.shapes import make_shapes
-from soda.ema import SyncFreeEMA
-from soda.train import compile_loss
+from tests.helpers import DEVICES
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 # On CUDA, fused multiply-adds move a few float results across a rounding boundary: a pixel may
 # land one level off torchvision's CPU kernel, and a geometric operation may pick a neighbouring
 # source pixel now and then. The GPU path must agree with the CPU on all but this many pixels.
@@ -121,68 +115,3 @@ def test_batched_view_samples_the_reference_distribution(device):
     for name in ours:
         result = stats.ks_2samp(ours[name].numpy(), theirs[name].numpy())
         assert result.pvalue > 1e-3, f"{name}: KS statistic {result.statistic:.3f}, p={result.pvalue:.2g}"
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_sync_free_ema_matches_ema_pytorch_and_resumes(tmp_path, device):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)).to(device)
-    settings = dict(beta=0.999, update_after_step=0, update_every=2, power=0.6666667, include_online_model=False)
-    reference, ours = EMA(model, **settings), SyncFreeEMA(model, **settings)
-
-    def train(steps, *emas):
-        for _ in range(steps):
-            with torch.no_grad():
-                for parameter in model.parameters():
-                    parameter.add_(torch.randn_like(parameter) * 0.1)
-            model(torch.randn(8, 4, device=device))
-            for ema in emas:
-                ema.update()
-
-    train(30, reference, ours)
-    torch.save(ours.state_dict(), tmp_path / "ema.pt")
-    resumed = SyncFreeEMA(model, **settings)
-    resumed.load_state_dict(torch.load(tmp_path / "ema.pt", weights_only=True, map_location=device))
-    train(30, reference, ours, resumed)
-    for other in (ours, resumed):
-        assert other.step.item() == reference.step.item() == 60
-        expected, got = reference.ema_model.state_dict(), other.ema_model.state_dict()
-        assert expected.keys() == got.keys()
-        assert all(torch.equal(expected[name], got[name]) for name in expected)
-
-
-def test_compile_falls_back_to_eager_only_when_compiling_fails(caplog, monkeypatch):
-    def loss(x):
-        return x.sum()
-
-    assert compile_loss(loss, "none", torch.device("cpu")) is loss
-    assert compile_loss(loss, "auto", torch.device("cpu")) is loss  # auto: eager on a CPU
-
-    def broken_compile(fn, mode=None):
-        def compiled(*args):
-            raise torch._dynamo.exc.TorchDynamoException("backend compiler failed: no C++ compiler")
-
-        return compiled
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    with caplog.at_level(logging.WARNING):
-        wrapped = compile_loss(loss, "default", torch.device("cpu"))
-        assert wrapped(torch.ones(3)).item() == 3.0
-    assert "torch.compile failed" in caplog.text
-
-    def failing_later(fn, mode=None):
-        calls = []
-
-        def compiled(*args):
-            calls.append(1)
-            if len(calls) > 1:
-                raise ValueError("a real error")
-            return fn(*args)
-
-        return compiled
-
-    monkeypatch.setattr(torch, "compile", failing_later)
-    wrapped = compile_loss(loss, "default", torch.device("cpu"))
-    wrapped(torch.ones(2))
-    with pytest.raises(ValueError, match="a real error"):
-        wrapped(torch.ones(2))
