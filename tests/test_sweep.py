@@ -17,7 +17,7 @@ import psutil
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from hydra_plugins.soda_sweeper.optuna_sweeper import override_value, parse_space
+from hydra_plugins.soda_sweeper.search_space import override_value, parse_space
 from soda.sweep import PRUNER_ATTR, SweepError, TrialReporter, open_storage
 from tests.helpers import REPO, SMOKE, free_port, launch
 from tests.test_distributed import needs_slurm
