@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 import hydra_plugins.soda_launchers.launchers  # noqa: F401 - registers hydra/launcher configs
 import soda.config  # noqa: F401 - registers the config schema with Hydra
-from soda.errors import SodaError
+from soda.errors import SodaError, first_line
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -50,7 +50,7 @@ def _one_line(error: BaseException) -> str:
             kept.append(text)
     cause = error.__cause__
     if cause is not None and str(cause).strip():
-        kept.append(str(cause).strip().splitlines()[0])
+        kept.append(first_line(cause, limit=1000))
     return "; ".join(k.rstrip(".") for k in kept) or type(error).__name__
 
 

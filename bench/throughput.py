@@ -30,7 +30,6 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -39,19 +38,17 @@ from pathlib import Path
 
 import torch
 from ema_pytorch import EMA
-from hydra import compose, initialize_config_dir
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import soda.config
+from soda.data import LabelledImages, load_split
+from soda.data.shapes import make_shapes
+from soda.models.summary import training_step_flops_per_image
+from soda.train import build_evaluator, build_model, build_trainer
 
-import soda.config  # noqa: E402 - registers the schema
-from soda.data import LabelledImages, load_split  # noqa: E402
-from soda.data.shapes import make_shapes  # noqa: E402
-from soda.models.summary import training_step_flops_per_image  # noqa: E402
-from soda.train import build_evaluator, build_model, build_trainer  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]  # the records go to bench/results/
 
 PRESETS = {
     # Small enough for two CPU cores in a few minutes; CIFAR-10's image size and augmentation.
@@ -187,9 +184,7 @@ def main() -> None:
 
 
 def _settings(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    return soda.config.to_settings(cfg)
+    return soda.config.compose(overrides)
 
 
 def _data(root: str | None, preset: dict, settings) -> tuple[LabelledImages, LabelledImages]:
