@@ -56,20 +56,23 @@ faults: install ## Fault campaign: kills, SLURM requeues, a crowd of trials, fai
 
 # The store and experiment `make table` reads (default: $SODA_TRACKING_URI, else the embedded store, every
 # experiment), e.g. make table TRACKING_URI=http://127.0.0.1:5000 EXPERIMENT=soda
-TRACKING_URI ?= $(or $(SODA_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
+# The embedded stores' paths below match soda.tracking's defaults, where runs launched from this folder
+# write: mlflow.db and optuna-journal.log in $SODA_STORE_DIR, else the working directory (the repository root).
+STORE_DIR := $(abspath $(or $(SODA_STORE_DIR),$(CURDIR)))
+TRACKING_URI ?= $(or $(SODA_TRACKING_URI),sqlite:///$(STORE_DIR)/mlflow.db)
 EXPERIMENT ?=
 
 table: install ## Regenerate README.md's results (tables, docs/results/*.png) from MLflow [TRACKING_URI= EXPERIMENT=]
 	$(PY) -m analysis readme --tracking-uri '$(TRACKING_URI)' $(if $(EXPERIMENT),--experiment '$(EXPERIMENT)')
 
 mlflow-ui: install ## Browse the runs in the embedded store (http://127.0.0.1:5000)
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
+	$(VENV)/bin/mlflow ui --backend-store-uri 'sqlite:///$(STORE_DIR)/mlflow.db'
 
 mlflow-server: install ## MLflow server on the local PostgreSQL (make postgres-up first), http://127.0.0.1:5000
 	bash scripts/mlflow-server.sh
 
-optuna-dashboard: install ## Watch the sweeps of the default Optuna journal (http://127.0.0.1:8080)
-	$(VENV)/bin/optuna-dashboard $(CURDIR)/optuna-journal.log
+optuna-dashboard: install ## Watch the sweeps of the default Optuna storage (http://127.0.0.1:8080)
+	$(VENV)/bin/optuna-dashboard '$(or $(SODA_SWEEP_STORAGE),$(STORE_DIR)/optuna-journal.log)'
 
 slurm-up: ## Install (if needed) and start a single-node SLURM cluster on this machine (root)
 	bash scripts/slurm-up.sh
