@@ -52,7 +52,7 @@ gpu-carry: install ## Pack .carry/ for a GPU machine without a registry: wheels 
 	$(PY) bench/gpu_carry.py
 
 faults: install ## Fault campaign: kills, SLURM requeues, a crowd of trials, failing trials, bad inputs (needs slurm-up, postgres-up; about 30 min)
-	$(PY) bench/faults.py
+	$(PY) -m pytest tests/system -v
 
 # The store and experiment `make table` reads (default: $SODA_TRACKING_URI, else the embedded store, every
 # experiment), e.g. make table TRACKING_URI=http://127.0.0.1:5000 EXPERIMENT=soda

@@ -1,4 +1,4 @@
-"""Named moments a fault campaign may aim at (`make faults`, bench/faults.py).
+"""Named moments a fault campaign may aim at (`make faults`, tests/system/).
 
 With SODA_FAULT_MARKS=checkpoint.write,mlflow.log_metrics in its environment, a process prints
 `soda-fault-mark <name>` on stderr each time it reaches one of those moments, so that an outside

@@ -58,6 +58,9 @@ def latent_gap_at(timestep: int) -> str:
 RUN_DIR = "run_dir"
 ERROR = "error"
 COMPILE = "compile"
+RESUMED = "resumed"  # "true" once a later process continued the run
+POINTS_LOGGED = "metric_points_logged"  # metric points the last process sent (checked against the store)
+HOST, PID = "host", "pid"  # the process writing the run while it is live
 TRIAL = "trial"
 STUDY = "optuna_study"
 TRIAL_STATE = "trial_state"
@@ -293,7 +296,7 @@ class Tracker:
             run = mlflow.start_run(run_id=previous, log_system_metrics=self.system_metrics)
             self.resumed = True
             self._recorded_steps = self._last_steps(mlflow, previous)
-            mlflow.set_tag("resumed", "true")
+            mlflow.set_tag(RESUMED, "true")
             log.info("continuing MLflow run %s", previous)
         else:
             # The run directory is a tag from the run's creation on, so a process killed before it
@@ -377,9 +380,9 @@ class Tracker:
         if mlflow.active_run() is None:
             return
         if error:
-            mlflow.set_tag("error", error[:5000])
+            mlflow.set_tag(ERROR, error[:5000])
         # Points sent by this process (a resumed run's earlier points were sent by earlier ones).
-        mlflow.set_tags({**(tags or {}), "metric_points_logged": str(self.points_logged)})
+        mlflow.set_tags({**(tags or {}), POINTS_LOGGED: str(self.points_logged)})
         mlflow.end_run(status=status)
 
 

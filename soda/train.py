@@ -156,8 +156,8 @@ def _record(cfg: DictConfig, settings: Config, model: SODA, world: dist.Distribu
         "seed": str(settings.seed),
         "world_size": str(world.world_size),
         # Which process to look at (or stop) while the run is live.
-        "host": socket.gethostname(),
-        "pid": str(os.getpid()),
+        tracking.HOST: socket.gethostname(),
+        tracking.PID: str(os.getpid()),
         **(tracking.trial_tags(sweep.study_name, sweep.trial, sweep.parent_run_id) if sweep.trial is not None else {}),
     }
     params = flatten(resolved)

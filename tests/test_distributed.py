@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -16,16 +15,10 @@ import pytest
 import torch
 
 from tests.helpers import REPO, SMOKE, free_port, launch, run_ranks
+from tests.support.services import needs_slurm
 from tests.support.slurm import preempt, release_requeued, squeue
 
 TRACK = "tracking.experiment=soda"
-
-
-def _slurm_available() -> bool:
-    return shutil.which("sinfo") is not None and subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
-
-
-needs_slurm = pytest.mark.skipif(not _slurm_available(), reason="no SLURM cluster (run `make slurm-up`)")
 
 
 def _runs(tmp_path: Path):

@@ -19,13 +19,13 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from hydra_plugins.soda_sweeper.search_space import override_value, parse_space
 from soda.sweep import PRUNER_ATTR, SweepError, TrialReporter, open_storage
-from tests.helpers import REPO, SMOKE, free_port, launch
-from tests.test_distributed import needs_slurm
+from tests.helpers import REPO, SMOKE, launch
+from tests.support import services
+from tests.support.services import POSTGRES, needs_postgres, needs_slurm
 
 EXPERIMENT = "sweeps"
 # One cell of augment_ablation's views, so that a test's own dimensions make its grid.
 PINNED = ["augmentation/view@augmentation.target=reference", "augmentation/view@augmentation.source=reference"]
-POSTGRES = os.environ.get("SODA_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5433")
 
 
 def _sweep_args(tmp_path: Path, *args: str) -> list[str]:
@@ -409,58 +409,10 @@ def test_n_jobs_needs_a_launcher_with_processes(tmp_path):
 # Cluster scale: PostgreSQL-backed MLflow server and Optuna storage; SLURM
 
 
-def _postgres_available() -> bool:
-    try:
-        import psycopg
-
-        psycopg.connect(f"{POSTGRES}/optuna", connect_timeout=3).close()
-        return True
-    except Exception:
-        return False
-
-
-needs_postgres = pytest.mark.skipif(not _postgres_available(), reason="no PostgreSQL (run `make postgres-up`)")
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = free_port()
-    database = f"mlflow_{uuid.uuid4().hex[:8]}"
-    import psycopg
-
-    with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True) as connection:
-        connection.execute(f"CREATE DATABASE {database}")
-    env = {
-        **os.environ,
-        "SODA_MLFLOW_PORT": str(port),
-        "SODA_MLFLOW_BACKEND": f"{POSTGRES}/{database}",
-        "SODA_MLFLOW_ARTIFACTS": str(tmp_path / "server-artifacts"),
-        "SODA_MLFLOW_WORKERS": "2",
-    }
-    server = subprocess.Popen(
-        ["bash", "scripts/mlflow-server.sh"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "server.log", "w"),  # noqa: SIM115
-        start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        import urllib.request
-
-        def healthy():
-            try:
-                return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
-            except OSError:
-                assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-                return False
-
-        _wait_for(healthy, 180, "the MLflow server")
+    with services.mlflow_server(tmp_path, workers=2) as uri:
         yield uri
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 @needs_postgres

@@ -18,7 +18,7 @@ from soda.errors import first_line
 log = logging.getLogger(__name__)
 
 PARENT_ATTR = "soda_mlflow_parent"  # study user attribute: the sweep's MLflow run id
-RESUMED = "resumed"
+RESUMED = tracking.RESUMED
 BEST_TRIAL = "best_trial"
 
 

@@ -27,7 +27,7 @@ from soda.sweep import SweepError
 
 log = logging.getLogger(__name__)
 
-ERROR_ATTR = "error"  # trial user attribute: why the trial failed (read by bench/faults.py and the tests)
+ERROR_ATTR = "error"  # trial user attribute: why the trial failed (read by the tests)
 INTERRUPTED = "interrupted: the sweep stopped before the trial finished"
 FINISHED_OK = ("COMPLETE", "PRUNED")
 

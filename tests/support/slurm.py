@@ -1,5 +1,5 @@
 """Preempting a job on the test cluster the way SLURM does, for tests/test_distributed.py and the
-fault campaign (bench/faults.py)."""
+fault campaign (tests/system/test_requeue.py)."""
 
 from __future__ import annotations
 
