@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 
 class Evaluator:
-    """evaluator(ema_model, epoch, last) -> {"eval/knn_acc": ..., ...}. Runs under its own seeded
+    """evaluator(ema_model, epoch, last) -> {tracking.KNN_ACC: ..., ...}. Runs under its own seeded
     RNG, so evaluating, or not, never changes the training that follows."""
 
     def __init__(
@@ -133,7 +133,8 @@ class Evaluator:
             device=self.device,
             linear=linear,
         )
-        return {f"eval/{name}": value for name, value in result.items()}
+        keys = {"knn_acc": tracking.KNN_ACC, "linear_acc": tracking.LINEAR_ACC}
+        return {keys[name]: value for name, value in result.items()}
 
     def reconstruct(self, ema_model: SODA, epoch: int) -> float:
         """Reconstructions of the first test images from their latents alone; the grid is saved
