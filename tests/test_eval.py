@@ -139,9 +139,9 @@ class _OracleModel(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        from soda.models.diffusion import GaussianDiffusion
+        from tests.models.helpers import diffusion as make_diffusion
 
-        self.diffusion = GaussianDiffusion(timesteps=1000)
+        self.diffusion = make_diffusion()
         self.seen: list[torch.Tensor] = []
         self.decoder = self._decode
 

@@ -61,10 +61,10 @@ class GaussianDiffusion(nn.Module):
 
     def __init__(
         self,
-        noise_schedule: str = "linear",
-        timesteps: int = 1000,
-        beta_start: float = 1e-4,
-        beta_end: float = 0.02,
+        noise_schedule: str,
+        timesteps: int,
+        beta_start: float,
+        beta_end: float,
         s: float = 0.008,
     ):
         super().__init__()

@@ -1,4 +1,5 @@
 from soda.models import build_soda
+from soda.models.diffusion import GaussianDiffusion
 
 # Every argument of build_soda: a model that builds and trains in milliseconds on 8x8 images.
 TINY = dict(
@@ -35,3 +36,10 @@ def reference_soda():
     from soda.config import compose
 
     return build_soda(**compose().model_arguments())
+
+
+def diffusion(**overrides) -> GaussianDiffusion:
+    """The reference's diffusion (linear betas 1e-4 -> 0.02 over 1000 steps), or a variant."""
+    return GaussianDiffusion(
+        **{**dict(noise_schedule="linear", timesteps=1000, beta_start=1e-4, beta_end=0.02), **overrides}
+    )
