@@ -41,6 +41,17 @@ SMOKE = [
 ]
 
 
+def reference_view(size: int, **overrides):
+    """The reference view augmentation (conf/augmentation/view/reference.yaml), or a variant."""
+    from omegaconf import OmegaConf
+
+    from soda.data import ViewAugmentation
+
+    values = OmegaConf.to_container(OmegaConf.load(CONF / "augmentation" / "view" / "reference.yaml"))
+    values.pop("name")
+    return ViewAugmentation(size, **{**values, **overrides})
+
+
 def compose_config(overrides: list[str], tmp_path: Path | None = None):
     extra = []
     if tmp_path is not None:

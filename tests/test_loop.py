@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from soda import tracking
-from soda.data import LabelledImages, ViewAugmentation
+from soda.data import LabelledImages
 from soda.loop import CHECKPOINT, StopRequested, Trainer
-from tests.helpers import REPO
+from tests.helpers import REPO, reference_view
 from tests.models.helpers import tiny_soda
 
 SCHEDULE = dict(
@@ -58,7 +58,7 @@ def _trainer(tmp_path, evaluate, on_evaluation=None, tracker=None, **schedule):
         _images(),
         tmp_path,
         torch.device("cpu"),
-        source_augment=ViewAugmentation(8, crop_prob=0.5, randaugment_prob=0.0),
+        source_augment=reference_view(8, crop_prob=0.5, randaugment_prob=0.0),
         target_augment=None,
         evaluate=evaluate,
         on_evaluation=on_evaluation,

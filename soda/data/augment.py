@@ -81,13 +81,14 @@ class ViewAugmentation:
     def __init__(
         self,
         size: int,
-        crop_prob: float = 0.95,
-        crop_scale=(0.08, 1.0),
-        crop_ratio=(3 / 4, 4 / 3),
-        flip_prob: float = 0.5,
-        randaugment_prob: float = 0.65,
-        randaugment_ops: int = 2,
-        randaugment_magnitude: int = 9,
+        *,
+        crop_prob: float,  # the settings of conf/augmentation/view/ (the reference: reference.yaml)
+        crop_scale: tuple[float, float],
+        crop_ratio: tuple[float, float],
+        flip_prob: float,
+        randaugment_prob: float,
+        randaugment_ops: int,
+        randaugment_magnitude: int,
     ):
         self.size = size
         self.crop_prob = crop_prob

@@ -6,10 +6,9 @@ import torch
 from scipy import stats
 from torchvision.transforms import v2
 
-from soda.data import ViewAugmentation
 from soda.data.randaugment import OP, OPERATIONS, SIGNED, BatchRandAugment, magnitudes
 from soda.data.shapes import make_shapes
-from tests.helpers import DEVICES
+from tests.helpers import DEVICES, reference_view
 
 # On CUDA, fused multiply-adds move a few float results across a rounding boundary: a pixel may
 # land one level off torchvision's CPU kernel, and a geometric operation may pick a neighbouring
@@ -99,9 +98,9 @@ def test_batched_view_samples_the_reference_distribution(device):
     base, _ = make_shapes(16, 32, seed=3)
     images = base.repeat(150, 1, 1, 1)  # 2,400 views
     torch.manual_seed(0)
-    batched = (ViewAugmentation(32)(images.to(device)) * 255).round().cpu()
-    reference_view = _torchvision_view(32)
-    reference = torch.stack([reference_view(image) for image in images]).float()
+    batched = (reference_view(32)(images.to(device)) * 255).round().cpu()
+    torchvision_view = _torchvision_view(32)
+    reference = torch.stack([torchvision_view(image) for image in images]).float()
 
     def statistics(views):
         return {

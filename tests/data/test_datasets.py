@@ -6,11 +6,11 @@ import torch
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
-from soda.data import ViewAugmentation, load_split
+from soda.data import load_split
 from soda.data.augment import sample_crop_boxes
 from soda.data.shapes import make_shapes
 from soda.errors import DataError
-from tests.helpers import file_size_limit
+from tests.helpers import file_size_limit, reference_view
 
 
 def _write_tree(root: Path, split: str, classes: dict[str, int], size: int = 8, seed: int = 0):
@@ -150,17 +150,15 @@ def test_crop_boxes_stay_inside_the_image_and_follow_the_scale_range():
 
 def test_full_image_crop_with_flip_is_an_exact_mirror():
     images, _ = make_shapes(4, 16, seed=0)
-    mirror = ViewAugmentation(
-        16, crop_prob=1.0, crop_scale=(1, 1), crop_ratio=(1, 1), flip_prob=1.0, randaugment_prob=0
-    )
+    mirror = reference_view(16, crop_prob=1.0, crop_scale=(1, 1), crop_ratio=(1, 1), flip_prob=1.0, randaugment_prob=0)
     assert torch.equal((mirror(images) * 255).round().to(torch.uint8), images.flip(-1))
-    identity = ViewAugmentation(16, crop_prob=0.0, randaugment_prob=0.0)
+    identity = reference_view(16, crop_prob=0.0, randaugment_prob=0.0)
     assert torch.equal(identity(images), images.float() / 255)
 
 
 def test_reference_view_changes_images_with_per_image_parameters():
     images, _ = make_shapes(64, 16, seed=0)
-    views = ViewAugmentation(16)(images)
+    views = reference_view(16)(images)
     assert views.shape == (64, 3, 16, 16) and 0 <= views.min() and views.max() <= 1
     changed = ((views * 255).round() != images.float()).flatten(1).any(1)
     assert changed.float().mean() > 0.9
