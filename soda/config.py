@@ -348,6 +348,13 @@ def to_settings(cfg: DictConfig) -> Config:
         raise ConfigError(first_line(error, limit=1000)) from error
 
 
+def run_directory() -> Path:
+    """The run directory Hydra chose for the running job (hydra.run.dir, or a sweep's subdir)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
 def compose(overrides: Sequence[str] = ()) -> Config:
     """The validated settings of conf/ with command-line style overrides (`model=tiny`,
     `model.layer_groups=2`), for tools that run outside launch.py (soda.models.summary)."""

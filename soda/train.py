@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from soda import dist, tracking
 from soda.checkpoint import load_checkpoint
-from soda.config import Config, ViewConfig, to_settings
+from soda.config import Config, ViewConfig, run_directory, to_settings
 from soda.data import LabelledImages, ViewAugmentation, load_split
 from soda.errors import ConfigError
 from soda.evaluate import Evaluator
@@ -41,7 +41,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | list[floa
     them for a list) on global rank 0 and None on the other ranks. In a sweep's trial
     (`sweep.trial` set), each evaluation is reported to the Optuna trial, which may prune it."""
     settings = to_settings(cfg)
-    run_dir = Path(run_dir) if run_dir is not None else _hydra_output_dir()
+    run_dir = Path(run_dir) if run_dir is not None else run_directory()
     device = _resolve_device(settings.device)
     world = dist.setup(use_cuda=device.type == "cuda")
     if world.enabled and device.type == "cuda":
@@ -283,12 +283,6 @@ def signature(settings: Config) -> dict:
         "dataset.num_classes": str(d.num_classes),
         "seed": str(settings.seed),
     }
-
-
-def _hydra_output_dir() -> Path:
-    from hydra.core.hydra_config import HydraConfig
-
-    return Path(HydraConfig.get().runtime.output_dir)
 
 
 def _resolve_device(name: str) -> torch.device:
