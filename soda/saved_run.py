@@ -101,8 +101,9 @@ def _client(uri: str):
 def _check_unrecorded(uri: str, run_id: str, name: str, epoch: int) -> None:
     """A second evaluation under the same name at the same epoch would add a second point at that
     step; refuse before any work."""
+    client = _client(uri)
     try:
-        recorded = _client(uri).get_run(run_id).data.metrics
+        recorded = client.get_run(run_id).data.metrics
     except SodaError:
         raise
     except Exception as error:
@@ -111,7 +112,6 @@ def _check_unrecorded(uri: str, run_id: str, name: str, epoch: int) -> None:
         ) from None
     taken = [key for key in recorded if key.startswith(f"{name}/")]
     if taken:
-        client = _client(uri)
         if any(m.step == epoch for m in client.get_metric_history(run_id, taken[0])):
             raise ConfigError(
                 f"MLflow run {run_id} already has {name}/... metrics at epoch {epoch}; pass another --name"
