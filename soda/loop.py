@@ -32,6 +32,7 @@ from soda.tracking import NullTracker
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoints/last.pt"
 PRECISION_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+DIVERGENCE_ADVICE = "lower schedule.decoder_lr, keep schedule.grad_clip, or try schedule.precision=bf16"
 
 # evaluate(ema_model, epoch, last) -> metrics; on_evaluation(epoch, metrics) -> stop the run?
 Evaluate = Callable[[SODA, int, bool], dict[str, float]]
@@ -170,6 +171,14 @@ class Trainer:
         self.out_of_time = False
         self.preempt_requested = False
         self.preempt_signal = signal.SIGUSR1
+        # Divergence watch, kept on the device so that a step never waits for it: whether any
+        # step so far had a non-finite loss (or gradient norm), and the first such step with its
+        # values. It is read back only where a diverged model could leave a trace: log points,
+        # evaluations, checkpoints and the end of fit (_raise_if_diverged).
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self._nonfinite_step = torch.zeros((), dtype=torch.long, device=device)
+        self._nonfinite_loss = torch.zeros((), device=device)
+        self._nonfinite_grad_norm = torch.zeros((), device=device)
         # Augmentation, timestep and noise draws differ per rank, seeded from the global rank.
         torch.manual_seed(seed * 1_000 + self.world.rank)
 
@@ -202,6 +211,7 @@ class Trainer:
                 self._evaluate_on_main(epoch, last)
             if last or epoch % self.checkpoint_every == 0:
                 self.save()
+        self._raise_if_diverged()
         if self.world.is_main and not self.metrics:  # resumed a run that had already finished
             raise ConfigError("this run directory holds a finished run without metrics; use a new run directory")
         return self.metrics
@@ -218,6 +228,9 @@ class Trainer:
     def _evaluate_on_main(self, epoch: int, last: bool) -> None:
         """Rank 0 evaluates; the others wait on a gloo barrier, which costs them nothing. The
         probes are cheap next to training, and a single process keeps them deterministic."""
+        # A diverged EMA model would still give the probes something to score (a finite
+        # accuracy), which a sweep would take for a result.
+        self._raise_if_diverged()
         self.last_eval_seconds = self.train_seconds
         stop = False
         if self.world.is_main:
@@ -237,8 +250,31 @@ class Trainer:
         if dist.any_rank(stop, self.device):
             raise StopRequested(f"pruned at epoch {epoch}")
 
+    def _raise_if_diverged(self) -> None:
+        """Raise DivergenceError on every rank if any rank saw a non-finite loss (or gradient
+        norm) since the run started. One host sync (two under DDP): call it only where a
+        diverged model could leave a trace, never per step."""
+        diverged_here = bool(self._nonfinite.item())
+        if not dist.any_rank(diverged_here, self.device):
+            return
+        if not diverged_here:
+            # Every rank raises together; the rank that diverged names the step in its message.
+            raise DivergenceError(
+                f"{tracking.TRAIN_LOSS} became non-finite on another rank by step {self.global_step}; "
+                f"{DIVERGENCE_ADVICE}"
+            )
+        step, loss = int(self._nonfinite_step.item()), self._nonfinite_loss.item()
+        if not math.isfinite(loss):
+            raise DivergenceError(f"{tracking.TRAIN_LOSS} is {loss} at step {step}; {DIVERGENCE_ADVICE}")
+        raise DivergenceError(
+            f"the gradient norm is {self._nonfinite_grad_norm.item()} at step {step} "
+            f"({tracking.TRAIN_LOSS} {loss:.4g}), so AdamW made the weights non-finite; {DIVERGENCE_ADVICE}"
+        )
+
     def save(self) -> None:
         """Checkpoint on rank 0 (with every rank's RNG state); all ranks leave together."""
+        # Before anything is written: a diverged model must never replace the last good checkpoint.
+        self._raise_if_diverged()
         rng_states = dist.gather_to_main(self._rng_state())
         if self.world.is_main:
             save_checkpoint(self.run_dir / CHECKPOINT, self.state_dict(rng_states))
@@ -277,13 +313,10 @@ class Trainer:
             if self.global_step % self.log_every:
                 continue
 
-            # Log point: the only host sync of the loop, once every log_every steps.
+            # Log point: the only host syncs of the loop, once every log_every steps. The divergence
+            # watch covers every step since the last point, so the mean below is finite.
+            self._raise_if_diverged()
             value = dist.all_mean(running / count).item()
-            if not math.isfinite(value):
-                raise DivergenceError(
-                    f"{tracking.TRAIN_LOSS} is {value} at step {self.global_step}; lower schedule.decoder_lr, "
-                    f"keep schedule.grad_clip, or try schedule.precision=bf16"
-                )
             self.tracker.log_metrics(
                 {tracking.TRAIN_LOSS: value, tracking.TRAIN_LR: self._lr_factor() * self.decoder_lr},
                 step=self.global_step,
@@ -291,7 +324,8 @@ class Trainer:
             bar.set_postfix(loss=f"{value:.4f}")
             running, count = torch.zeros((), device=self.device), 0
 
-            # Stop early: preemption (checkpoint first) or the training clock spent.
+            # Stop early: preemption (checkpoint first, which a diverged run refuses) or the
+            # training clock spent.
             if dist.any_rank(self.preempt_requested, self.device):
                 self.save()
                 raise Preempted(
@@ -335,8 +369,8 @@ class Trainer:
         return self.source_augment(images), self.target_augment(images)
 
     def optimize(self, source_view: torch.Tensor, target_view: torch.Tensor) -> torch.Tensor:
-        """Loss, backward, clip, AdamW, EMA; returns the loss as a device tensor (no host sync:
-        nothing here reads a value back, so the CPU can queue the next step at once)."""
+        """Loss, backward, clip, AdamW, EMA, divergence watch; returns the loss as a device tensor
+        (no host sync: nothing here reads a value back, so the CPU can queue the next step at once)."""
         # Learning rate: linear warm-up, then constant (a host-side step count, no sync).
         factor = self._lr_factor()
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
@@ -350,9 +384,10 @@ class Trainer:
         self.scaler.scale(loss).backward()
 
         # Clip and step.
+        grad_norm = None
         if self.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -361,7 +396,28 @@ class Trainer:
         if self.ema is not None:
             self.ema.update()
         self.global_step += 1
+
+        # Watch for divergence. Under fp32 and bf16 a non-finite gradient norm poisons the
+        # weights (clipping divides every gradient by it, then AdamW applies them) even when the
+        # loss was finite; under fp16 the GradScaler skips such steps and lowers its scale, which
+        # is its normal working, so there only the loss counts.
+        if self.scaler.is_enabled():
+            grad_norm = None
+        self._watch_divergence(loss.detach(), grad_norm)
         return loss
+
+    def _watch_divergence(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        """Fold this step into the divergence watch with device ops only: no host sync, no
+        random draws, nothing that the model or the optimiser reads."""
+        nonfinite = ~torch.isfinite(loss)
+        if grad_norm is not None:
+            nonfinite |= ~torch.isfinite(grad_norm)
+        first = nonfinite & ~self._nonfinite
+        self._nonfinite_step = torch.where(first, self.global_step, self._nonfinite_step)
+        self._nonfinite_loss = torch.where(first, loss.float(), self._nonfinite_loss)
+        if grad_norm is not None:
+            self._nonfinite_grad_norm = torch.where(first, grad_norm.float(), self._nonfinite_grad_norm)
+        self._nonfinite |= nonfinite
 
     def _lr_factor(self) -> float:
         return min(1.0, (self.global_step + 1) / self.warmup_steps)

@@ -8,6 +8,7 @@ import torch
 
 from soda import tracking
 from soda.data import LabelledImages
+from soda.errors import DivergenceError
 from soda.loop import CHECKPOINT, StopRequested, Trainer
 from tests.helpers import REPO, reference_view
 from tests.models.helpers import tiny_soda
@@ -64,9 +65,8 @@ def _trainer(tmp_path, evaluate, on_evaluation=None, tracker=None, **schedule):
         on_evaluation=on_evaluation,
         tracker=tracker,
         signature={"model": "tiny"},
-        eval_every=2,
         eval_every_seconds=None,
-        **{"eval_at_start": True, **SCHEDULE, **schedule},
+        **{"eval_at_start": True, "eval_every": 2, **SCHEDULE, **schedule},
     )
 
 
@@ -120,6 +120,104 @@ def test_training_metrics_go_to_the_tracker_by_their_contract_keys(tmp_path):
     rates = [m[tracking.TRAIN_LR] for _, m in recorder.points if tracking.TRAIN_LR in m]
     assert rates == pytest.approx([1e-3 * 2 / 3, 1e-3, 1e-3])
     assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["mlflow_run_id"] == "run-1"
+
+
+def _loss_turns_nan_at(trainer: Trainer, step: int) -> None:
+    """From optimiser step `step` (counted from 1, as the tracker counts them) on, the loss is NaN
+    and so are the gradients: the weights go NaN the way a real divergence takes them."""
+    loss_fn = trainer.loss_fn
+
+    def poisoned(source_view, target_view):
+        loss = loss_fn(source_view, target_view)
+        return loss * float("nan") if trainer.global_step + 1 >= step else loss
+
+    trainer.loss_fn = poisoned
+
+
+def _gradient_turns_inf_at(trainer: Trainer, step: int, then=lambda: None) -> None:
+    """At optimiser step `step` one gradient is infinite while the loss stays finite; `then` runs
+    during that step's backward pass."""
+
+    def hook(grad):
+        if trainer.global_step + 1 != step:
+            return grad
+        then()
+        return torch.full_like(grad, float("inf"))
+
+    next(trainer.model.decoder.parameters()).register_hook(hook)
+
+
+def _finite(model: torch.nn.Module) -> bool:
+    return all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_loss_that_turns_nan_between_log_points_fails_the_run_before_it_leaves_a_trace(tmp_path):
+    """An epoch of 3 steps and log_every=100: no log point ever comes. The NaN of step 5 must
+    still stop the run before the NaN model is evaluated or overwrites epoch 1's checkpoint."""
+    evaluated = []
+
+    def evaluate(ema_model, epoch, last):
+        evaluated.append(epoch)
+        return {tracking.KNN_ACC: 0.5}
+
+    trainer = _trainer(tmp_path, evaluate, log_every=100, checkpoint_every=1, eval_every=1)
+    trainer.epochs = 1
+    trainer.fit()  # epoch 1 trains, is evaluated and checkpointed while the loss is finite
+    checkpoint = tmp_path / CHECKPOINT
+    good_bytes, good_mtime = checkpoint.read_bytes(), checkpoint.stat().st_mtime_ns
+    assert evaluated == [0, 1] and trainer.global_step == 3
+
+    trainer.epochs = 3
+    _loss_turns_nan_at(trainer, step=5)  # epoch 2's second step, not a log point
+    with pytest.raises(DivergenceError, match=r"^train/loss is nan at step 5; lower schedule\.decoder_lr"):
+        trainer.fit()
+    assert not _finite(trainer.model)  # the run did diverge (the test poisons for real)
+    assert evaluated == [0, 1]  # epoch 2's NaN model never reached the probes
+    assert checkpoint.read_bytes() == good_bytes and checkpoint.stat().st_mtime_ns == good_mtime
+
+
+def test_a_diverged_run_asked_to_preempt_writes_no_checkpoint(tmp_path):
+    """Step 2's gradient is infinite with a finite loss, and SIGUSR1 arrives during that step:
+    clipping then AdamW make the weights NaN, and the preemption checkpoint must not hold them."""
+    trainer = _trainer(tmp_path, lambda model, epoch, last: {tracking.KNN_ACC: 0.5}, eval_at_start=False)
+    _gradient_turns_inf_at(trainer, step=2, then=trainer.request_preemption)
+    with pytest.raises(DivergenceError, match=r"^the gradient norm is inf at step 2 \(train/loss [0-9.]+\)"):
+        trainer.fit()
+    assert not _finite(trainer.model)
+    assert not (tmp_path / CHECKPOINT).exists()
+    # The check sits in save() itself, ahead of writing, for any other caller.
+    with pytest.raises(DivergenceError, match="at step 2"):
+        trainer.save()
+    assert not (tmp_path / CHECKPOINT).exists()
+
+
+def test_under_fp16_an_infinite_gradient_is_the_scalers_to_skip_not_a_divergence(tmp_path):
+    """The GradScaler skips a step whose gradients overflow and lowers its scale: the weights
+    stay finite and the run goes on."""
+    trainer = _trainer(
+        tmp_path, lambda model, epoch, last: {tracking.KNN_ACC: 0.5}, epochs=1, eval_at_start=False, precision="fp16"
+    )
+    scale = trainer.scaler.get_scale()
+    _gradient_turns_inf_at(trainer, step=2)
+    assert trainer.fit() == {tracking.KNN_ACC: 0.5}
+    assert trainer.scaler.get_scale() < scale and _finite(trainer.model)
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["global_step"] == 3
+
+
+def test_the_divergence_watch_leaves_a_healthy_run_bit_for_bit_unchanged(tmp_path):
+    """The watch only reads the loss and the gradient norm: no random draws, nothing the model or
+    the optimiser sees. The same run without it ends on the same weights, EMA and RNG state."""
+    evaluate = lambda model, epoch, last: {tracking.KNN_ACC: 0.5}  # noqa: E731
+    watched = _trainer(tmp_path / "watched", evaluate, epochs=1, eval_at_start=False)
+    watched.fit()
+    unwatched = _trainer(tmp_path / "unwatched", evaluate, epochs=1, eval_at_start=False)
+    unwatched._watch_divergence = lambda loss, grad_norm: None
+    unwatched.fit()
+    for module in ("model", "ema"):
+        first, second = getattr(watched, module).state_dict(), getattr(unwatched, module).state_dict()
+        assert first.keys() == second.keys()
+        assert all(torch.equal(first[key], second[key]) for key in first), module
+    assert torch.equal(watched._rng_state()["torch"], unwatched._rng_state()["torch"])
 
 
 def test_the_loop_module_imports_no_config_or_sweep_library():
