@@ -1,6 +1,8 @@
 """Hydra launchers for SODA jobs: hydra-submitit-launcher's, plus checks that turn a bad job
-(tasks that do not match GPUs, a batch the ranks cannot share, an unknown partition) into one
-line before anything is submitted, and `srun --kill-on-bad-exit` so one failed rank ends the job.
+(a config that does not validate, tasks that do not match GPUs, a batch the ranks cannot share,
+an unknown partition or a request it cannot satisfy) into one line before anything is submitted,
+`srun --kill-on-bad-exit` so one failed rank ends the job, and a one-line report naming the rank
+that failed first when a job dies.
 
 Select with `hydra/launcher=local` or `hydra/launcher=slurm` (conf/hydra/launcher/); `local` is
 the default for multiruns, so every job is its own process.
@@ -14,17 +16,19 @@ registering it in sys.modules, and dataclasses cannot resolve string annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional  # noqa: UP035 - OmegaConf needs typing's generics
+from typing import List, Optional, Sequence  # noqa: UP035 - OmegaConf needs typing's generics
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
 from hydra.core.utils import filter_overrides
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, LocalQueueConf, SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
+from omegaconf import OmegaConf
 
 from soda.errors import SodaError
 
@@ -32,6 +36,7 @@ log = logging.getLogger(__name__)
 _SET_BY_US: set = set()  # OMP_NUM_THREADS values this module set (so it may set them again)
 _EXECUTOR_INIT_KEYS = ("submitit_folder", "max_num_timeout")
 _OUR_KEYS = ("threads_per_task",)  # handled here, not by submitit
+_WARNED: set = set()  # warnings given once per process (warn_about_file_stores)
 
 
 class LauncherError(SodaError):
@@ -46,8 +51,22 @@ class _TrackedLaunch:
     _EXECUTOR: str
     params: dict
 
+    def _job_settings(self, job_overrides) -> list:
+        """Each job's config, composed and validated here as the job would (soda.config.to_settings),
+        so that an unknown key or a bad value in any job stops the launch before anything runs."""
+        from hydra_plugins.soda_launchers import inflight
+        from soda.config import to_settings
+
+        settings = []
+        with inflight.SUBMIT_LOCK:  # Hydra's config loader is shared by a sweeper's threads
+            for overrides in job_overrides:
+                composed = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+                settings.append(to_settings(OmegaConf.masked_copy(composed, [k for k in composed if k != "hydra"])))
+        return settings
+
     def _submit_and_wait(self, job_overrides, initial_job_idx):
         import submitit
+        from submitit.core.utils import FailedJobError, UncompletedJobError
 
         from hydra_plugins.soda_launchers import inflight
 
@@ -76,12 +95,79 @@ class _TrackedLaunch:
             jobs = executor.map_array(self, *zip(*job_params, strict=True))
         inflight.add(jobs)
         try:
-            return [job.results()[0] for job in jobs]
+            results = []
+            for job in jobs:
+                try:
+                    results.append(job.results()[0])
+                except (FailedJobError, UncompletedJobError) as error:
+                    # submitit's message quotes task 0's streams, often empty when another rank failed.
+                    raise LauncherError(_job_failure(job, error)) from None
+            return results
         finally:
             inflight.remove(jobs)
 
 
-def _check_ranks(params: dict, config) -> None:
+def _job_failure(job, error: Exception) -> str:
+    """One line on a job that ended without a result: the rank that failed first and its log."""
+    tasks = [job.task(number) for number in range(job.num_tasks)]
+    story = rank_failure([[task.paths.stderr, task.paths.stdout] for task in tasks])
+    if story is not None:
+        return story if len(tasks) > 1 else story.replace("rank 0 failed", f"job {job.job_id} failed", 1)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"job {job.job_id} ended without a result and no rank logged an error ({first}); logs: {job.paths.folder}"
+
+
+# A rank's error that only says another rank went away (its socket closed, a collective timed out).
+_PEER_ERROR = re.compile(
+    r"Connection (reset|closed) by peer|Broken pipe|Socket Timeout|DistNetworkError|collective operation timeout"
+    r"|NCCL communicator was aborted"
+)
+_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:[,.]\d+)?")
+
+
+def rank_failure(task_logs: Sequence[Sequence[Path]]) -> Optional[str]:  # noqa: UP045
+    """`rank <r> failed: <its exception line>; full log: <file>` from each rank's log files
+    (`task_logs[rank]`: submitit's .err and .out of that task), or None when no rank logged a
+    traceback. When one rank dies the others often fail too, on a socket their peer closed: the
+    rank blamed is the one whose error is not such a consequence, and the earliest logged."""
+    failures = []  # (is a peer's consequence, when, rank, exception line, file)
+    for rank, paths in enumerate(task_logs):
+        for path in paths:
+            found = _last_exception(path)
+            if found is not None:
+                when, line = found
+                failures.append((bool(_PEER_ERROR.search(line)), when, rank, line[:300], path))
+                break
+    if not failures:
+        return None
+    failures.sort(key=lambda failure: (failure[0], failure[1] or "~", failure[2]))
+    _, _, first_rank, line, path = failures[0]
+    alike = sorted({failure[2] for failure in failures if failure[3] == line} | {first_rank})
+    who = f"rank {first_rank}" if len(alike) == 1 else f"ranks {', '.join(map(str, alike))}"
+    return f"{who} failed: {line}; full log: {path}"
+
+
+def _last_exception(path: Path) -> Optional[tuple]:  # noqa: UP045
+    """(the timestamp logged just before it or None, the exception line) of the last traceback
+    in a log file, or None when it holds none."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    starts = [n for n, line in enumerate(lines) if line.startswith("Traceback (most recent call last):")]
+    if not starts:
+        return None
+    start = starts[-1]
+    # The frames are indented; the first line that is not is the exception (a chained traceback's
+    # last one is the exception that ended the program).
+    line = next((text for text in lines[start + 1 :] if text.strip() and not text[0].isspace()), None)
+    if line is None:
+        return None
+    stamp = _TIMESTAMP.search(lines[start - 1]) if start > 0 else None
+    return (stamp[0].replace("T", " ").replace(".", ",") if stamp else None), line.strip()
+
+
+def _check_ranks(params: dict, settings: list) -> None:
     for key, least in (("tasks_per_node", 1), ("nodes", 1), ("gpus_per_node", 0), ("timeout_min", 1)):
         value = params.get(key)
         if value is not None and (not isinstance(value, int) or value < least):
@@ -95,12 +181,12 @@ def _check_ranks(params: dict, config) -> None:
             f"GPU, so set hydra.launcher.tasks_per_node={gpus}"
         )
     world = tasks * nodes
-    batch = config.schedule.batch_size
-    if batch % world:
-        raise LauncherError(
-            f"schedule.batch_size={batch} is not divisible by the {world} ranks of each job (nodes x "
-            f"tasks_per_node); choose a multiple of {world}"
-        )
+    for batch in sorted({job.schedule.batch_size for job in settings}):
+        if batch % world:
+            raise LauncherError(
+                f"schedule.batch_size={batch} is not divisible by the {world} ranks of each job (nodes x "
+                f"tasks_per_node); choose a multiple of {world}"
+            )
 
 
 class SodaLocalLauncher(_TrackedLaunch, LocalLauncher):
@@ -121,7 +207,8 @@ class SodaLocalLauncher(_TrackedLaunch, LocalLauncher):
         _SET_BY_US.add(str(threads))
 
     def launch(self, job_overrides, initial_job_idx):
-        _check_ranks(self.params, self.config)
+        settings = self._job_settings(job_overrides)
+        _check_ranks(self.params, settings)
         if (self.params.get("nodes") or 1) != 1:
             raise LauncherError("hydra/launcher=local runs on this machine: hydra.launcher.nodes must be 1")
         return self._submit_and_wait(job_overrides, initial_job_idx)
@@ -129,16 +216,167 @@ class SodaLocalLauncher(_TrackedLaunch, LocalLauncher):
 
 class SodaSlurmLauncher(_TrackedLaunch, SlurmLauncher):
     def launch(self, job_overrides, initial_job_idx):
-        _check_ranks(self.params, self.config)
+        settings = self._job_settings(job_overrides)
+        _check_ranks(self.params, settings)
         if shutil.which("sbatch") is None:
             raise LauncherError("hydra/launcher=slurm needs SLURM's sbatch on PATH; run on a cluster login node")
-        partition = self.params.get("partition")
-        if partition:
-            found = subprocess.run(["scontrol", "show", "partition", partition], capture_output=True, text=True)
-            if found.returncode != 0:
-                message = (found.stderr or found.stdout).strip().splitlines()[0]
-                raise LauncherError(f"SLURM: {message} (hydra.launcher.partition={partition}; see `sinfo`)")
+        _check_partition(self.params)
+        sweeper = str(OmegaConf.select(self.config, "hydra.sweeper._target_", default=""))
+        for job in settings:
+            warn_about_file_stores(job.tracking.uri, job.sweep.storage, optuna_sweep="soda_sweeper" in sweeper)
         return self._submit_and_wait(job_overrides, initial_job_idx)
+
+
+def warn_about_file_stores(tracking_uri: str, sweep_storage: str, optuna_sweep: bool) -> None:
+    """Once per process, a warning line when the jobs would write to a store that is one file on
+    the (shared) file system: jobs on several nodes then contend for it through file locks."""
+    problems = []
+    if str(tracking_uri).startswith("sqlite:"):
+        problems.append(
+            f"tracking.uri={tracking_uri} is an SQLite file, whose locks are unreliable on network file systems "
+            "(jobs writing at once fail with 'database is locked'): use an MLflow server, tracking=server "
+            "(scripts/mlflow-server.sh)"
+        )
+    storage = str(sweep_storage)
+    if optuna_sweep and ("://" not in storage or storage.startswith("sqlite:")):
+        kind = "an SQLite file" if storage.startswith("sqlite:") else "an Optuna journal file"
+        problems.append(
+            f"sweep.storage={storage} is {kind} that every trial writes through lock files on the shared file "
+            "system (slow with many trials, safe only where the locks hold, NFSv3 or later): use a database, "
+            "sweep.storage=postgresql://..."
+        )
+    if problems and "file stores" not in _WARNED:
+        _WARNED.add("file stores")
+        log.warning("hydra/launcher=slurm: %s", "; ".join(problems))
+
+
+def _check_partition(params: dict) -> None:
+    """Refuse, before submission, a job the partition (the default one when none is named) can
+    never run: SLURM would accept it and leave it pending forever."""
+    partition = params.get("partition")
+    command = ["scontrol", "show", "partition", "--oneliner", *([partition] if partition else [])]
+    found = subprocess.run(command, capture_output=True, text=True)
+    if found.returncode != 0:
+        message = (found.stderr or found.stdout).strip().splitlines()[0]
+        raise LauncherError(f"SLURM: {message} (hydra.launcher.partition={partition}; see `sinfo`)")
+    records = scontrol_records(found.stdout)
+    if not partition:
+        records = [record for record in records if record.get("Default") == "YES"][:1]
+    nodes = subprocess.run(["scontrol", "show", "node", "--oneliner"], capture_output=True, text=True)
+    if not records or nodes.returncode != 0:
+        log.warning("could not read the partition's limits from scontrol; the job is submitted unchecked")
+        return
+    problem = partition_problem(params, records[0], scontrol_records(nodes.stdout))
+    if problem is not None:
+        raise LauncherError(problem)
+
+
+def scontrol_records(text: str) -> list:
+    """The `Key=Value` fields of each line of `scontrol show ... --oneliner` as a dict. A value
+    runs to the next ` Key=` (OS=Linux 6.1 #1 SMP holds spaces; TRES=cpu=8,mem=4G holds '=')."""
+    records = []
+    for line in text.splitlines():
+        keys = list(re.finditer(r"(?:^|\s)([A-Za-z][\w:/.]*)=", line))
+        if keys:
+            ends = [key.start() for key in keys[1:]] + [len(line)]
+            records.append({key[1]: line[key.end() : end].strip() for key, end in zip(keys, ends, strict=True)})
+    return records
+
+
+def slurm_minutes(text: str) -> Optional[float]:  # noqa: UP045
+    """A SLURM time (`30`, `30:00`, `1:00:00`, `2-00:00:00`, `2-12`) in minutes; None = no limit."""
+    text = text.strip()
+    if text.upper() in ("UNLIMITED", "INFINITE"):
+        return None
+    days, _, clock = text.rpartition("-")
+    parts = [int(part) for part in clock.split(":")]
+    if days:  # days-hours[:minutes[:seconds]]
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    else:  # minutes | minutes:seconds | hours:minutes:seconds
+        hours, minutes, seconds = ([0, 0] + parts)[-3:] if len(parts) == 3 else (0, *(parts + [0])[:2])
+    return int(days or 0) * 1440 + hours * 60 + minutes + seconds / 60
+
+
+def gres_gpus(gres: str) -> int:
+    """The GPUs of a node's Gres (`gpu:4`, `gpu:a100:4(S:0-1)`, `gpu:a100:2,gpu:v100:2`)."""
+    return sum(int(count) for count in re.findall(r"(?:^|,)gpu(?::[^:,(]+)?:(\d+)", gres))
+
+
+def partition_problem(params: dict, partition: dict, nodes: list) -> Optional[str]:  # noqa: UP045
+    """What of the request (hydra.launcher.*) the partition cannot satisfy, in one line, or None.
+    `partition` and `nodes` are scontrol's records (scontrol_records); a node belongs to the
+    partition when its Partitions field names it."""
+    name = partition["PartitionName"]
+    members = [node for node in nodes if name in node.get("Partitions", "").split(",")]
+    count = len(members) or int(partition.get("TotalNodes", "0") or 0)
+    wanted_nodes = params.get("nodes") or 1
+    tasks = params.get("tasks_per_node") or 1
+    cpus_per_task = params.get("cpus_per_task") or 1
+    gpus = params.get("gpus_per_node") or 0
+    mem_gb = params.get("mem_gb")
+
+    # The partition as a whole.
+    if wanted_nodes > count:
+        return f"hydra.launcher.nodes={wanted_nodes} but partition {name} has {_plural(count, 'node')} (see sinfo)"
+    max_nodes = partition.get("MaxNodes", "UNLIMITED")
+    if max_nodes.isdigit() and wanted_nodes > int(max_nodes):
+        return f"hydra.launcher.nodes={wanted_nodes} is above partition {name}'s MaxNodes of {max_nodes} (see sinfo)"
+    max_time = partition.get("MaxTime", "UNLIMITED")
+    limit = slurm_minutes(max_time)
+    timeout = params.get("timeout_min")
+    if limit is not None and timeout is not None and timeout > limit:
+        return (
+            f"hydra.launcher.timeout_min={timeout} is above partition {name}'s MaxTime of {max_time} "
+            f"({limit:g} minutes; see sinfo)"
+        )
+
+    # One node: does any have enough of each?
+    def cpus_of(node: dict) -> int:
+        return int(node.get("CPUEfctv") or node.get("CPUTot") or 0)
+
+    def mem_mb_of(node: dict) -> int:
+        return int(node.get("RealMemory") or 0)
+
+    cpus = cpus_per_task * tasks
+    cap = partition.get("MaxCPUsPerNode", "UNLIMITED")
+    most_cpus = max((cpus_of(node) for node in members), default=0)
+    most_cpus = min(most_cpus, int(cap)) if cap.isdigit() else most_cpus
+    most_mem = max((mem_mb_of(node) for node in members), default=0)
+    cap = partition.get("MaxMemPerNode", "UNLIMITED")
+    most_mem = min(most_mem, int(cap)) if cap.isdigit() else most_mem
+    most_gpus = max((gres_gpus(node.get("Gres", "")) for node in members), default=0)
+    if members and gpus > most_gpus:
+        have = f"at most {most_gpus} GPUs" if most_gpus else "no GPUs"
+        return f"hydra.launcher.gpus_per_node={gpus} but the nodes of partition {name} have {have} (Gres; see sinfo)"
+    if members and cpus > most_cpus:
+        return (
+            f"hydra.launcher.cpus_per_task={cpus_per_task} x tasks_per_node={tasks} = {cpus} CPUs per node but "
+            f"the nodes of partition {name} have at most {most_cpus} CPUs (see sinfo)"
+        )
+    if members and mem_gb is not None and mem_gb * 1024 > most_mem:
+        return (
+            f"hydra.launcher.mem_gb={mem_gb} but the nodes of partition {name} have at most {most_mem // 1024} GB "
+            f"(RealMemory={most_mem} MB; see sinfo)"
+        )
+
+    # All of it at once, on enough nodes.
+    fitting = [
+        node
+        for node in members
+        if gres_gpus(node.get("Gres", "")) >= gpus
+        and cpus_of(node) >= cpus
+        and (mem_gb is None or mem_mb_of(node) >= mem_gb * 1024)
+    ]
+    if members and len(fitting) < wanted_nodes:
+        wanted = [f"{gpus} GPUs"] * bool(gpus) + [f"{cpus} CPUs"] + [f"{mem_gb} GB"] * (mem_gb is not None)
+        what = ", ".join(wanted[:-1]) + " and " + wanted[-1] if len(wanted) > 1 else wanted[0]
+        has = f"{_plural(len(fitting), 'node')}" if fitting else "no node"
+        return f"hydra.launcher.nodes={wanted_nodes} but partition {name} has {has} with {what} at once (see sinfo)"
+    return None
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 @dataclass
