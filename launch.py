@@ -6,7 +6,9 @@ python launch.py -m sweep=augment_ablation
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import sys
 
 import hydra
@@ -14,7 +16,9 @@ from omegaconf import DictConfig
 
 import hydra_plugins.soda_launchers.launchers  # noqa: F401 - registers hydra/launcher configs
 import soda.config  # noqa: F401 - registers the config schema with Hydra
-from soda.errors import SodaError, first_line
+from soda.errors import SodaError, Terminated, first_line
+
+UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.ENOSPC, errno.EDQUOT}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -22,9 +26,10 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from soda.train import run
-
     try:
+        _refuse_a_sweep_without_multirun()
+        from soda.train import run  # after the checks above: it imports torch, which takes seconds
+
         return run(cfg)
     except SodaError as error:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -32,6 +37,20 @@ def main(cfg: DictConfig) -> float | None:
         # One run: say what is wrong in one line (Hydra would add its own "Error executing job").
         print(f"error: {_one_line(error)}", file=sys.stderr)
         sys.exit(2)
+
+
+def _refuse_a_sweep_without_multirun() -> None:
+    """A sweep file sets hydra.sweeper, which only -m uses: without it, it would be one plain run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from soda.errors import ConfigError
+
+    hydra = HydraConfig.get()
+    sweep = hydra.runtime.choices.get("sweep")
+    if hydra.mode == RunMode.RUN and sweep is not None:
+        command = " ".join(["python launch.py -m", *hydra.overrides.task])
+        raise ConfigError(f"sweep={sweep} is a sweep: run it with -m ({command})")
 
 
 def _one_line(error: BaseException) -> str:
@@ -61,6 +80,22 @@ if __name__ == "__main__":
         main()
     except SodaError as error:
         print(f"error: {_one_line(error)}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as stop:  # Ctrl-C: the run recorded it (KILLED) and says how to resume
+        print(f"stopped: {stop or 'interrupted (SIGINT)'}", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    except Terminated as stop:
+        print(f"stopped: {stop or 'terminated (SIGTERM)'}", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
+    except OSError as error:
+        # Hydra creates the run directory (and .hydra/, launch.log) before any of our code runs.
+        if error.filename is None or error.errno not in UNWRITABLE:
+            raise
+        print(
+            f"error: cannot write {error.filename} ({error.strerror}); make it writable, or give the run "
+            f"another directory (hydra.run.dir=... / hydra.sweep.dir=...)",
+            file=sys.stderr,
+        )
         sys.exit(2)
     except Exception as error:
         from hydra.errors import HydraException

@@ -12,6 +12,10 @@ composition that lacks it is an error naming the key. The few fields no YAML fil
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import secrets
+import typing
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -319,6 +323,11 @@ def register() -> None:
     if not OmegaConf.has_resolver("soda_default"):
         # ${soda_default:tracking_uri}, ...: the default store locations, owned by soda.tracking.
         OmegaConf.register_new_resolver("soda_default", _store_default)
+    if not OmegaConf.has_resolver("soda_launch"):
+        # ${soda_launch:}: a short random name of this launch, so that two launches started in the
+        # same second get different default run directories. Cached like Hydra's ${now:...}: a
+        # multirun's jobs get the value their sweeper resolved.
+        OmegaConf.register_new_resolver("soda_launch", lambda: secrets.token_hex(3), use_cache=True)
 
 
 STORE_DEFAULTS = {
@@ -334,9 +343,58 @@ def _store_default(name: str) -> str:
     return STORE_DEFAULTS[name]()
 
 
+def schema_keys(schema: type = Config, prefix: str = "") -> dict[str, Any]:
+    """Every key of the schema by its dotted path (`schedule.epochs`), with its type."""
+    keys: dict[str, Any] = {}
+    for name, kind in typing.get_type_hints(schema).items():
+        keys[prefix + name] = kind
+        if dataclasses.is_dataclass(kind):
+            keys.update(schema_keys(kind, f"{prefix}{name}."))
+    return keys
+
+
+def unknown_keys(cfg: DictConfig | dict) -> list[str]:
+    """The keys of a composed config that the schema lacks, by dotted path. Hydra's `+key=value`
+    and `++key=value` add a key even to a struct config, and the typed merge of `to_settings`
+    would keep it unread; a key inside a free-form node (tracking.tags) is not unknown."""
+    values = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else cfg
+    known = schema_keys()
+    found: list[str] = []
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            if path not in known:
+                found.append(path)
+            elif dataclasses.is_dataclass(known[path]) and isinstance(value, dict):
+                walk(value, f"{path}.")
+
+    walk(values, "")
+    return sorted(found)
+
+
+def check_keys(cfg: DictConfig | dict) -> None:
+    """A one-line ConfigError naming the keys the schema does not have (and the closest known key)."""
+    unknown = unknown_keys(cfg)
+    if not unknown:
+        return
+    known = list(schema_keys())
+    if len(unknown) > 1:
+        raise ConfigError(f"{', '.join(unknown)} are not config keys (the schema is soda/config.py)")
+    key = unknown[0]
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+    if not close:  # `epochs` for `schedule.epochs`: the same last part under another node
+        leaf = key.rsplit(".", 1)[-1]
+        leaves = {path.rsplit(".", 1)[-1]: path for path in reversed(known)}
+        close = [leaves[name] for name in difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.8)]
+    hint = f"did you mean {close[0]}?" if close else "the schema is soda/config.py"
+    raise ConfigError(f"{key} is not a config key; {hint}")
+
+
 def to_settings(cfg: DictConfig) -> Config:
     """Validated dataclasses from a composed config; a bad value is a one-line ConfigError."""
     try:
+        check_keys(cfg)
         schema = OmegaConf.structured(Config)
         merged = OmegaConf.merge(schema, cfg)
         missing = sorted(OmegaConf.missing_keys(merged))
@@ -371,10 +429,12 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=list(overrides))
+            composed = hydra_compose(config_name="config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as error:
         cause = f": {first_line(error.__cause__)}" if error.__cause__ else ""  # e.g. which key is unknown
         raise ConfigError(first_line(error, limit=1000).rstrip(".") + cause) from error
+    check_keys(composed)
+    return composed
 
 
 register()

@@ -1,5 +1,6 @@
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -114,9 +115,48 @@ def test_out_of_range_values_fail_validation(override, message):
 
 
 @pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+model.foo=1", "model.foo is not a config key"),
+        ("++model.foo=1", "model.foo is not a config key"),
+        ("+foo=1", "foo is not a config key"),
+        ("+schedule.epochz=3", "schedule.epochz is not a config key; did you mean schedule.epochs?"),
+        ("++epochs=3", "epochs is not a config key; did you mean schedule.epochs?"),
+        ("+augmentation.source.extra.depth=2", "augmentation.source.extra is not a config key"),
+    ],
+)
+def test_keys_added_with_plus_must_be_in_the_schema(override, message):
+    # Hydra's `+`/`++` add a key even to a struct config, and the typed merge would drop it silently.
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        to_settings(compose_config([override]))
+    with pytest.raises(ConfigError, match=re.escape(message)):  # tools compose through soda.config
+        config.compose_config([override])
+
+
+def test_plus_still_sets_schema_keys_free_form_tags_and_appends_real_groups():
+    overrides = ["++seed=3", "+tracking.tags.team=vision", "+augmentation/view@eval.probe_augmentation=none"]
+    settings = to_settings(config.compose_config(overrides))
+    assert settings.seed == 3 and settings.tracking.tags == {"team": "vision"}
+    assert settings.eval.probe_augmentation.name == "none"
+
+
+def test_unknown_keys_are_listed_together():
+    composed = OmegaConf.to_container(compose_config([]))
+    composed["model"]["foo"], composed["bar"] = 1, 2
+    with pytest.raises(ConfigError, match=r"^bar, model\.foo are not config keys"):
+        to_settings(OmegaConf.create(composed))
+
+
+@pytest.mark.parametrize(
     "override, expected",
     [
         ("dataset=nope", "Could not find 'dataset/nope'"),
+        ("+model.foo=1 experiment=demo", "model.foo is not a config key"),
+        (
+            "sweep=augment_ablation experiment=demo",
+            "sweep=augment_ablation is a sweep: run it with -m (python launch.py -m sweep=augment_ablation "
+            "experiment=demo",
+        ),
         ("schedule.epochs=-1", "schedule.epochs=-1 must be at least 1"),
         ("schedule.epochz=3", "epochz"),
         ("schedule.epochs=many", "schedule.epochs"),
