@@ -21,8 +21,18 @@ class TrackingError(SodaError):
     pass
 
 
+class RunDirError(SodaError):
+    """The run directory cannot be used: unwritable, in use by another process, or holding a
+    run with other settings."""
+
+
 class DivergenceError(SodaError):
     """The loss became NaN or infinite."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (`kill`, `timeout`, a container stopping). Like KeyboardInterrupt, a stop
+    from outside, not an error of the run."""
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:

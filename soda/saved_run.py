@@ -15,6 +15,7 @@ from soda.config import compose_config, to_settings
 from soda.errors import ConfigError, SodaError, TrackingError, first_line
 from soda.eval import latent_gap
 from soda.loop import CHECKPOINT
+from soda.rundir import CONFIG_FILE
 from soda.train import _resolve_device, build_evaluator, build_model, load_data, signature
 
 
@@ -58,9 +59,13 @@ def evaluate_saved_run(run_dir: Path, overrides: list[str], name: str = "posthoc
 def _saved_config(run_dir: Path, overrides: list[str]):
     """The run's resolved config with `eval=<option>` and `eval.*`/`device` overrides applied.
     Anything else would evaluate a model other than the one trained, so it is refused."""
-    path = run_dir / ".hydra" / "config.yaml"
+    # The settings the run trained with (soda.rundir); .hydra/ describes the latest launch into
+    # the directory, which may have been refused. Older run directories have only .hydra/.
+    path = run_dir / CONFIG_FILE
     if not path.is_file():
-        raise ConfigError(f"{path} is missing: {run_dir} is not a run directory written by launch.py")
+        path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir / CONFIG_FILE} is missing: {run_dir} is not a run directory written by launch.py")
     cfg = OmegaConf.load(path)
     for override in overrides:
         key, sep, value = override.partition("=")

@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -56,7 +57,10 @@ def latent_gap_at(timestep: int) -> str:
 # Tags. A sweep's trials carry TRIAL and STUDY and point at the sweep's run with PARENT_RUN;
 # the sweep's own run carries SWEEP=SWEEP_PARENT.
 RUN_DIR = "run_dir"
-ERROR = "error"
+ERROR = "error"  # why the run stopped; never on a FINISHED run
+ENDED = "ended"  # how the run's last process ended: one of ENDINGS
+PREVIOUS_END = "previous_end"  # on a resumed run: how the process before this one ended
+RESUME_CHANGES = "resume_changes"  # on a resumed run: the resumable settings changed (soda.rundir)
 COMPILE = "compile"
 RESUMED = "resumed"  # "true" once a later process continued the run
 POINTS_LOGGED = "metric_points_logged"  # metric points the last process sent (checked against the store)
@@ -67,6 +71,20 @@ TRIAL_STATE = "trial_state"
 SWEEP = "sweep"
 SWEEP_PARENT = "parent"
 PARENT_RUN = "mlflow.parentRunId"  # MLflow's own tag: the UI nests the trials under the sweep
+
+
+# Each way a process ends, and the MLflow status its run ends with (soda.train.run).
+ENDINGS = {
+    "finished": "FINISHED",
+    "failed": "FAILED",  # an exception, divergence included; ERROR says which
+    "interrupted": "KILLED",  # SIGINT (Ctrl-C)
+    "terminated": "KILLED",  # SIGTERM
+    "preempted": "KILLED",  # SIGUSR1/SIGUSR2 after a checkpoint; SLURM requeues the job
+    "pruned": "KILLED",  # a sweep's pruner stopped the trial (TRIAL_STATE=PRUNED)
+}
+# A process that ended without recording it (SIGKILL, out of memory, a lost node) leaves its run
+# RUNNING; the next start in its run directory records it as PREVIOUS_END, the sweeper closes it.
+LOST = "lost: the process ended without recording how (SIGKILL, out of memory or a lost node)"
 
 
 def trial_tags(study: str, number: int, parent_run_id: str | None = None) -> dict[str, str]:
@@ -202,13 +220,33 @@ def check_reachable(uri: str) -> None:
     import mlflow
 
     try:
-        with quick_http_failures():
+        with quick_http_failures(), _one_creator(uri):
             mlflow.MlflowClient(uri).search_experiments(max_results=1)
     except Exception as error:
         reason = first_line(error)
         raise TrackingError(
             f"MLflow tracking store {uri} cannot be used ({reason}); fix tracking.uri or use tracking=local"
         ) from None
+
+
+@contextlib.contextmanager
+def _one_creator(uri: str):
+    """MLflow creates an SQLite store's tables on first use; two processes doing so at once fail
+    ("Online migration expected to match one row"). Take turns on a lock file beside the store."""
+    database = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") and "?" not in uri else None
+    if database is None:
+        yield
+        return
+    import fcntl
+
+    try:
+        handle = open(database.with_name(f"{database.name}.lock"), "a")  # noqa: SIM115 - held below
+    except OSError:
+        yield  # a read-only folder: nobody can create the store there anyway
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def get_or_create_experiment(client, name: str, artifact_location: str | None = None) -> str:
@@ -293,11 +331,14 @@ class Tracker:
         run_dir = Path(run_dir)
         previous = self._previous_run(mlflow, experiment_id, run_dir)
         if previous is not None:
+            ended = self._previous_end(mlflow.get_run(previous))
             run = mlflow.start_run(run_id=previous, log_system_metrics=self.system_metrics)
             self.resumed = True
             self._recorded_steps = self._last_steps(mlflow, previous)
-            mlflow.set_tag(RESUMED, "true")
-            log.info("continuing MLflow run %s", previous)
+            # The run is live again: how the earlier process ended moves to PREVIOUS_END.
+            mlflow.set_tags({RESUMED: "true", PREVIOUS_END: ended[:5000]})
+            _delete_tag(mlflow, previous, ERROR)
+            log.info("continuing MLflow run %s (its previous process: %s)", previous, ended)
         else:
             # The run directory is a tag from the run's creation on, so a process killed before it
             # wrote mlflow_run_id still finds its run on restart instead of leaving it orphaned.
@@ -339,6 +380,28 @@ class Tracker:
         )
         return found[0].info.run_id if found else None
 
+    @staticmethod
+    def _previous_end(run) -> str:
+        """How the process before this one ended, from its run's record."""
+        if run.info.status == "RUNNING":
+            return LOST  # nobody recorded an end: killed without a chance to
+        tags = run.data.tags
+        how = tags.get(ENDED, run.info.status.lower())
+        return f"{how}: {tags[ERROR]}" if tags.get(ERROR) else how
+
+    def record_resume_changes(self, changes: dict[str, tuple[str, str]]) -> None:
+        """Settings that changed on resume (soda.rundir.RESUMABLE_CHANGES), added to the run's
+        RESUME_CHANGES tag; the params keep the values the run started with."""
+        import mlflow
+
+        if not changes or self.run_id is None:
+            return
+        earlier = mlflow.get_run(self.run_id).data.tags.get(RESUME_CHANGES, "")
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        added = f"{now} " + ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changes.items())
+        mlflow.set_tag(RESUME_CHANGES, "\n".join(filter(None, [earlier, added]))[-5000:])
+        log.info("resumed with changed settings: %s", added)
+
     def _experiment_id(self, mlflow) -> str:
         return get_or_create_experiment(mlflow.MlflowClient(self.uri), self.experiment, self.artifact_location)
 
@@ -374,16 +437,25 @@ class Tracker:
 
         mlflow.log_artifact(str(path), folder)
 
-    def finish(self, status: str, error: str | None = None, tags: dict[str, str] | None = None) -> None:
+    def finish(self, ended: str, error: str | None = None, tags: dict[str, str] | None = None) -> None:
+        """End the run as `ended` (a key of ENDINGS) says, with its MLflow status and tags."""
         import mlflow
 
         if mlflow.active_run() is None:
             return
-        if error:
+        status = ENDINGS[ended]
+        if error and status != "FINISHED":
             mlflow.set_tag(ERROR, error[:5000])
+        elif status == "FINISHED":
+            _delete_tag(mlflow, mlflow.active_run().info.run_id, ERROR)  # a finished run claims no error
         # Points sent by this process (a resumed run's earlier points were sent by earlier ones).
-        mlflow.set_tags({**(tags or {}), POINTS_LOGGED: str(self.points_logged)})
+        mlflow.set_tags({**(tags or {}), ENDED: ended, POINTS_LOGGED: str(self.points_logged)})
         mlflow.end_run(status=status)
+
+
+def _delete_tag(mlflow, run_id: str, key: str) -> None:
+    if key in mlflow.get_run(run_id).data.tags:
+        mlflow.MlflowClient().delete_tag(run_id, key)
 
 
 class NullTracker:
@@ -406,5 +478,8 @@ class NullTracker:
     def log_artifact(self, path: Path, folder: str) -> None:
         pass
 
-    def finish(self, status: str, error: str | None = None, tags: dict[str, str] | None = None) -> None:
+    def record_resume_changes(self, changes: dict[str, tuple[str, str]]) -> None:
+        pass
+
+    def finish(self, ended: str, error: str | None = None, tags: dict[str, str] | None = None) -> None:
         pass

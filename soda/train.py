@@ -8,10 +8,12 @@ the trial) is the `on_evaluation` callback built here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import socket
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,13 +25,14 @@ from omegaconf import DictConfig, OmegaConf
 from soda import dist, tracking
 from soda.checkpoint import load_checkpoint
 from soda.config import Config, ViewConfig, run_directory, to_settings
-from soda.data import LabelledImages, ViewAugmentation, load_split
-from soda.errors import ConfigError
+from soda.data import LabelledImages, ViewAugmentation, load_splits
+from soda.errors import ConfigError, RunDirError, Terminated
 from soda.evaluate import Evaluator
 from soda.loop import CHECKPOINT, PRECISION_DTYPES, OnEvaluation, Preempted, StopRequested, Trainer
 from soda.models import SODA, build_soda
+from soda.rundir import RunDirectory, resolved_settings
 from soda.sweep import TrialReporter
-from soda.tracking import NullTracker, Tracker, flatten, git_state, redact
+from soda.tracking import NullTracker, Tracker, flatten, git_state
 
 log = logging.getLogger(__name__)
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
@@ -39,9 +42,12 @@ __all__ = ["CHECKPOINT", "Trainer", "build_model", "build_trainer", "load_data",
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | list[float] | None:
     """Train, evaluate and record one run; returns the metric named by `objective` (a list of
     them for a list) on global rank 0 and None on the other ranks. In a sweep's trial
-    (`sweep.trial` set), each evaluation is reported to the Optuna trial, which may prune it."""
+    (`sweep.trial` set), each evaluation is reported to the Optuna trial, which may prune it.
+
+    The run directory is this process's while it runs (soda.rundir): another launch into it
+    stops, and a re-run resumes it only with the settings it started with."""
     settings = to_settings(cfg)
-    run_dir = Path(run_dir) if run_dir is not None else run_directory()
+    directory = RunDirectory(run_dir if run_dir is not None else run_directory())
     device = _resolve_device(settings.device)
     world = dist.setup(use_cuda=device.type == "cuda")
     if world.enabled and device.type == "cuda":
@@ -51,12 +57,50 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | list[floa
             f"schedule.batch_size={settings.schedule.batch_size} is not divisible by the world size "
             f"{world.world_size} (nodes x tasks per node); choose a multiple of {world.world_size}"
         )
-
-    # Everything that can be wrong is checked before any data is read or time is spent.
-    torch.manual_seed(settings.seed)  # the same initial weights on every rank
-    model = build_model(settings)
     tracker = _tracker(settings) if world.is_main else NullTracker()
     tracker.check()
+    resolved = resolved_settings(cfg)
+    changes = _claim(directory, resolved, world, device)
+    try:
+        with _sigterm_raises():
+            return _run(settings, directory, tracker, resolved, changes, device, world)
+    finally:
+        if world.is_main:
+            directory.release()
+
+
+def _claim(directory: RunDirectory, resolved: dict, world: dist.Distributed, device: torch.device) -> dict:
+    """Rank 0 takes the run directory and checks the settings against the run it holds; every
+    rank stops if it cannot. Returns the resumable settings that changed."""
+    problem, changes = None, {}
+    if world.is_main:
+        try:
+            directory.claim()
+            try:
+                changes = directory.check_settings(resolved)
+            except RunDirError:
+                directory.release()
+                raise
+        except RunDirError as error:
+            problem = error
+    if dist.any_rank(problem is not None, device):
+        raise problem or RunDirError(f"rank 0 could not use the run directory {directory.path}")
+    return changes
+
+
+def _run(
+    settings: Config,
+    directory: RunDirectory,
+    tracker: Tracker | NullTracker,
+    resolved: dict,
+    changes: dict,
+    device: torch.device,
+    world: dist.Distributed,
+) -> float | list[float] | None:
+    # Everything that can be wrong is checked before any data is read or time is spent.
+    run_dir = directory.path
+    torch.manual_seed(settings.seed)  # the same initial weights on every rank
+    model = build_model(settings)
     checkpoint_path = run_dir / CHECKPOINT
     resume = load_checkpoint(checkpoint_path, signature(settings)) if checkpoint_path.exists() else None
     train_set, test_set = load_data(settings)
@@ -76,27 +120,36 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | list[floa
     if resume is not None:
         trainer.load_state(resume)
         log.info("resuming from %s at epoch %d, step %d", checkpoint_path, trainer.epoch, trainer.step_in_epoch)
-    tracker.start(run_dir, *_record(cfg, settings, model, world))
 
-    # Train, and leave the record saying how it ended.
+    # From here on the run is recorded: its settings bind the run directory.
+    if world.is_main:
+        directory.save_settings(resolved)
+    tracker.start(run_dir, *_record(resolved, settings, model, world))
+    tracker.record_resume_changes(changes)
+
+    # Train, and leave the record saying how it ended (soda.tracking.ENDINGS).
     # SLURM's warning signal: submitit asks for USR2, a plain `sbatch --signal` often USR1.
     previous_handlers = {sig: signal.signal(sig, trainer.request_preemption) for sig in PREEMPTION_SIGNALS}
+    resume_hint = f"re-run with hydra.run.dir={run_dir} to resume from its last checkpoint"
     try:
         metrics = trainer.fit()
     except Preempted as preempted:
-        tracker.finish("KILLED", error=str(preempted))
+        tracker.finish("preempted", error=str(preempted))
         log.warning("%s", preempted)
         _hand_over_preemption(previous_handlers[trainer.preempt_signal], trainer.preempt_signal, world)
-        raise SystemExit(str(preempted)) from None
+        raise SystemExit(f"{preempted} ({resume_hint}, or let SLURM requeue the job)") from None
     except KeyboardInterrupt:
-        tracker.finish("KILLED", error="interrupted")
-        raise
+        tracker.finish("interrupted", error="interrupted (SIGINT)")
+        raise KeyboardInterrupt(f"interrupted (SIGINT); MLflow run {tracker.run_id} is KILLED; {resume_hint}") from None
+    except Terminated:
+        tracker.finish("terminated", error="terminated (SIGTERM)")
+        raise Terminated(f"terminated (SIGTERM); MLflow run {tracker.run_id} is KILLED; {resume_hint}") from None
     except StopRequested as stopped:
         # Stopped on purpose by the sweep's pruner: not a failure, and not a finished run.
-        tracker.finish("KILLED", tags={tracking.TRIAL_STATE: "PRUNED", "pruned": str(stopped)})
+        tracker.finish("pruned", tags={tracking.TRIAL_STATE: "PRUNED", "pruned": str(stopped)})
         raise optuna.TrialPruned(str(stopped)) from None
     except BaseException as error:
-        tracker.finish("FAILED", error=f"{type(error).__name__}: {error}")
+        tracker.finish("failed", error=f"{type(error).__name__}: {error}")
         if world.enabled:
             # One rank failing must end the job now, not leave the others waiting in a
             # collective until a timeout: report and leave the process at once.
@@ -114,12 +167,34 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | list[floa
         tracking.COMPILE: trainer.compile_state,
         **({tracking.TRIAL_STATE: "COMPLETE"} if settings.sweep.trial is not None else {}),
     }
-    tracker.finish("FINISHED", tags=tags)
+    tracker.finish("finished", tags=tags)
     summary = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
     print(f"final {summary} (epoch {trainer.epoch}, mlflow run {tracker.run_id}, {run_dir})", flush=True)
     if isinstance(settings.objective, str):
         return metrics[settings.objective]
     return [metrics[name] for name in settings.objective]
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM (`kill`, `timeout`, a container stopping) raises Terminated, so that the run's
+    record says how it ended instead of staying RUNNING. Only where nobody else handles SIGTERM:
+    submitit's jobs keep submitit's handler (SLURM's requeue sends SIGTERM)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (
+        signal.SIG_DFL,
+        None,
+    ):
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated("terminated (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _tracker(settings: Config) -> Tracker:
@@ -144,12 +219,9 @@ def _on_evaluation(tracker, reporter: TrialReporter | None, objective) -> OnEval
     return on_evaluation
 
 
-def _record(cfg: DictConfig, settings: Config, model: SODA, world: dist.Distributed) -> tuple[dict, str, dict]:
+def _record(resolved: dict, settings: Config, model: SODA, world: dist.Distributed) -> tuple[dict, str, dict]:
     """What the MLflow run says about itself: the resolved config as params and as config.yaml,
     and tags naming the code, the seed, the process and the sweep's trial."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved.pop("hydra", None)
-    resolved["sweep"]["storage"] = redact(str(resolved["sweep"]["storage"]))  # no passwords in MLflow
     sweep = settings.sweep
     tags = {
         **git_state(),
@@ -163,7 +235,7 @@ def _record(cfg: DictConfig, settings: Config, model: SODA, world: dist.Distribu
     params = flatten(resolved)
     params["model.encoder_parameters"] = str(sum(p.numel() for p in model.encoder.parameters()))
     params["model.decoder_parameters"] = str(sum(p.numel() for p in model.decoder.parameters()))
-    return params, OmegaConf.to_yaml(resolved), tags
+    return params, OmegaConf.to_yaml(OmegaConf.create(resolved)), tags
 
 
 def _hand_over_preemption(previous_handler, signum: int, world: dist.Distributed) -> None:
@@ -191,13 +263,17 @@ def build_model(settings: Config) -> SODA:
 
 def load_data(settings: Config) -> tuple[LabelledImages, LabelledImages]:
     d = settings.dataset
-    splits = []
-    for split, size, limit in (("train", d.train_size, d.train_limit), ("test", d.test_size, d.test_limit)):
-        data = load_split(
-            d.name, d.root, split, d.image_size, d.num_classes, download=d.download, seed=settings.seed, size=size
-        )
-        splits.append(data.subset(limit))
-    return splits[0], splits[1]
+    train, test = load_splits(
+        d.name,
+        d.root,
+        d.image_size,
+        d.num_classes,
+        download=d.download,
+        seed=settings.seed,
+        train_size=d.train_size,
+        test_size=d.test_size,
+    )
+    return train.subset(d.train_limit), test.subset(d.test_limit)
 
 
 def view_augmentation(image_size: int, view: ViewConfig) -> ViewAugmentation:

@@ -74,11 +74,28 @@ def truncated_jpeg(root: Path) -> None:
     path.write_bytes(path.read_bytes()[:60])
 
 
-def corrupt_cache(root: Path) -> None:
-    cache = root / ".soda-cache"
-    cache.mkdir(parents=True, exist_ok=True)
+def added_class_after_caching(root: Path) -> None:
+    """The folder decoded and cached with 2 classes, then given a third."""
+    from soda.data import load_splits
+
+    load_splits("imagefolder", root, 16, 2)
     for split in ("train", "test"):
-        (cache / f"imagefolder-{split}-16px.pt").write_bytes(b"not a tensor file")
+        (root / split / "bird").mkdir()
+        Image.new("RGB", (16, 16), "blue").save(root / split / "bird" / "0.png")
+
+
+def one_class(root: Path) -> None:
+    for split in ("train", "test"):
+        shutil.rmtree(root / split / "dog")
+
+
+def copy_of_earlier_run(case_dir: Path, work: Path) -> None:
+    """The earlier run's directory (settings, checkpoint, MLflow run id), to re-run with changes."""
+    shutil.copytree(work / "earlier", case_dir / "run", ignore=shutil.ignore_patterns(".soda-lock"))
+
+
+def file_in_the_way(case_dir: Path, _work: Path) -> None:
+    (case_dir / "file").write_text("a file where the run directory's parent should be")
 
 
 def checkpoint(content: bytes):
@@ -146,6 +163,8 @@ CASES = [
     # cannot take is the error.
     case("image size the UNet cannot halve", ["dataset.image_size=15"], "cannot be halved"),
     case("unknown device", ["device=tpu"], "device"),
+    case("unknown key added with +", ["+model.foo=1"], "model.foo", quick=True),
+    case("sweep file without -m", ["sweep=augment_ablation"], "-m"),
     # Sweep settings
     case("unknown sweep", ["-m", "sweep=nonexistent"], "nonexistent"),
     case("sweep over an unknown key", ["-m", "sweep=lr_search", "schedule.epochz=choice(1,2)"], "epochz", quick=True),
@@ -171,7 +190,24 @@ CASES = [
         ["dataset=cifar10", "dataset.root={case}/nowhere", "dataset.download=false"],
         "not found",
     ),
-    case("corrupt decode cache", FOLDER, "cache", spoilt_folder(corrupt_cache)),
+    case(
+        "train and test hold other classes",
+        FOLDER,
+        "only in train: dog; only in test: fish",
+        spoilt_folder(lambda root: (root / "test" / "dog").rename(root / "test" / "fish")),
+        quick=True,
+    ),
+    case("one class", FOLDER, "at least 2 classes", spoilt_folder(one_class)),
+    case("class folder added after caching", FOLDER, "holds 3 classes", spoilt_folder(added_class_after_caching)),
+    # Run directories
+    case(
+        "re-run of a run directory with other settings",
+        [*TINY, "schedule.epochs=1", "schedule.decoder_lr=0.002", "augmentation=none"],
+        "schedule.decoder_lr: ",
+        copy_of_earlier_run,
+        quick=True,
+    ),
+    case("unwritable run directory", [*TINY, "hydra.run.dir={case}/file/run"], "file/run", file_in_the_way),
     # Checkpoints
     case("truncated checkpoint", TINY, "checkpoint", checkpoint(b"PK\x03\x04 truncated"), quick=True),
     case("checkpoint of another model", [*TINY, "model.latent_dim=32"], "other settings", earlier_checkpoint),
@@ -207,6 +243,12 @@ CASES = [
         "unknown SLURM partition",
         ["-m", "hydra/launcher=slurm", "hydra.launcher.partition=nope", "seed=1,2"],
         "nope",
+        marks=[needs_slurm, pytest.mark.slurm],
+    ),
+    case(
+        "more nodes than the SLURM partition has",
+        ["-m", "hydra/launcher=slurm", "hydra.launcher.nodes=64", "seed=1,2"],
+        "nodes=64",
         marks=[needs_slurm, pytest.mark.slurm],
     ),
 ]
