@@ -15,6 +15,7 @@ from analysis.readme import Regenerated, regenerate_readme, replace_section, res
 from analysis.runs import (
     AnalysisError,
     describe_selection,
+    duplicate_trials,
     exclusion_note,
     finished_runs,
     load_history,
@@ -35,6 +36,7 @@ __all__ = [
     "ablation_table",
     "configuration_params",
     "describe_selection",
+    "duplicate_trials",
     "exclusion_note",
     "finished_runs",
     "format_table",

@@ -21,6 +21,7 @@ from soda.tracking import (
     STUDY,
     SWEEP,
     SWEEP_PARENT,
+    TRIAL,
     TRIAL_STATE,
     default_tracking_uri,
     quick_http_failures,
@@ -189,23 +190,52 @@ def sweep_parents(runs: pd.DataFrame) -> pd.Series:
     return _tag(runs, SWEEP).eq(SWEEP_PARENT)
 
 
+def duplicate_trials(runs: pd.DataFrame) -> pd.Series:
+    """True for a run that another run of the same sweep trial (equal tags STUDY and TRIAL)
+    stands for. A trial has one run, unless its job and the sweeper both created one, or a study
+    was started over under the same name; of its runs the FINISHED one counts (the newest if
+    several), else the newest. Runs without both tags are no duplicates."""
+    study, trial = _tag(runs, STUDY), _tag(runs, TRIAL)
+    tagged = study.notna() & trial.notna()
+    # Newest: the latest start, else (no start times) the later row, as load_runs lists them oldest first.
+    start = runs["start_time"] if "start_time" in runs else pd.Series(pd.NaT, index=runs.index)
+    ranked = pd.DataFrame(
+        {
+            "study": study,
+            "trial": trial,
+            "finished": runs["status"].eq("FINISHED"),
+            "start": start,
+            "row": range(len(runs)),
+        }
+    )[tagged].sort_values(["finished", "start", "row"], ascending=False)
+    counted = ranked.index[~ranked.duplicated(["study", "trial"])]
+    return tagged & ~runs.index.isin(counted)
+
+
 def finished_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs that count as results: FINISHED, and not a sweep's parent run."""
-    return runs[runs["status"].eq("FINISHED") & ~sweep_parents(runs)]
+    """The runs that count as results: FINISHED, not a sweep's parent run, and one per sweep
+    trial: among runs with the same tags STUDY and TRIAL only the FINISHED one (the newest if
+    several) counts (`duplicate_trials`). Runs without trial tags each count."""
+    return runs[runs["status"].eq("FINISHED") & ~sweep_parents(runs) & ~duplicate_trials(runs)]
 
 
 def exclusion_note(runs: pd.DataFrame) -> str:
-    """Which result runs a table leaves out, e.g. "excluded: 1 failed, 1 pruned, 2 unfinished";
-    "" when none. Unfinished: still running, or killed (interrupted or preempted, to be resumed)."""
+    """Which result runs a table leaves out, e.g. "excluded: 1 failed, 1 pruned, 2 unfinished,
+    1 duplicate"; "" when none. Unfinished: still running, or killed (interrupted or preempted,
+    to be resumed). Duplicate: another run of the same sweep trial counts instead."""
     candidates = runs[~sweep_parents(runs)]
-    status = candidates["status"]
-    pruned = status.eq("KILLED") & _tag(candidates, TRIAL_STATE).eq("PRUNED")
+    duplicates = duplicate_trials(candidates)
+    trials = candidates[~duplicates]  # each trial once, as its counted run says it ended
+    status = trials["status"]
+    pruned = status.eq("KILLED") & _tag(trials, TRIAL_STATE).eq("PRUNED")
     counts = {
         "failed": int(status.eq("FAILED").sum()),
         "pruned": int(pruned.sum()),
         "unfinished": int((~status.isin(["FINISHED", "FAILED"]) & ~pruned).sum()),
     }
     parts = [f"{count} {word}" for word, count in counts.items() if count]
+    if duplicates.any():
+        parts.append(_counted(int(duplicates.sum()), "duplicate"))
     return f"excluded: {', '.join(parts)}" if parts else ""
 
 

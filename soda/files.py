@@ -15,7 +15,8 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object
     then replaces `path`. On any failure the temporary file is removed and `path` is unchanged.
     A write the operating system refuses (full disk, quota, `ulimit -f`, read-only folder) is
     raised as its OSError, also where the writer hid it: torch.save reports a failed write as
-    RuntimeError "unexpected pos ...", with the OSError only as that error's context.
+    RuntimeError "unexpected pos ...", with the OSError only as that error's context. A Ctrl-C
+    or SIGTERM that torch.save hid the same way is raised as what it is.
     The file keeps the mode it had, or gets the one open() gives a new file (mkstemp's private
     0600 would otherwise become the file's)."""
     path = Path(path)
@@ -34,16 +35,21 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object
     except BaseException as error:
         if temporary is not None:
             Path(temporary).unlink(missing_ok=True)
-        refused = _os_error(error)
+        refused = _cause(error)
         if refused is None or refused is error:
             raise
         raise refused from None
 
 
-def _os_error(error: BaseException | None) -> OSError | None:
+def _cause(error: BaseException | None) -> BaseException | None:
+    """The OSError, or the stop from outside (Ctrl-C, SIGTERM), that `error` hides, if any."""
+    from soda.errors import Terminated
+
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, OSError) and error.errno is not None:
+            return error
+        if isinstance(error, KeyboardInterrupt | Terminated):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__

@@ -23,6 +23,7 @@ from mlflow.entities import Metric, Param
 from analysis import (
     ablation_table,
     exclusion_note,
+    finished_runs,
     format_table,
     load_history,
     load_runs,
@@ -284,6 +285,55 @@ def test_failed_pruned_and_unfinished_runs_are_excluded_and_counted(store):
     demo = load_runs(store.uri, ["soda-demo"])
     assert exclusion_note(demo) == "excluded: 2 failed, 1 pruned"  # parents are not results, not excluded
     assert main_table(demo).numbers["runs"].sum() == 12 + 2
+
+
+def test_each_sweep_trial_counts_once_its_finished_run_kept():
+    def run(run_id, status, hour, study=None, trial=None, **tags):
+        row = {"run_id": run_id, "status": status, "start_time": pd.Timestamp(T0 + hour * HOUR_MS, unit="ms")}
+        if study is not None:
+            row["tags.optuna_study"] = study
+        if trial is not None:
+            row["tags.trial"] = trial
+        return row | {f"tags.{key}": value for key, value in tags.items()}
+
+    runs = pd.DataFrame(
+        [
+            run("parent", "KILLED", 0, "s", sweep="parent"),
+            run("a-closed", "KILLED", 1, "s", "0", trial_state="FAIL"),  # closed by the sweeper, then ...
+            run("a", "FINISHED", 2, "s", "0", trial_state="COMPLETE"),  # ... the trial's job finished it
+            run("b-first", "FINISHED", 3, "s", "1", trial_state="COMPLETE"),
+            run("b-again", "FINISHED", 4, "s", "1", trial_state="COMPLETE"),  # a study started over: the newest
+            run("c-failed", "FAILED", 5, "s", "2"),
+            run("c-killed", "KILLED", 6, "s", "2"),  # none finished: the newest says how the trial ended
+            run("d", "FINISHED", 7, "t", "0", trial_state="COMPLETE"),  # another sweep's trial 0
+            run("plain", "FINISHED", 8),  # runs that are no sweep's trials: each one counts
+            run("plain-again", "FINISHED", 9),
+            run("plain-killed", "KILLED", 10),
+        ]
+    )
+    assert list(finished_runs(runs)["run_id"]) == ["a", "b-again", "d", "plain", "plain-again"]
+    assert exclusion_note(runs) == "excluded: 2 unfinished, 3 duplicates"  # c-killed, plain-killed
+    assert exclusion_note(runs[runs["run_id"].isin(["a-closed", "a"])]) == "excluded: 1 duplicate"
+    assert exclusion_note(runs[runs["run_id"].isin(["plain", "plain-again"])]) == ""
+
+
+def test_a_trial_recorded_more_than_once_is_one_run_of_the_table(tmp_path):
+    # Trial 0's runs: one of a study of the same name that was started over, a run the sweeper
+    # closed, and the one its job finished.
+    store = Store(tmp_path / "mlflow.db")
+    demo = store.experiment("soda-demo")
+    seed0, seed1 = config("tiny", "shapes", 16, 2, 0), config("tiny", "shapes", 16, 2, 1)
+    finals = {KNN_ACC: 0.6, LINEAR_ACC: 0.64}
+    store.run(
+        demo, "earlier", seed0, finals={KNN_ACC: 0.1, LINEAR_ACC: 0.1}, tags=_trial_tags("ablation", 0, "COMPLETE")
+    )
+    store.run(demo, "closed", seed0, tags=_trial_tags("ablation", 0, "FAIL"), status="KILLED")
+    store.run(demo, "trial", seed0, finals=finals, tags=_trial_tags("ablation", 0, "COMPLETE"))
+    store.run(demo, "trial", seed1, finals=finals, tags=_trial_tags("ablation", 1, "COMPLETE"))
+    table = main_table(load_runs(store.uri))
+    assert table.numbers["runs"].tolist() == [2] and table.numbers["run_ids"][0].split() == store.ids["trial"]
+    assert table.numbers[f"{KNN_ACC}.mean"][0] == pytest.approx(0.6)
+    assert table.notes == ("excluded: 2 duplicates",)
 
 
 # The tables.

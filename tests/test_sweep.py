@@ -3,6 +3,7 @@ parent and child runs, the local launcher (and SLURM), failures, pruning and res
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import psutil
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from analysis import exclusion_note, finished_runs, load_runs
 from hydra_plugins.soda_sweeper.search_space import override_value, parse_space
 from soda.sweep import PRUNER_ATTR, SweepError, TrialReporter, open_storage
 from tests.helpers import REPO, SMOKE, launch
@@ -325,6 +327,59 @@ def test_ctrl_c_cancels_the_jobs_in_flight_and_records_them_as_interrupted(tmp_p
     assert all(t.user_attrs["error"].startswith("interrupted") for t in trials)
     parents, children = _runs(f"sqlite:///{tmp_path}/mlflow.db")
     assert parents[0].info.status == "KILLED" and [c.info.status for c in children] == ["KILLED", "KILLED"]
+
+
+def test_ctrl_c_in_the_terminal_keeps_the_finished_trial_and_says_one_line_per_stopped_job(tmp_path):
+    # A terminal's Ctrl-C reaches its whole foreground process group: the sweeper, each job's
+    # controller and the job's training process. Trial 0 (one epoch) has finished; trial 1 (many)
+    # is training.
+    args = _sweep_args(tmp_path, "sweep=augment_ablation", "sweep.study_name=terminal", "seed=0", *PINNED)
+    args += ["schedule.epochs=choice(1, 50)", "sweep.n_jobs=1"]
+    sweeper = _start(args)
+    try:
+
+        def trial_1_training():
+            try:
+                states = [t.state.name for t in _study(tmp_path, "terminal").get_trials()]
+            except KeyError:  # no study yet
+                return False
+            return states == ["COMPLETE", "RUNNING"] and (tmp_path / "sweep" / "1" / "mlflow_run_id").exists()
+
+        _wait_for(trial_1_training, 300, "trial 0 complete and trial 1 training")
+        time.sleep(2)
+        os.killpg(sweeper.pid, signal.SIGINT)
+        stdout, stderr = sweeper.communicate(timeout=180)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever is left of the group
+            os.killpg(sweeper.pid, signal.SIGKILL)
+        sweeper.wait()
+
+    # The terminal: one line per stopped job, the summary, and no traceback from any process.
+    folder = tmp_path / "sweep" / ".submitit"
+    (job,) = [pid for pid in _job_pids(tmp_path / "sweep") if not list((folder / str(pid)).glob("*_result.pkl"))]
+    stopped = [line for line in stdout.splitlines() if "stopped" in line]
+    assert len(stopped) == 1, stdout[-3000:]
+    assert stopped[0].endswith(f"trial 1 (job {job}): stopped; it will run again when you re-run the command")
+    assert "Traceback" not in stdout + stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    assert sweeper.returncode != 0 and stderr.strip().splitlines() == [
+        "error: sweep terminal interrupted: 1 of 2 trials finished, 1 stopped; re-run the same command to resume"
+    ]
+
+    # The finished trial stays complete, in Optuna and in MLflow; the stopped one runs again.
+    trials = _study(tmp_path, "terminal").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL"]
+    assert trials[1].user_attrs["error"].startswith("interrupted")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    _, children = _runs(uri)
+    ends = {c.data.tags["trial"]: (c.info.status, c.data.tags.get("trial_state")) for c in children}
+    # Trial 1's run ends as its own process recorded it: KILLED, or FAILED when Ctrl-C hit a
+    # checkpoint's write (soda.files hands on torch.save's error then, not the interrupt).
+    assert ends["0"] == ("FINISHED", "COMPLETE") and ends["1"] in {("KILLED", "FAIL"), ("FAILED", "FAIL")}
+    runs = load_runs(uri, [EXPERIMENT])
+    assert finished_runs(runs)["tags.trial"].tolist() == ["0"]
+    assert exclusion_note(runs) in ("excluded: 1 unfinished", "excluded: 1 failed")
+    for pid in _job_pids(tmp_path / "sweep"):
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
 def test_a_pruned_trial_is_recorded_as_pruned_in_optuna_and_mlflow(tmp_path):

@@ -3,12 +3,17 @@ told to Optuna and MLflow, how interrupted trials are recovered, and the composi
 
 from __future__ import annotations
 
+import logging
+import signal
+import threading
+
 import mlflow
 import optuna
 import pytest
 from hydra.core.utils import JobReturn, JobStatus
 from optuna.trial import TrialState
 
+from hydra_plugins.soda_launchers import inflight
 from hydra_plugins.soda_sweeper.parent_run import ParentRun
 from hydra_plugins.soda_sweeper.scheduler import ERROR_ATTR, Scheduler, SweepState, plan, recover
 from hydra_plugins.soda_sweeper.search_space import check_every_value, grid_cells, parse_space
@@ -19,14 +24,19 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 class FakeParent:
-    """Records what the scheduler tells the sweep's MLflow run."""
+    """Records what the scheduler tells the sweep's MLflow run; `results`: how trials' own runs
+    ended, as ParentRun.trial_result reads them ({number: ("COMPLETE", values) or ("PRUNED", None)})."""
 
     run_id = "parent-run"
 
-    def __init__(self):
+    def __init__(self, results=None):
+        self.results = dict(results or {})
         self.closed: list[tuple[int, str]] = []
         self.ended: list[tuple[int, str]] = []
         self.finished: str | None = None
+
+    def trial_result(self, number):
+        return self.results.get(number)
 
     def close_child(self, number, status, error, params=None):
         self.closed.append((number, status))
@@ -92,16 +102,38 @@ def test_trials_a_killed_sweep_left_running_or_waiting_are_marked_interrupted():
     assert parent.closed == [(running.number, "KILLED"), (2, "KILLED")]
 
 
+def test_recovery_keeps_trials_whose_runs_ended_complete_or_pruned():
+    # A sweeper SIGKILLed after its jobs ended but before it told Optuna: the trials' own runs
+    # say how they ended; only the trial without an ended run runs again.
+    storage = optuna.storages.InMemoryStorage()
+    study = _study(storage)
+    for _ in range(3):
+        study.ask({"a": optuna.distributions.IntDistribution(0, 9)})
+    parent = FakeParent(results={0: ("COMPLETE", [0.6]), 1: ("PRUNED", None)})
+
+    recover(study, storage, parent)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED", "FAIL"]
+    assert study.trials[0].value == 0.6 and ERROR_ATTR not in study.trials[0].user_attrs
+    assert study.trials[2].user_attrs[ERROR_ATTR].startswith("interrupted")
+    assert parent.closed == [(2, "KILLED")]  # the ended runs are left as they are
+    assert parent.ended == [(0, "COMPLETE"), (1, "PRUNED")]
+    target, done, queue = plan(study.trials, ["a"], None, n_trials=3)
+    assert (target, done) == (3, 2)
+
+
 # ---------------------------------------------------------------------------------------------
 # Running: how each end of a trial is recorded
 
 
-def _schedule(outcomes: dict[int, object], n_jobs: int = 1, allowed_failures: int = 10, directions=("maximize",)):
-    """A grid over a = 0..len(outcomes)-1 whose trial for `a` ends with outcomes[a]: a JobReturn,
-    or an exception that the launch raises (a dead job)."""
+def _scheduler(
+    outcomes: dict[int, object], n_jobs: int = 1, allowed_failures: int = 10, directions=("maximize",), parent=None
+):
+    """A scheduler of a grid over a = 0..len(outcomes)-1 whose trial for `a` ends with outcomes[a]:
+    a JobReturn, an exception that the launch raises (a dead job), or a function that the launch
+    calls (a job that takes its time). Returns (run it, study, parent, state, launched)."""
     dimensions, fixed = parse_space({"a": f"range(0, {len(outcomes)})"}, ["seed=7"])
     study = _study(directions=directions)
-    parent = FakeParent()
+    parent = parent if parent is not None else FakeParent()
     launched: list[list[str]] = []
 
     def launch(overrides, number):
@@ -109,11 +141,16 @@ def _schedule(outcomes: dict[int, object], n_jobs: int = 1, allowed_failures: in
         outcome = outcomes[int(overrides[1].split("=")[1])]
         if isinstance(outcome, Exception):
             raise outcome
-        return outcome
+        return outcome() if callable(outcome) else outcome
 
     state = SweepState(target=len(outcomes), done=0, allowed_failures=allowed_failures)
     scheduler = Scheduler(study, parent, launch, dimensions, fixed, "/tmp/journal.log", n_jobs)
-    scheduler.run(grid_cells(dimensions), grid=True, state=state)
+    return lambda: scheduler.run(grid_cells(dimensions), grid=True, state=state), study, parent, state, launched
+
+
+def _schedule(outcomes: dict[int, object], n_jobs: int = 1, allowed_failures: int = 10, directions=("maximize",)):
+    run, study, parent, state, launched = _scheduler(outcomes, n_jobs, allowed_failures, directions)
+    run()
     return study, parent, state, launched
 
 
@@ -166,6 +203,103 @@ def test_a_multi_objective_trial_must_return_one_number_per_objective():
     assert study.trials[1].user_attrs[ERROR_ATTR] == "objective is 0.5, not 2 finite number(s)"
 
 
+def test_a_job_that_died_after_its_run_finished_is_a_complete_trial():
+    # The job's process died after its run had ended FINISHED (while handing back its result):
+    # the trial's value is the one its run recorded, and it is not run again.
+    parent = FakeParent(results={0: ("COMPLETE", [0.9])})
+    run, study, parent, state, _ = _scheduler({0: RuntimeError("job 7 died"), 1: _returned(0.2)}, parent=parent)
+    run()
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    assert study.trials[0].value == 0.9
+    assert (state.done, state.failures, parent.closed) == (2, 0, [])
+
+
+class CtrlC:
+    """A Ctrl-C while a sweep's jobs run: `press` sends SIGINT to the main thread, as a terminal
+    does; `stopped_job` is a job that runs until the sweeper cancels it (the launchers' registry,
+    replaced here, returns `job_ids`: {trial number: job id}) and then leaves no result."""
+
+    def __init__(self, monkeypatch, job_ids: dict[int, str]):
+        self.cancelled = threading.Event()
+        self.job_ids = job_ids
+        monkeypatch.setattr(inflight, "cancel_all", self._cancel_all)
+
+    def _cancel_all(self, grace_s: float = 15.0):
+        self.cancelled.set()
+        return dict(self.job_ids)
+
+    @staticmethod
+    def press():
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    def stopped_job(self):
+        assert self.cancelled.wait(timeout=30), "the sweeper did not cancel its jobs"
+        raise RuntimeError("Job 4242 has not produced any output (state: INTERRUPTED)")
+
+
+def test_ctrl_c_keeps_a_trial_whose_job_returned_and_stops_the_others(monkeypatch, caplog):
+    ctrl_c = CtrlC(monkeypatch, {1: "4242", 2: "4243"})
+    others_started = threading.Barrier(3, timeout=30)
+
+    def first():  # ends just as Ctrl-C arrives, while the sweeper reads its result
+        others_started.wait()
+        ctrl_c.press()
+        return _returned(0.75)
+
+    def second():
+        others_started.wait()
+        ctrl_c.stopped_job()
+
+    def third():  # stopped inside a checkpoint's write: its job hands back another error
+        others_started.wait()
+        assert ctrl_c.cancelled.wait(timeout=30)
+        return _raised(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 81292608"))
+
+    outcomes = {0: first, 1: second, 2: third, 3: _returned(0.5)}
+    run, study, parent, state, launched = _scheduler(outcomes, n_jobs=3)
+    with caplog.at_level(logging.INFO), pytest.raises(SweepError) as raised:
+        run()
+    assert str(raised.value) == (
+        "sweep s interrupted: 1 of 4 trials finished, 2 stopped; re-run the same command to resume"
+    )
+    assert [(t.params["a"], t.state.name) for t in study.trials] == [(0, "COMPLETE"), (1, "FAIL"), (2, "FAIL")]
+    assert study.trials[0].value == 0.75 and len(launched) == 3  # nothing launched after Ctrl-C
+    assert all(t.user_attrs[ERROR_ATTR].startswith("interrupted") for t in study.trials[1:])
+    assert parent.closed == [(1, "KILLED"), (2, "KILLED")] and parent.ended == [(0, "COMPLETE")]
+    assert parent.finished == "KILLED" and (state.done, state.failures) == (1, 0)
+    # One line per stopped job, saying what happens next.
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert lines == [
+        "trial 1 (job 4242): stopped; it will run again when you re-run the command",
+        "trial 2 (job 4243): stopped; it will run again when you re-run the command",
+    ]
+
+
+def test_ctrl_c_keeps_trials_whose_runs_ended_complete_or_pruned(monkeypatch):
+    # Ctrl-C reached the jobs too: each job's process stopped after its trial's run had ended, so no
+    # result came back; the runs' records say how the trials ended.
+    ctrl_c = CtrlC(monkeypatch, {0: "101", 1: "102"})
+    both_started = threading.Barrier(2, timeout=30)
+
+    def job(press: bool):
+        def ends():
+            both_started.wait()
+            if press:
+                ctrl_c.press()
+            ctrl_c.stopped_job()
+
+        return ends
+
+    parent = FakeParent(results={0: ("COMPLETE", [0.6]), 1: ("PRUNED", None)})
+    run, study, parent, state, _ = _scheduler({0: job(False), 1: job(True), 2: _returned(0.5)}, n_jobs=2, parent=parent)
+    with pytest.raises(SweepError, match=r"^sweep s interrupted: 2 of 3 trials finished, 0 stopped;"):
+        run()
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED"]
+    assert study.trials[0].value == 0.6
+    assert parent.closed == [] and sorted(parent.ended) == [(0, "COMPLETE"), (1, "PRUNED")]
+    assert (state.done, state.failures) == (2, 0)
+
+
 def test_the_sweep_stops_launching_once_more_trials_failed_than_allowed():
     outcomes = {a: _raised(ValueError("no")) for a in range(4)}
     study, _, state, launched = _schedule(outcomes, n_jobs=1, allowed_failures=1)
@@ -198,8 +332,9 @@ def test_the_parent_run_is_reused_on_resume_and_closes_a_trial_that_never_starte
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     study = _study(optuna.storages.InMemoryStorage())
     params = {"sweep.params.augmentation/view@augmentation.target": "choice(a, b)"}
-    parent = ParentRun.open(uri, "sweeps", None, study, params, {"sweep.yaml": "sampler: grid\n"})
-    again = ParentRun.open(uri, "sweeps", None, study, {}, {})
+    artifacts = {"sweep.yaml": "sampler: grid\n"}
+    parent = ParentRun.open(uri, "sweeps", None, study, params, artifacts, objectives=[tracking.LINEAR_ACC])
+    again = ParentRun.open(uri, "sweeps", None, study, {}, {}, objectives=[tracking.LINEAR_ACC])
     assert again.run_id == parent.run_id  # the study remembers its run
 
     client = mlflow.MlflowClient(uri)
@@ -222,3 +357,41 @@ def test_the_parent_run_is_reused_on_resume_and_closes_a_trial_that_never_starte
     assert run.info.status == "FINISHED"
     assert run.data.metrics["best_value"] == 0.9 and run.data.metrics["study_complete"] == 1.0
     assert run.data.tags["best_trial"] == "0" and run.data.tags["best_params.a"] == "2"
+
+
+def test_closing_a_trial_never_changes_a_run_that_ended_and_its_result_is_read_back(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    study = _study(optuna.storages.InMemoryStorage())
+    parent = ParentRun.open(uri, "sweeps", None, study, {}, {}, objectives=[tracking.LINEAR_ACC])
+    client = mlflow.MlflowClient(uri)
+
+    def child(number: int, status: str, state: str | None, values=()) -> str:
+        """Trial `number`'s own run, as soda.train leaves it."""
+        tags = tracking.trial_tags("s", number, parent.run_id) | ({tracking.TRIAL_STATE: state} if state else {})
+        run_id = client.create_run(parent.experiment_id, tags=tags).info.run_id
+        for step, value in enumerate(values, start=1):
+            client.log_metric(run_id, tracking.LINEAR_ACC, value, step=step)
+        if status != "RUNNING":
+            client.set_terminated(run_id, status=status)
+        return run_id
+
+    finished = child(0, "FINISHED", "COMPLETE", [0.4, 0.7])
+    pruned = child(1, "KILLED", "PRUNED", [0.1])
+    failed = child(2, "FAILED", None)  # the job raised and ended its run itself
+    running = child(3, "RUNNING", None, [0.2])  # the job was killed before it could
+    for number in range(4):
+        parent.close_child(number, "KILLED", "interrupted: the sweep was stopped")
+
+    def ended(run_id):
+        run = client.get_run(run_id)
+        return run.info.status, run.data.tags.get(tracking.TRIAL_STATE), run.data.tags.get(tracking.ERROR)
+
+    assert ended(finished) == ("FINISHED", "COMPLETE", None)
+    assert ended(pruned) == ("KILLED", "PRUNED", None)
+    assert ended(failed) == ("FAILED", "FAIL", None)  # ended without saying how the trial ended: said now
+    assert ended(running) == ("KILLED", "FAIL", "interrupted: the sweep was stopped")
+
+    assert parent.trial_result(0) == ("COMPLETE", [0.7])  # the objective's last value
+    assert parent.trial_result(1) == ("PRUNED", None)
+    assert parent.trial_result(2) is None and parent.trial_result(3) is None
+    assert parent.trial_result(9) is None  # no run at all

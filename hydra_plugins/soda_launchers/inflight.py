@@ -10,7 +10,7 @@ import threading
 import time
 
 log = logging.getLogger(__name__)
-_JOBS: set = set()
+_JOBS: dict = {}  # job -> the Hydra job number it runs (a sweeper's trial number)
 _LOCK = threading.Lock()
 # One submission at a time. submitit's local executor starts a job's controller first and moves
 # the job's pickle into the job's folder just after; the controller dies, leaving no log, if it
@@ -19,22 +19,25 @@ _LOCK = threading.Lock()
 SUBMIT_LOCK = threading.Lock()
 
 
-def add(jobs) -> None:
+def add(jobs, numbers) -> None:
+    """`jobs` run Hydra jobs `numbers` (in order)."""
     with _LOCK:
-        _JOBS.update(jobs)
+        _JOBS.update(zip(jobs, numbers, strict=True))
 
 
 def remove(jobs) -> None:
     with _LOCK:
-        _JOBS.difference_update(jobs)
+        for job in jobs:
+            _JOBS.pop(job, None)
 
 
-def cancel_all(grace_s: float = 15.0) -> int:
+def cancel_all(grace_s: float = 15.0) -> dict[int, str]:
     """Cancel every job in flight (SLURM: scancel; local: SIGINT, then, for a job still alive
     after `grace_s` - a process started in the background ignores SIGINT - SIGKILL to the job's
-    processes); returns how many."""
+    processes); returns {Hydra job number: job id} of the jobs cancelled."""
     with _LOCK:
-        jobs = list(_JOBS)
+        numbers = dict(_JOBS)
+    jobs = list(numbers)
     for job in jobs:
         try:
             job.cancel(check=False)
@@ -47,7 +50,7 @@ def cancel_all(grace_s: float = 15.0) -> int:
     for process in local:
         if process.poll() is None:
             _kill_tree(process.pid)
-    return len(jobs)
+    return {number: str(job.job_id) for job, number in numbers.items()}
 
 
 def _kill_tree(pid: int) -> None:

@@ -72,6 +72,8 @@ class _TrackedLaunch:
 
         init = {f"{self._EXECUTOR}_{key}": self.params[key] for key in _EXECUTOR_INIT_KEYS[1:] if key in self.params}
         executor = submitit.AutoExecutor(folder=self.params["submitit_folder"], cluster=self._EXECUTOR, **init)
+        if self._EXECUTOR == "local":
+            _quiet_controllers(executor)
         base_keys = set(BaseQueueConf.__dataclass_fields__)
         executor.update_parameters(
             **{
@@ -93,7 +95,7 @@ class _TrackedLaunch:
             )
         with inflight.SUBMIT_LOCK:
             jobs = executor.map_array(self, *zip(*job_params, strict=True))
-        inflight.add(jobs)
+        inflight.add(jobs, [params[2] for params in job_params])
         try:
             results = []
             for job in jobs:
@@ -105,6 +107,41 @@ class _TrackedLaunch:
             return results
         finally:
             inflight.remove(jobs)
+
+
+def _quiet_controllers(executor) -> None:
+    """Each local job's controller becomes controller.py, quiet on Ctrl-C, instead of submitit's
+    (which prints a KeyboardInterrupt traceback on the sweeper's terminal and SIGKILLs its tasks
+    a second later). Its environment is submitit's (submitit.local.local.start_controller)."""
+    import sys
+    import types
+
+    from submitit.local.local import LocalJob
+
+    local = executor._executor  # AutoExecutor's LocalExecutor
+
+    def submit_command(self, command):
+        parameters = self.parameters
+        tasks = parameters.get("tasks_per_node", 1)
+        gpus = parameters.get("visible_gpus", ()) or range(parameters.get("gpus_per_node", 0))
+        env = {
+            **os.environ,
+            "SUBMITIT_LOCAL_NTASKS": str(tasks),
+            "SUBMITIT_LOCAL_COMMAND": command,
+            "SUBMITIT_LOCAL_TIMEOUT_S": str(int(60 * parameters.get("timeout_min", 2.0))),
+            "SUBMITIT_LOCAL_SIGNAL_DELAY_S": str(int(parameters.get("signal_delay_s", 30))),
+            "SUBMITIT_LOCAL_NODEID": "0",
+            "SUBMITIT_LOCAL_JOB_NUM_NODES": "1",
+            "SUBMITIT_STDERR_TO_STDOUT": "1" if parameters.get("stderr_to_stdout", False) else "",
+            "SUBMITIT_EXECUTOR": "local",
+            "CUDA_VISIBLE_DEVICES": ",".join(str(gpu) for gpu in list(gpus)[: parameters.get("gpus_per_node", 0)]),
+            "SUBMITIT_LOCAL_WITH_SHELL": "",
+        }
+        controller = [sys.executable, "-m", "hydra_plugins.soda_launchers.controller", str(self.folder)]
+        process = subprocess.Popen(controller, env=env)
+        return LocalJob(folder=self.folder, job_id=str(process.pid), process=process, tasks=list(range(tasks)))
+
+    local._submit_command = types.MethodType(submit_command, local)
 
 
 def _job_failure(job, error: Exception) -> str:

@@ -88,6 +88,13 @@ class OptunaSweeper(Sweeper):
             self.launcher.jobs_at_once = self.n_jobs  # local jobs share the cores between n_jobs trials
 
     def sweep(self, arguments: list[str]) -> Any:
+        # While trials run, the scheduler handles Ctrl-C itself; before and after, say it in one line.
+        try:
+            return self._sweep(arguments)
+        except KeyboardInterrupt:
+            raise SweepError(f"sweep {self.study_name} interrupted; re-run the same command to resume") from None
+
+    def _sweep(self, arguments: list[str]) -> Any:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -102,7 +109,7 @@ class OptunaSweeper(Sweeper):
         check_every_value(dimensions, fixed, self._compose)
 
         # The study and its MLflow run, continued when they exist; trials a killed sweep left
-        # running are marked failed, to run again.
+        # running are kept when their runs ended complete or pruned, else marked failed, to run again.
         storage = open_storage(self.storage_spec)
         space = {name: d.spec for name, d in dimensions.items()}
         study = open_study(self.study_name, storage, self.directions, space, self.sampler_conf, self.pruner_conf)
@@ -147,8 +154,7 @@ class OptunaSweeper(Sweeper):
         bad = [x for x in self.directions if x not in ("maximize", "minimize")]
         if bad or not self.directions:
             raise SweepError(f"direction {bad or self.directions}: use maximize or minimize (one per objective)")
-        objective = self.config.get("objective")
-        objectives = [objective] if isinstance(objective, str) else list(objective or [])
+        objectives = self._objectives()
         if objectives and len(objectives) != len(self.directions):
             raise SweepError(
                 f"{len(self.directions)} direction(s) {self.directions} for {len(objectives)} objective(s) "
@@ -164,6 +170,11 @@ class OptunaSweeper(Sweeper):
                 "hydra/launcher=local or hydra/launcher=slurm"
             )
         make_pruner(self.pruner_conf["name"], self.pruner_conf.get("options"))  # fails early on a bad pruner
+
+    def _objectives(self) -> list[str]:
+        """The metric names of the config's `objective` (one or a list): each trial's values."""
+        objective = self.config.get("objective")
+        return [objective] if isinstance(objective, str) else [str(name) for name in objective or []]
 
     def _compose(self, overrides: list[str]) -> None:
         """Compose a trial's run config and check it with the run's schema (raises if invalid)."""
@@ -201,7 +212,13 @@ class OptunaSweeper(Sweeper):
         }
         tracking = self.config.tracking
         return ParentRun.open(
-            str(tracking.uri), str(tracking.experiment), tracking.get("artifact_location"), study, params, artifacts
+            str(tracking.uri),
+            str(tracking.experiment),
+            tracking.get("artifact_location"),
+            study,
+            params,
+            artifacts,
+            objectives=self._objectives(),
         )
 
     def _write_results(self, study, summary: str) -> None:

@@ -5,9 +5,15 @@ point of its progress metrics; the best trial is a metric and tags at the end. T
 their own runs and tag themselves as its children (soda/train.py, tracking.trial_tags); this
 module closes a trial's run when the trial's job could not (it died, or was interrupted), and
 creates one for a trial that failed before its run started, so that every trial has one.
+
+A trial's own run is the record of how it ended: a run that ended (FINISHED, FAILED, KILLED) keeps
+its status, error and trial_state here (only a failed or killed one that has no trial_state gets
+FAIL), and the sweeper reads a finished or pruned trial's outcome back from it when the job could
+not hand it over (`trial_result`).
 """
 
 import logging
+import math
 import re
 from typing import Any
 
@@ -20,14 +26,16 @@ log = logging.getLogger(__name__)
 PARENT_ATTR = "soda_mlflow_parent"  # study user attribute: the sweep's MLflow run id
 RESUMED = tracking.RESUMED
 BEST_TRIAL = "best_trial"
+ENDED_STATUSES = ("FINISHED", "FAILED", "KILLED")  # MLflow statuses of a run that ended
 
 
 class ParentRun:
-    def __init__(self, client, experiment_id: str, study_name: str, run_id: str):
+    def __init__(self, client, experiment_id: str, study_name: str, run_id: str, objectives: list[str]):
         self.client = client  # an mlflow.MlflowClient
         self.experiment_id = experiment_id
         self.study_name = study_name
         self.run_id = run_id
+        self.objectives = list(objectives)  # the metrics a trial returns as its objective, in order
 
     @classmethod
     def open(
@@ -38,9 +46,11 @@ class ParentRun:
         study,
         params: dict[str, str],
         artifacts: dict[str, str],
+        objectives: list[str],
     ) -> "ParentRun":
         """The run recorded in the study (a resumed sweep), or a new one with `params` and
-        `artifacts` (file name -> text). Fails, before any job starts, if the store is unusable."""
+        `artifacts` (file name -> text). Fails, before any job starts, if the store is unusable.
+        `objectives`: the metric names of the config's `objective` (a trial's value, in order)."""
         import mlflow
 
         tracking.check_reachable(uri)
@@ -50,7 +60,7 @@ class ParentRun:
         if run is not None:
             client.update_run(run.info.run_id, status="RUNNING")
             client.set_tag(run.info.run_id, RESUMED, "true")
-            return cls(client, experiment_id, study.study_name, run.info.run_id)
+            return cls(client, experiment_id, study.study_name, run.info.run_id, objectives)
 
         tags = {**tracking.parent_tags(study.study_name), **tracking.git_state()}
         run = client.create_run(experiment_id, run_name=study.study_name, tags=tags)
@@ -60,7 +70,7 @@ class ParentRun:
         for name, text in artifacts.items():
             client.log_text(run_id, text, name)
         study.set_user_attr(PARENT_ATTR, run_id)
-        return cls(client, experiment_id, study.study_name, run_id)
+        return cls(client, experiment_id, study.study_name, run_id, objectives)
 
     def trial_ended(self, number: int, state: str, values: list[float] | None) -> None:
         """Count the trial's end (and its objective) as progress, at step = trial number."""
@@ -73,15 +83,36 @@ class ParentRun:
         except Exception as error:  # the sweep goes on; the trial's own run holds its record
             log.warning("could not record trial %d in the parent MLflow run: %s", number, first_line(error, 500))
 
-    def close_child(self, number: int, status: str, error: str, params: dict[str, Any] | None = None) -> None:
-        """Mark the trial's own run ended (a job that died could not do it itself); a trial that
-        failed before its run started gets a run here, so that every trial has one."""
+    def trial_result(self, number: int) -> tuple[str, list[float] | None] | None:
+        """How trial `number` ended, as its own run recorded it, when that is a result: ("COMPLETE",
+        its objective values: each metric's last value) for a run FINISHED with trial_state
+        COMPLETE, ("PRUNED", None) for one KILLED with trial_state PRUNED; None otherwise (no run,
+        still running, failed, interrupted, an objective not recorded, or the store unreadable)."""
         try:
-            runs = self.client.search_runs(
-                [self.experiment_id],
-                filter_string=(f"tags.{tracking.STUDY} = '{self.study_name}' and tags.{tracking.TRIAL} = '{number}'"),
-                max_results=5,
-            )
+            runs = self._trial_runs(number)
+        except Exception as problem:
+            log.warning("could not read the MLflow run of trial %d: %s", number, first_line(problem, 500))
+            return None
+        ended: dict[tuple, Any] = {}  # (status, trial_state) -> the newest such run
+        for run in runs:
+            ended.setdefault((run.info.status, run.data.tags.get(tracking.TRIAL_STATE)), run)
+        finished = ended.get(("FINISHED", "COMPLETE"))
+        if finished is not None:
+            values = [finished.data.metrics.get(name) for name in self.objectives]
+            if values and all(v is not None and math.isfinite(v) for v in values):
+                return "COMPLETE", values
+        if ("KILLED", "PRUNED") in ended:
+            return "PRUNED", None
+        return None
+
+    def close_child(self, number: int, status: str, error: str, params: dict[str, Any] | None = None) -> None:
+        """End the trial's own run as `status` (FAILED or KILLED) with `error`: its job died or
+        was stopped before it could. The trial failed (Optuna's FAIL, its trial_state). A run that
+        already ended keeps its status, error and trial_state; one that ended without a
+        trial_state gets FAIL. A trial that failed before its run started gets a run here, so
+        that every trial has one."""
+        try:
+            runs = self._trial_runs(number)
             if not runs:
                 run = self.client.create_run(
                     self.experiment_id,
@@ -92,13 +123,24 @@ class ParentRun:
                     self.client.log_param(run.info.run_id, mlflow_key(key), str(value))
                 runs = [run]
             for run in runs:
-                trial_state = "FAIL" if status == "FAILED" else status
-                self.client.set_tag(run.info.run_id, tracking.TRIAL_STATE, trial_state)
-                if run.info.status == "RUNNING":
+                if run.info.status not in ENDED_STATUSES:
+                    self.client.set_tag(run.info.run_id, tracking.TRIAL_STATE, "FAIL")
                     self.client.set_tag(run.info.run_id, tracking.ERROR, error[:5000])
                     self.client.set_terminated(run.info.run_id, status=status)
+                elif run.info.status != "FINISHED" and tracking.TRIAL_STATE not in run.data.tags:
+                    self.client.set_tag(run.info.run_id, tracking.TRIAL_STATE, "FAIL")
         except Exception as problem:
             log.warning("could not close the MLflow run of trial %d: %s", number, first_line(problem, 500))
+
+    def _trial_runs(self, number: int) -> list:
+        """Trial `number`'s own runs, newest first (one, unless its job and this module both
+        created one)."""
+        return self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.{tracking.STUDY} = '{self.study_name}' and tags.{tracking.TRIAL} = '{number}'",
+            max_results=5,
+            order_by=["attributes.start_time DESC"],
+        )
 
     def finish(self, study, status: str) -> None:
         """The study's counts and its best trial, then the run's end with `status`."""

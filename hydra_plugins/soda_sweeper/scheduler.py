@@ -3,9 +3,15 @@ outcome is told back.
 
 Up to `n_jobs` trials are in flight at once, a new one as soon as one ends. A trial that raises,
 returns no usable objective, or whose job dies is recorded as failed, and the sweep goes on until
-more than `allowed_failures` trials have failed. Ctrl-C or SIGTERM cancels the jobs in flight and
-records their trials as interrupted. A sweep that stopped without that chance (killed) left trials
-RUNNING in the study: `recover` marks them failed so that `plan` runs them again.
+more than `allowed_failures` trials have failed. Ctrl-C or SIGTERM stops the sweep at its next
+wait: it cancels the jobs in flight, waits for them to end, records their trials as interrupted
+and says so in one line per job (a second Ctrl-C leaves at once). A sweep that stopped without
+that chance (killed) left trials RUNNING in the study: `recover` marks them failed so that `plan`
+runs them again.
+
+A trial whose run finished is complete whatever happens to its job or the sweeper afterwards: when
+no result comes back (the job died or was stopped, the sweeper was killed), the trial's own MLflow
+run says whether it ended complete (with its objective's values) or pruned (ParentRun.trial_result).
 
 No `from __future__ import annotations` here: Hydra's plugin scan executes this module outside
 sys.modules, and dataclasses cannot resolve string annotations then.
@@ -15,6 +21,7 @@ import concurrent.futures
 import logging
 import math
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +36,11 @@ log = logging.getLogger(__name__)
 
 ERROR_ATTR = "error"  # trial user attribute: why the trial failed (read by the tests)
 INTERRUPTED = "interrupted: the sweep stopped before the trial finished"
+STOPPED = "interrupted: the sweep was stopped"
 FINISHED_OK = ("COMPLETE", "PRUNED")
+# How often the sweeper looks at a stop request while it waits for trials: a signal handler that
+# does not raise cannot end a blocking wait.
+POLL_S = 0.5
 
 
 @dataclass
@@ -72,8 +83,10 @@ def _retries(trials, names: list[str], done_keys: set) -> list[dict[str, Any]]:
 
 
 def recover(study, storage, parent: ParentRun) -> None:
-    """Trials left running (or queued) by a sweep that stopped without finishing them are marked
-    failed ("interrupted"); `plan` runs them again. `storage` is the study's opened storage."""
+    """Trials left running (or queued) by a sweep that stopped without finishing them. One whose
+    own run ended complete or pruned (its job ended; the sweeper was killed before it told
+    Optuna) is recorded as such; the others are marked failed ("interrupted"), and `plan` runs
+    them again. `storage` is the study's opened storage."""
     from optuna.trial import TrialState
 
     study_id = storage.get_study_id_from_name(study.study_name)
@@ -81,6 +94,14 @@ def recover(study, storage, parent: ParentRun) -> None:
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
         if trial.state == TrialState.WAITING:
             study.ask()  # takes the oldest waiting trial: that one (tell needs it running)
+        else:
+            result = parent.trial_result(trial.number)
+            if result is not None:
+                outcome, values = result
+                study.tell(trial.number, values, state=TrialState[outcome])
+                parent.trial_ended(trial.number, outcome, values)
+                log.info("trial %d had ended %s before the sweep stopped: kept", trial.number, outcome.lower())
+                continue
         storage.set_trial_user_attr(trial_id, ERROR_ATTR, INTERRUPTED)
         study.tell(trial.number, state=TrialState.FAIL)
         parent.close_child(trial.number, "KILLED", INTERRUPTED, trial.params)
@@ -124,78 +145,129 @@ class Scheduler:
     def run(self, queue: list[dict[str, Any]], grid: bool, state: SweepState) -> None:
         """Run `queue` first, then (not for a grid) trials the sampler asks for, until `state`
         says stop. Raises SweepError when interrupted, after recording the trials in flight."""
-        distributions = {name: d.distribution for name, d in self.dimensions.items()}
         in_flight: dict[concurrent.futures.Future, Any] = {}
-        # SIGTERM (scancel, a closing terminal) stops the sweep as Ctrl-C does.
-        previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.n_jobs, thread_name_prefix="trial")
-        try:
-            while True:
-                # Fill the free slots.
-                while not state.stopping(len(in_flight)) and len(in_flight) < self.n_jobs:
-                    if queue:
-                        self.study.enqueue_trial(queue.pop(0))
-                    elif grid:
+        with _StopRequest() as stop:
+            try:
+                while not stop.requested:
+                    # Fill the free slots.
+                    while not stop.requested and not state.stopping(len(in_flight)) and len(in_flight) < self.n_jobs:
+                        trial = self._next_trial(queue, grid)
+                        if trial is None:
+                            break
+                        in_flight[self._submit(pool, trial)] = trial
+                    if not in_flight:
                         break
-                    trial = self.study.ask(distributions)
-                    params = {name: trial.params[name] for name in self.dimensions}
-                    log.info(
-                        "trial %d: %s", trial.number, " ".join(f"{n}={override_value(v)}" for n, v in params.items())
+                    # Wait for any trial to end (or a stop request), and tell Optuna how.
+                    finished, _ = concurrent.futures.wait(
+                        in_flight, timeout=POLL_S, return_when=concurrent.futures.FIRST_COMPLETED
                     )
-                    overrides = trial_overrides(
-                        self.fixed, params, self.study.study_name, self.storage, trial.number, self.parent.run_id
-                    )
-                    in_flight[pool.submit(self.launch, overrides, trial.number)] = trial
-                if not in_flight:
-                    break
-                # Wait for any trial to end, and tell Optuna how.
-                finished, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in finished:
-                    self._record(in_flight.pop(future), future, state)
-        except KeyboardInterrupt:
-            self._interrupt(in_flight)
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise SweepError(
-                f"sweep {self.study.study_name} interrupted: {state.done} of {state.target} trials finished, "
-                f"{len(in_flight)} stopped; re-run the same command to resume"
-            ) from None
-        finally:
-            signal.signal(signal.SIGTERM, previous_term)
+                    for future in finished:
+                        self._record(in_flight.pop(future), future, state)
+                if stop.requested and (in_flight or not state.stopping(0)):
+                    self._stop(in_flight, pool, state)
+            except KeyboardInterrupt:  # a second Ctrl-C while the first was being handled
+                raise SweepError(
+                    f"sweep {self.study.study_name} stopped at once: the trials in flight were not recorded; "
+                    "re-run the same command to record them and resume"
+                ) from None
         pool.shutdown(wait=True)
+
+    def _next_trial(self, queue: list[dict[str, Any]], grid: bool):
+        """The next trial to run: the queue's first parameters, else (not for a grid, whose queue
+        is all of it) the sampler's; None when a grid's queue is empty."""
+        if queue:
+            self.study.enqueue_trial(queue.pop(0))
+        elif grid:
+            return None
+        trial = self.study.ask({name: d.distribution for name, d in self.dimensions.items()})
+        log.info(
+            "trial %d: %s", trial.number, " ".join(f"{n}={override_value(trial.params[n])}" for n in self.dimensions)
+        )
+        return trial
+
+    def _submit(self, pool: concurrent.futures.ThreadPoolExecutor, trial) -> concurrent.futures.Future:
+        """Launch the trial's job in a thread of `pool` (the launch returns once the job ended)."""
+        params = {name: trial.params[name] for name in self.dimensions}
+        study, parent_run_id = self.study.study_name, self.parent.run_id
+        overrides = trial_overrides(self.fixed, params, study, self.storage, trial.number, parent_run_id)
+        return pool.submit(self.launch, overrides, trial.number)
 
     def _record(self, trial, future: concurrent.futures.Future, state: SweepState) -> None:
         """Tell Optuna (and the parent run) how the trial ended: complete, pruned or failed."""
-        import optuna
-        from optuna.trial import TrialState
-
         try:
             result = future.result()
         except Exception as error:  # the job died, or could not be submitted
-            self._fail(trial, f"job died: {_whole(error)}", state)
+            if not self._recorded_by_run(trial, state):  # a job that died after its run ended
+                self._fail(trial, f"job died: {_whole(error)}", state)
             return
+        self._tell(trial, *self._outcome(result), state)
+
+    def _outcome(self, result: JobReturn) -> tuple[str, Any]:
+        """("COMPLETE", the objective's values), ("PRUNED", why) or ("FAIL", why) for a job's return."""
+        import optuna
+
         if result.status == JobStatus.COMPLETED:
             values = result.return_value
             values = values if isinstance(values, list | tuple) else [values]
             numbers = [v for v in values if isinstance(v, int | float) and math.isfinite(v)]
             if len(numbers) != self.n_objectives:
-                message = f"objective is {result.return_value!r}, not {self.n_objectives} finite number(s)"
-                self._fail(trial, message, state)
-                return
-            self.study.tell(trial, numbers)
-            state.done += 1
-            self.parent.trial_ended(trial.number, "COMPLETE", numbers)
-            log.info("trial %d: complete, %s", trial.number, " ".join(f"{v:.4f}" for v in numbers))
-            return
+                return "FAIL", f"objective is {result.return_value!r}, not {self.n_objectives} finite number(s)"
+            return "COMPLETE", numbers
         # Private: JobReturn.return_value re-raises a failed job's exception *and* writes "Error
         # executing job" to stderr, which a pruned trial is not; Hydra has no other accessor.
         error = result._return_value
         if isinstance(error, optuna.TrialPruned):
-            self.study.tell(trial, state=TrialState.PRUNED)
-            state.done += 1
-            self.parent.trial_ended(trial.number, "PRUNED", None)
-            log.info("trial %d: pruned (%s)", trial.number, error)
-            return
-        self._fail(trial, f"{type(error).__name__}: {_whole(error)}", state)
+            return "PRUNED", str(error)
+        return "FAIL", f"{type(error).__name__}: {_whole(error)}"
+
+    def _finished_result(self, trial, future: concurrent.futures.Future, state: SweepState) -> bool:
+        """When the trial's job handed back a finished result (complete, or pruned), tell Optuna so
+        and say True. A failure that comes back while the sweep stops is no result: the stop most
+        likely caused it (Ctrl-C inside a checkpoint's write surfaces as another error), and the
+        trial runs again either way."""
+        if future.cancelled() or future.exception() is not None:
+            return False
+        outcome, detail = self._outcome(future.result())
+        if outcome == "FAIL":
+            return False
+        self._tell(trial, outcome, detail, state)
+        return True
+
+    def _recorded_by_run(self, trial, state: SweepState) -> bool:
+        """When the trial's own run ended complete (with its objective's values) or pruned, tell
+        Optuna so and say True: its job ended after the run did, without handing the result over."""
+        result = self.parent.trial_result(trial.number)
+        if result is None:
+            return False
+        outcome, values = result
+        if outcome == "COMPLETE" and len(values) != self.n_objectives:
+            return False
+        self._tell(trial, outcome, values if outcome == "COMPLETE" else "its run was pruned", state)
+        return True
+
+    def _tell(self, trial, outcome: str, detail: Any, state: SweepState) -> None:
+        """Record `outcome` with its detail (as `_outcome` gives them)."""
+        if outcome == "COMPLETE":
+            self._complete(trial, detail, state)
+        elif outcome == "PRUNED":
+            self._pruned(trial, detail, state)
+        else:
+            self._fail(trial, detail, state)
+
+    def _complete(self, trial, values: list[float], state: SweepState) -> None:
+        self.study.tell(trial, values)
+        state.done += 1
+        self.parent.trial_ended(trial.number, "COMPLETE", values)
+        log.info("trial %d: complete, %s", trial.number, " ".join(f"{v:.4f}" for v in values))
+
+    def _pruned(self, trial, reason: str, state: SweepState) -> None:
+        from optuna.trial import TrialState
+
+        self.study.tell(trial, state=TrialState.PRUNED)
+        state.done += 1
+        self.parent.trial_ended(trial.number, "PRUNED", None)
+        log.info("trial %d: pruned (%s)", trial.number, reason)
 
     def _fail(self, trial, message: str, state: SweepState) -> None:
         from optuna.trial import TrialState
@@ -208,24 +280,57 @@ class Scheduler:
         self.parent.trial_ended(trial.number, "FAIL", None)
         log.warning("trial %d failed: %s", trial.number, message.splitlines()[0])
 
-    def _interrupt(self, in_flight: dict) -> None:
-        """Cancel the jobs in flight; their trials fail as interrupted, the parent run is KILLED."""
+    def _stop(self, in_flight: dict, pool: concurrent.futures.ThreadPoolExecutor, state: SweepState) -> None:
+        """Ctrl-C or SIGTERM: cancel the jobs in flight and wait until each has ended. A trial whose
+        job handed back a finished result, or whose own run ended complete or pruned, is recorded
+        as such; each other one failed as interrupted, to run again, with one line saying so. The
+        parent run ends KILLED; raises SweepError with the summary."""
         from optuna.trial import TrialState
 
         from hydra_plugins.soda_launchers import inflight
 
-        cancelled = inflight.cancel_all()
-        log.warning("interrupted: cancelled %d job(s)", cancelled)
-        message = "interrupted: the sweep was stopped"
-        for trial in in_flight.values():
-            trial.set_user_attr(ERROR_ATTR, message)
+        job_ids = inflight.cancel_all()  # {trial (Hydra job) number: job id}
+        pool.shutdown(wait=True, cancel_futures=True)  # each launch returns once its job has ended
+        stopped = 0
+        for future, trial in in_flight.items():
+            if self._finished_result(trial, future, state) or self._recorded_by_run(trial, state):
+                continue
+            trial.set_user_attr(ERROR_ATTR, STOPPED)
             self.study.tell(trial, state=TrialState.FAIL)
-            self.parent.close_child(trial.number, "KILLED", message, trial.params)
+            self.parent.close_child(trial.number, "KILLED", STOPPED, trial.params)
+            stopped += 1
+            job = f" (job {job_ids[trial.number]})" if trial.number in job_ids else ""
+            log.warning("trial %d%s: stopped; it will run again when you re-run the command", trial.number, job)
         self.parent.finish(self.study, status="KILLED")
+        raise SweepError(
+            f"sweep {self.study.study_name} interrupted: {state.done} of {state.target} trials finished, "
+            f"{stopped} stopped; re-run the same command to resume"
+        )
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+class _StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM (scancel, `kill`, a closing terminal) while trials run. The
+    first asks the scheduler to stop at its next wait, so that no trial's end is half-recorded; a
+    second one raises KeyboardInterrupt at once. Signal handlers belong to the main thread: in
+    another one (never the case under Hydra) the defaults stay."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
 
 
 def _whole(error: BaseException) -> str:
