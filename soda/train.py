@@ -139,7 +139,8 @@ def _run(
         _hand_over_preemption(previous_handlers[trainer.preempt_signal], trainer.preempt_signal, world)
         raise SystemExit(f"{preempted} ({resume_hint}, or let SLURM requeue the job)") from None
     except KeyboardInterrupt:
-        tracker.finish("interrupted", error="interrupted (SIGINT)")
+        with _ignoring(signal.SIGINT):  # a second Ctrl-C must not cut the record short
+            tracker.finish("interrupted", error="interrupted (SIGINT)")
         raise KeyboardInterrupt(f"interrupted (SIGINT); MLflow run {tracker.run_id} is KILLED; {resume_hint}") from None
     except Terminated:
         tracker.finish("terminated", error="terminated (SIGTERM)")
@@ -173,6 +174,18 @@ def _run(
     if isinstance(settings.objective, str):
         return metrics[settings.objective]
     return [metrics[name] for name in settings.objective]
+
+
+@contextlib.contextmanager
+def _ignoring(signum: int):
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signum, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)
 
 
 @contextlib.contextmanager
