@@ -87,21 +87,19 @@ if __name__ == "__main__":
     except Terminated as stop:
         print(f"stopped: {stop or 'terminated (SIGTERM)'}", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
-    except OSError as error:
-        # Hydra creates the run directory (and .hydra/, launch.log) before any of our code runs.
-        if error.filename is None or error.errno not in UNWRITABLE:
-            raise
-        print(
-            f"error: cannot write {error.filename} ({error.strerror}); make it writable, or give the run "
-            f"another directory (hydra.run.dir=... / hydra.sweep.dir=...)",
-            file=sys.stderr,
-        )
-        sys.exit(2)
     except Exception as error:
         from hydra.errors import HydraException
         from omegaconf.errors import OmegaConfBaseException
 
-        if isinstance(error, HydraException | OmegaConfBaseException):
+        if isinstance(error, HydraException | OmegaConfBaseException):  # some are OSErrors too
             print(f"error: {_one_line(error)}", file=sys.stderr)
+            sys.exit(2)
+        # Hydra creates the run directory (and .hydra/, launch.log) before any of our code runs.
+        if isinstance(error, OSError) and error.filename is not None and error.errno in UNWRITABLE:
+            print(
+                f"error: cannot write {error.filename} ({error.strerror}); make it writable, or give the "
+                f"run another directory (hydra.run.dir=... / hydra.sweep.dir=...)",
+                file=sys.stderr,
+            )
             sys.exit(2)
         raise
