@@ -229,19 +229,7 @@ def test_reference_view_changes_images_with_per_image_parameters():
 
 
 def test_tiny_imagenet_layout_with_val_annotations(tmp_path):
-    base = tmp_path / "tiny-imagenet-200"
-    rng = np.random.default_rng(0)
-    for wnid in ("n02", "n01"):
-        folder = base / "train" / wnid / "images"
-        folder.mkdir(parents=True)
-        for i in range(2):
-            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{wnid}_{i}.JPEG")
-    (base / "val" / "images").mkdir(parents=True)
-    lines = []
-    for i, wnid in enumerate(("n02", "n01", "n02")):
-        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(base / "val" / "images" / f"val_{i}.JPEG")
-        lines.append(f"val_{i}.JPEG\t{wnid}\t0\t0\t8\t8")
-    (base / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    _tiny_imagenet(tmp_path)
     train = load_split("tiny_imagenet", tmp_path, "train", image_size=8, num_classes=2, download=False)
     test = load_split("tiny_imagenet", tmp_path, "test", image_size=8, num_classes=2, download=False)
     assert train.classes == ["n01", "n02"] and train.labels.tolist() == [0, 0, 1, 1]
