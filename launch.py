@@ -7,6 +7,7 @@ python launch.py -m sweep=augment_ablation
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import signal
 import sys
@@ -14,9 +15,11 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-import hydra_plugins.soda_launchers.launchers  # noqa: F401 - registers hydra/launcher configs
-import soda.config  # noqa: F401 - registers the config schema with Hydra
 from soda.errors import SodaError, Terminated, first_line
+
+# Imported for what they register with Hydra's ConfigStore: the run schema and the launchers' schemas.
+for _module in ("soda.config", "hydra_plugins.soda_launchers.launchers"):
+    importlib.import_module(_module)
 
 UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.ENOSPC, errno.EDQUOT}
 

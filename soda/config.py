@@ -19,7 +19,7 @@ import typing
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional  # noqa: UP035 - OmegaConf needs typing's generics
+from typing import Any, Dict, List, Optional  # OmegaConf needs typing's generics
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -48,8 +48,8 @@ class ModelConfig:
     latent_dim: int = MISSING
     small_images: bool = MISSING
     base_channels: int = MISSING
-    channel_mults: List[int] = MISSING  # noqa: UP006
-    attention_levels: List[bool] = MISSING  # noqa: UP006
+    channel_mults: List[int] = MISSING
+    attention_levels: List[bool] = MISSING
     blocks_per_level: int = MISSING
     attention_heads: int = MISSING
     dropout: float = MISSING
@@ -72,11 +72,11 @@ class DatasetConfig:
     root: str = MISSING
     image_size: int = MISSING
     num_classes: int = MISSING
-    mean: List[float] = MISSING  # noqa: UP006
-    std: List[float] = MISSING  # noqa: UP006
+    mean: List[float] = MISSING
+    std: List[float] = MISSING
     download: bool = MISSING  # torchvision download when the files are missing (needs network)
-    train_limit: Optional[int] = None  # noqa: UP045 - use only the first N training images (quick runs)
-    test_limit: Optional[int] = None  # noqa: UP045
+    train_limit: Optional[int] = None  # use only the first N training images (quick runs)
+    test_limit: Optional[int] = None
     train_size: int = 0  # shapes only: how many images to generate
     test_size: int = 0  # shapes only
 
@@ -101,8 +101,8 @@ class ViewConfig:
 
     name: str = MISSING  # the option of conf/augmentation/view/ it came from (for tables)
     crop_prob: float = MISSING
-    crop_scale: List[float] = MISSING  # noqa: UP006
-    crop_ratio: List[float] = MISSING  # noqa: UP006
+    crop_scale: List[float] = MISSING
+    crop_ratio: List[float] = MISSING
     flip_prob: float = MISSING
     randaugment_prob: float = MISSING
     randaugment_ops: int = MISSING
@@ -140,19 +140,19 @@ class ScheduleConfig:
     decoder_lr: float = MISSING  # already scaled for the global batch; nothing multiplies it later
     encoder_lr_ratio: float = MISSING  # encoder lr = decoder_lr * encoder_lr_ratio
     weight_decay: float = MISSING
-    adam_betas: List[float] = MISSING  # noqa: UP006
-    grad_clip: Optional[float] = MISSING  # noqa: UP045 - max gradient norm; null = no clipping
+    adam_betas: List[float] = MISSING
+    grad_clip: Optional[float] = MISSING  # max gradient norm; null = no clipping
     ema_decay: float = MISSING
     ema_update_every: int = MISSING
     ema_warmup_power: float = MISSING  # ema-pytorch's warm-up: decay = 1 - (1 + step) ** -power, capped
     precision: str = MISSING  # the seed used fp16; bf16 needs no loss scaler (and its host syncs)
     compile: str = MISSING  # torch.compile mode of the loss: auto (compile on CUDA), none, or a mode
-    channels_last: Optional[bool] = MISSING  # noqa: UP045 - NHWC weights and views; null = on a CPU only
+    channels_last: Optional[bool] = MISSING  # NHWC weights and views; null = on a CPU only
     checkpoint_every: int = MISSING  # epochs; a checkpoint is also written at the end
     log_every: int = MISSING  # optimiser steps between train/loss points
     # Stop training after this many seconds, counted from the end of the first optimiser step (so
     # compilation is not in it) and without the evaluations; then evaluate and finish. null = off.
-    train_seconds: Optional[float] = MISSING  # noqa: UP045
+    train_seconds: Optional[float] = MISSING
 
     def __post_init__(self):
         _check(self.epochs >= 1, f"schedule.epochs={self.epochs} must be at least 1")
@@ -187,7 +187,7 @@ class EvalConfig:
     every: int = MISSING  # epochs between probe evaluations; the last epoch is always evaluated
     # Also evaluate at the end of an epoch once this many seconds of training passed since the last
     # evaluation (for time-boxed runs, see schedule.train_seconds). null = by epochs only.
-    every_seconds: Optional[float] = MISSING  # noqa: UP045
+    every_seconds: Optional[float] = MISSING
     at_start: bool = MISSING  # also evaluate the untrained encoder (epoch 0), a baseline
     linear_probe: str = MISSING  # every: at each evaluation; last: only at the final one (k-NN always)
     batch_size: int = MISSING  # feature extraction batch
@@ -206,7 +206,7 @@ class EvalConfig:
     # eval/latent_gap: how much worse the decoder predicts noise with another image's latent than
     # with its own, on the first latent_gap_images test images (0 = off) at these timesteps.
     latent_gap_images: int = MISSING
-    latent_gap_timesteps: List[int] = MISSING  # noqa: UP006
+    latent_gap_timesteps: List[int] = MISSING
 
     def __post_init__(self):
         _check(self.every >= 1, f"eval.every={self.every} must be at least 1")
@@ -243,10 +243,10 @@ class TrackingConfig:
     name: str = MISSING
     uri: str = MISSING
     experiment: str = MISSING
-    artifact_location: Optional[str] = MISSING  # noqa: UP045 - where a new experiment keeps artifacts
-    run_name: Optional[str] = MISSING  # noqa: UP045
+    artifact_location: Optional[str] = MISSING  # where a new experiment keeps artifacts
+    run_name: Optional[str] = MISSING
     system_metrics: bool = MISSING  # CPU/GPU/memory sampled by MLflow in the background
-    tags: Dict[str, str] = MISSING  # noqa: UP006 - extra tags on the run
+    tags: Dict[str, str] = MISSING  # extra tags on the run
 
 
 @dataclass
@@ -255,13 +255,13 @@ class SweepConfig:
     (hydra/sweeper=optuna, whose settings default to these). A trial learns its number and
     its MLflow parent run through `trial` and `parent_run_id`, which the sweeper adds."""
 
-    study_name: Optional[str] = MISSING  # noqa: UP045 - the Optuna study; same name = resume it
+    study_name: Optional[str] = MISSING  # the Optuna study; same name = resume it
     storage: str = MISSING  # a journal file, or postgresql://... (see soda/sweep.py)
-    n_trials: Optional[int] = MISSING  # noqa: UP045 - trials to finish; null = the whole grid
+    n_trials: Optional[int] = MISSING  # trials to finish; null = the whole grid
     n_jobs: int = MISSING  # trials in flight at once
     max_failure_rate: float = MISSING  # stop when more than this fraction of n_trials failed
-    trial: Optional[int] = MISSING  # noqa: UP045 - set by the sweeper in each trial's job
-    parent_run_id: Optional[str] = MISSING  # noqa: UP045 - set by the sweeper: the sweep's MLflow run
+    trial: Optional[int] = MISSING  # set by the sweeper in each trial's job
+    parent_run_id: Optional[str] = MISSING  # set by the sweeper: the sweep's MLflow run
 
     def __post_init__(self):
         _check(self.n_trials is None or self.n_trials >= 1, f"sweep.n_trials={self.n_trials} must be >= 1 or null")

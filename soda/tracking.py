@@ -240,7 +240,7 @@ def _one_creator(uri: str):
     import fcntl
 
     try:
-        handle = open(database.with_name(f"{database.name}.lock"), "a")  # noqa: SIM115 - held below
+        handle = open(database.with_name(f"{database.name}.lock"), "a")  # held below
     except OSError:
         yield  # a read-only folder: nobody can create the store there anyway
         return

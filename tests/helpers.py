@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-import soda.config  # noqa: F401 - registers the schema
+from soda.config import register
+
+register()  # the schema, with Hydra, for compose()
+
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

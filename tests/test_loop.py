@@ -109,7 +109,10 @@ def test_on_evaluation_asking_to_stop_ends_the_run_before_it_trains_on(tmp_path)
 
 def test_training_metrics_go_to_the_tracker_by_their_contract_keys(tmp_path):
     recorder = Recorder()
-    evaluate = lambda model, epoch, last: {tracking.KNN_ACC: 0.5}  # noqa: E731
+
+    def evaluate(model, epoch, last):
+        return {tracking.KNN_ACC: 0.5}
+
     _trainer(tmp_path, evaluate, tracker=recorder, epochs=1, eval_at_start=False).fit()
     keys = {key for _, metrics in recorder.points for key in metrics}
     assert {tracking.TRAIN_LOSS, tracking.TRAIN_LR, tracking.FIRST_STEP_SECONDS} <= keys
@@ -207,7 +210,10 @@ def test_under_fp16_an_infinite_gradient_is_the_scalers_to_skip_not_a_divergence
 def test_the_divergence_watch_leaves_a_healthy_run_bit_for_bit_unchanged(tmp_path):
     """The watch only reads the loss and the gradient norm: no random draws, nothing the model or
     the optimiser sees. The same run without it ends on the same weights, EMA and RNG state."""
-    evaluate = lambda model, epoch, last: {tracking.KNN_ACC: 0.5}  # noqa: E731
+
+    def evaluate(model, epoch, last):
+        return {tracking.KNN_ACC: 0.5}
+
     watched = _trainer(tmp_path / "watched", evaluate, epochs=1, eval_at_start=False)
     watched.fit()
     unwatched = _trainer(tmp_path / "unwatched", evaluate, epochs=1, eval_at_start=False)

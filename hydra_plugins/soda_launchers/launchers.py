@@ -21,7 +21,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence  # noqa: UP035 - OmegaConf needs typing's generics
+from typing import List, Optional, Sequence  # OmegaConf needs typing's generics
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
@@ -162,7 +162,7 @@ _PEER_ERROR = re.compile(
 _TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:[,.]\d+)?")
 
 
-def rank_failure(task_logs: Sequence[Sequence[Path]]) -> Optional[str]:  # noqa: UP045
+def rank_failure(task_logs: Sequence[Sequence[Path]]) -> Optional[str]:
     """`rank <r> failed: <its exception line>; full log: <file>` from each rank's log files
     (`task_logs[rank]`: submitit's .err and .out of that task), or None when no rank logged a
     traceback. When one rank dies the others often fail too, on a socket their peer closed: the
@@ -184,7 +184,7 @@ def rank_failure(task_logs: Sequence[Sequence[Path]]) -> Optional[str]:  # noqa:
     return f"{who} failed: {line}; full log: {path}"
 
 
-def _last_exception(path: Path) -> Optional[tuple]:  # noqa: UP045
+def _last_exception(path: Path) -> Optional[tuple]:
     """(the timestamp logged just before it or None, the exception line) of the last traceback
     in a log file, or None when it holds none."""
     try:
@@ -320,7 +320,7 @@ def scontrol_records(text: str) -> list:
     return records
 
 
-def slurm_minutes(text: str) -> Optional[float]:  # noqa: UP045
+def slurm_minutes(text: str) -> Optional[float]:
     """A SLURM time (`30`, `30:00`, `1:00:00`, `2-00:00:00`, `2-12`) in minutes; None = no limit."""
     text = text.strip()
     if text.upper() in ("UNLIMITED", "INFINITE"):
@@ -339,7 +339,7 @@ def gres_gpus(gres: str) -> int:
     return sum(int(count) for count in re.findall(r"(?:^|,)gpu(?::[^:,(]+)?:(\d+)", gres))
 
 
-def partition_problem(params: dict, partition: dict, nodes: list) -> Optional[str]:  # noqa: UP045
+def partition_problem(params: dict, partition: dict, nodes: list) -> Optional[str]:
     """What of the request (hydra.launcher.*) the partition cannot satisfy, in one line, or None.
     `partition` and `nodes` are scontrol's records (scontrol_records); a node belongs to the
     partition when its Partitions field names it."""
@@ -420,14 +420,14 @@ def _plural(count: int, noun: str) -> str:
 class SodaLocalConf(LocalQueueConf):
     _target_: str = "hydra_plugins.soda_launchers.launchers.SodaLocalLauncher"
     # Threads per task (OMP_NUM_THREADS); null: this machine's cores / (jobs at once x tasks).
-    threads_per_task: Optional[int] = None  # noqa: UP045
+    threads_per_task: Optional[int] = None
 
 
 @dataclass
 class SodaSlurmConf(SlurmQueueConf):
     _target_: str = "hydra_plugins.soda_launchers.launchers.SodaSlurmLauncher"
     # If one rank dies, srun stops the others at once instead of leaving them in a collective.
-    srun_args: List[str] = field(default_factory=lambda: ["--kill-on-bad-exit=1"])  # noqa: UP006
+    srun_args: List[str] = field(default_factory=lambda: ["--kill-on-bad-exit=1"])
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="soda_local_base", node=SodaLocalConf, provider="soda")

@@ -11,7 +11,7 @@ typing's generics rather than `dict[...]` and `X | None`.
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional  # noqa: UP035 - OmegaConf needs typing's generics
+from typing import Any, Dict, Optional  # OmegaConf needs typing's generics
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -22,30 +22,30 @@ SAMPLERS = ("grid", "tpe", "random", "cmaes", "nsga2", "qmc")
 @dataclass
 class SamplerConf:
     name: str = "tpe"  # grid | tpe | random | cmaes | nsga2 | qmc
-    seed: Optional[int] = None  # noqa: UP045
-    options: Dict[str, Any] = field(default_factory=dict)  # noqa: UP006 - keyword arguments of the sampler
+    seed: Optional[int] = None
+    options: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the sampler
 
 
 @dataclass
 class PrunerConf:
     name: str = "none"  # none | median | percentile | successive_halving | hyperband | threshold | patient | wilcoxon
-    options: Dict[str, Any] = field(default_factory=dict)  # noqa: UP006 - keyword arguments of the pruner
+    options: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the pruner
 
 
 @dataclass
 class OptunaSweeperConf:
     _target_: str = "hydra_plugins.soda_sweeper.optuna_sweeper.OptunaSweeper"
     # From the run config's `sweep` node (conf/hydra/sweeper/optuna.yaml); defaults live there.
-    study_name: Optional[str] = MISSING  # noqa: UP045 - null: a new name each time (no resume)
+    study_name: Optional[str] = MISSING  # null: a new name each time (no resume)
     storage: str = MISSING  # an Optuna journal file, or postgresql://... (soda/sweep.py)
-    n_trials: Optional[int] = MISSING  # noqa: UP045 - null: the whole grid
+    n_trials: Optional[int] = MISSING  # null: the whole grid
     n_jobs: int = MISSING  # trials in flight at once
     max_failure_rate: float = MISSING  # stop when more than this fraction of n_trials failed
     # From the sweep file.
     direction: Any = "maximize"  # or a list, one per objective
     sampler: SamplerConf = field(default_factory=SamplerConf)
     pruner: PrunerConf = field(default_factory=PrunerConf)
-    params: Dict[str, Any] = field(default_factory=dict)  # noqa: UP006 - config path -> Hydra sweep syntax
+    params: Dict[str, Any] = field(default_factory=dict)  # config path -> Hydra sweep syntax
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="soda_optuna_base", node=OptunaSweeperConf, provider="soda")
