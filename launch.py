@@ -2,6 +2,7 @@
 
 python launch.py experiment=demo
 python launch.py -m sweep=augment_ablation
+python launch.py --help
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from soda import config
 from soda.errors import SodaError, Terminated, first_line
 
-# Imported for what they register with Hydra's ConfigStore: the run schema and the launchers' schemas.
-for _module in ("soda.config", "hydra_plugins.soda_launchers.launchers"):
-    importlib.import_module(_module)
+# Imported for what it registers with Hydra's ConfigStore (soda.config registers the run schema).
+importlib.import_module("hydra_plugins.soda_launchers.launchers")
 
 UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.ENOSPC, errno.EDQUOT}
 
@@ -43,17 +44,19 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def _refuse_a_sweep_without_multirun() -> None:
-    """A sweep file sets hydra.sweeper, which only -m uses: without it, it would be one plain run."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from soda.errors import ConfigError
-
     hydra = HydraConfig.get()
-    sweep = hydra.runtime.choices.get("sweep")
-    if hydra.mode == RunMode.RUN and sweep is not None:
-        command = " ".join(["python launch.py -m", *hydra.overrides.task])
-        raise ConfigError(f"sweep={sweep} is a sweep: run it with -m ({command})")
+    if hydra.mode == RunMode.RUN:
+        config.refuse_a_sweep_without_multirun(hydra.runtime.choices.get("sweep"), hydra.overrides.task)
+
+
+def _check_a_shown_config() -> None:
+    """`--cfg job` is the dry check before a long job: it refuses what the run would refuse."""
+    sys.argv[1:], note = config.check_shown_config(sys.argv[1:])
+    if note is not None:
+        print(note, file=sys.stderr)
 
 
 def _one_line(error: BaseException) -> str:
@@ -80,6 +83,7 @@ if __name__ == "__main__":
     # Let errors reach us instead of Hydra's multi-line report; known ones become one line.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
+        _check_a_shown_config()
         main()
     except SodaError as error:
         print(f"error: {_one_line(error)}", file=sys.stderr)

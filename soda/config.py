@@ -3,7 +3,9 @@
 Hydra composes `conf/` on top of these schemas (registered as `soda_schema`), so a key that is
 not here is an error and a value of the wrong type is an error. Ranges are checked when the
 composed config is turned into these dataclasses (`to_settings`), which `soda.train.run` does
-first thing. This is the one place in `soda/` that knows about Hydra.
+first thing; `check_launch` makes the same checks for a command line without running it (what
+`python launch.py ... --cfg job` and the docs' tests use). This is the one place in `soda/` that
+knows about Hydra.
 
 The values live in conf/, once: a field that a YAML file sets is MISSING ("???") here, so a
 composition that lacks it is an error naming the key. The few fields no YAML file needs to set
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import secrets
 import typing
 from collections.abc import Sequence
@@ -252,7 +255,7 @@ class TrackingConfig:
 @dataclass
 class SweepConfig:
     """Set by a sweep file (`sweep=<name>`, files in sweeps/) and read by the Optuna sweeper
-    (hydra/sweeper=optuna, whose settings default to these). A trial learns its number and
+    (hydra/sweeper=soda_optuna, whose settings default to these). A trial learns its number and
     its MLflow parent run through `trial` and `parent_run_id`, which the sweeper adds."""
 
     study_name: Optional[str] = MISSING  # the Optuna study; same name = resume it
@@ -422,19 +425,138 @@ def compose(overrides: Sequence[str] = ()) -> Config:
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     """The composed (unvalidated) config of conf/ with command-line style overrides; a Hydra
     error is a one-line ConfigError."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            composed = hydra_compose(config_name="config", overrides=list(overrides))
+        composed = _compose(overrides, with_hydra=False)
     except (HydraException, OmegaConfBaseException) as error:
         cause = f": {first_line(error.__cause__)}" if error.__cause__ else ""  # e.g. which key is unknown
         raise ConfigError(first_line(error, limit=1000).rstrip(".") + cause) from error
     check_keys(composed)
     return composed
+
+
+def _compose(
+    overrides: Sequence[str], config_name: str = "config", config_dir: Path = CONF_DIR, with_hydra: bool = True
+) -> DictConfig:
+    """The composition launch.py's Hydra would make, with or without Hydra's own `hydra` node."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=with_hydra)
+
+
+def without_hydra(composed: DictConfig) -> DictConfig:
+    """The run's config: a composition without Hydra's own `hydra` node (as the launchers check it)."""
+    return OmegaConf.masked_copy(composed, [key for key in composed if key != "hydra"])
+
+
+def refuse_a_sweep_without_multirun(sweep: str | None, overrides: Sequence[str]) -> None:
+    """A sweep file sets hydra.sweeper, which only -m uses: without it, it would be one plain run."""
+    if sweep is not None:
+        command = " ".join(["python launch.py -m", *overrides])
+        raise ConfigError(f"sweep={sweep} is a sweep: run it with -m ({command})")
+
+
+def check_launch(arguments: Sequence[str]) -> list[list[str]]:
+    """What `python launch.py <arguments>` checks before any work, done without running anything:
+    the run's config composed and validated (to_settings); with -m, that of each job of the sweep,
+    as the launchers check them before submitting (sweep_jobs: an interval at its lower end only).
+    Returns each job's overrides. Hydra's composition errors are raised as they are (launch.py
+    prints them as one line, as it does for a run); a bad value is a ConfigError."""
+    args = _hydra_arguments(arguments)
+    # --config-path is relative to launch.py (the repository root), as hydra.main takes it.
+    config_dir = (CONF_DIR.parent / args.config_path).resolve() if args.config_path else CONF_DIR
+    # --config-dir: one more folder of configs, searched before conf/.
+    search = [f"hydra.searchpath=[file://{Path(args.config_dir).resolve()}]"] if args.config_dir else []
+
+    def compose_job(overrides: Sequence[str]) -> DictConfig:
+        return _compose([*overrides, *search], args.config_name or "config", config_dir)
+
+    overrides = list(args.overrides)
+    if not args.multirun:
+        composed = compose_job(overrides)
+        refuse_a_sweep_without_multirun(OmegaConf.select(composed, "hydra.runtime.choices.sweep"), overrides)
+        to_settings(without_hydra(composed))
+        return [overrides]
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    sweeper = compose_job([o.input_line for o in parsed if not o.is_sweep_override()]).hydra.sweeper
+    jobs = sweep_jobs(OmegaConf.to_container(sweeper).get("params") or {}, overrides)
+    for number, job in enumerate(jobs):
+        try:
+            to_settings(without_hydra(compose_job(job)))
+        except ConfigError as error:
+            raise ConfigError(f"{error} (in job {number} of {len(jobs)}: {' '.join(job)})") from None
+    return jobs
+
+
+def sweep_jobs(params: dict[str, Any], arguments: Sequence[str]) -> list[list[str]]:
+    """Each job of a sweep as its overrides: every combination of the values of the sweep's
+    params (hydra.sweeper.params, from a sweep file) and of the sweep overrides among `arguments`
+    (`seed=0,1,2`, `choice(...)`, `range(...)`). An interval(...) has no finite set of points: it
+    contributes its lower end. As in the sweepers, a plain value on the command line pins a
+    parameter the params vary, and a sweep on the command line replaces it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+
+    lines = [f"{key}={_override_text(value)}" for key, value in params.items()] + list(arguments)
+    axes: dict[str, list[str]] = {}
+    fixed: list[str] = []
+    for override in OverridesParser.create().parse_overrides(lines):
+        key = override.get_key_element()
+        axes.pop(key, None)
+        if not override.is_sweep_override():
+            fixed.append(override.input_line)
+        elif isinstance(override.value(), ChoiceSweep | RangeSweep):
+            axes[key] = list(override.sweep_string_iterator())
+        elif isinstance(override.value(), IntervalSweep):
+            interval = override.value()
+            axes[key] = [repr(int(interval.start) if "int" in interval.tags else float(interval.start))]
+        else:  # glob(...), whose options only the sweeper lists
+            raise ConfigError(
+                f"{override.input_line}: a sweep is checked over choice(...), range(...) or interval(...)"
+            )
+    return [
+        [*fixed, *(f"{k}={v}" for k, v in zip(axes, point, strict=True))] for point in itertools.product(*axes.values())
+    ]
+
+
+def _override_text(value: Any) -> str:
+    """A sweep file's value as override text (YAML turned `true` into True, `null` into None)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else str(value)
+
+
+def check_shown_config(arguments: Sequence[str]) -> tuple[list[str], str | None]:
+    """`--cfg job|all` prints a run's config instead of running it: check that run first (check_launch),
+    so that the dry check before a long job refuses what the job would. Hydra cannot print a
+    multirun's config: with -m, every job is checked and the arguments returned print the first
+    job's. Returns the arguments for Hydra and a note for the user (None when there is nothing to
+    add); other arguments come back as they are."""
+    args = _hydra_arguments(arguments)
+    if args.cfg not in ("job", "all") or args.help or args.hydra_help or args.info or args.shell_completion:
+        return list(arguments), None
+    jobs = check_launch(arguments)
+    if not args.multirun:
+        return list(arguments), None
+    # Hydra's parser takes the overrides as one run of words: the first job's go first, the flags after.
+    overrides = set(args.overrides)
+    flags = [argument for argument in arguments if argument not in overrides and argument not in ("-m", "--multirun")]
+    what = "the sweep's only job" if len(jobs) == 1 else f"all {len(jobs)} jobs of the sweep"
+    return [*jobs[0], *flags], f"checked {what}; shown: job 0 ({' '.join(jobs[0]) or 'no overrides'})"
+
+
+def _hydra_arguments(arguments: Sequence[str]):
+    """launch.py's command line as hydra.main reads it (with hydra.main's own parser)."""
+    from hydra._internal.utils import get_args_parser
+
+    return get_args_parser().parse_args(list(arguments))
 
 
 register()

@@ -4,6 +4,8 @@ import re
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 from omegaconf import MISSING, OmegaConf
 
 from soda import config
@@ -164,6 +166,7 @@ def test_unknown_keys_are_listed_together():
         ("model.noise_schedule=bogus", "model: noise_schedule='bogus' is not known; allowed: linear, cosine"),
     ],
 )
+@pytest.mark.integration  # launch.py as a process, once per case
 def test_bad_overrides_exit_nonzero_with_one_line(override, expected, tmp_path: Path):
     result = launch([*override.split(), f"hydra.run.dir={tmp_path}/run"], timeout=120)
     assert result.returncode != 0
@@ -171,3 +174,121 @@ def test_bad_overrides_exit_nonzero_with_one_line(override, expected, tmp_path: 
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# The launchers' schemas: typed, and not offered as options of hydra/launcher.
+
+# Options of hydra/launcher that others register: Hydra's own and hydra-submitit-launcher's.
+THIRD_PARTY_LAUNCHERS = {"basic", "submitit_local", "submitit_slurm"}
+
+
+def compose_with_hydra(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+
+
+def launcher_options() -> list[str]:
+    from hydra.core.global_hydra import GlobalHydra
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return GlobalHydra.instance().config_loader().get_group_options("hydra/launcher")
+
+
+def test_hydra_offers_only_our_launchers_and_its_own():
+    options = set(launcher_options())
+    assert options - THIRD_PARTY_LAUNCHERS == {"local", "slurm"}, options
+    assert not [option for option in options if option.endswith("_base") or option.startswith("soda_")]
+
+
+@pytest.mark.parametrize("launcher, target", [("local", "SodaLocalLauncher"), ("slurm", "SodaSlurmLauncher")])
+def test_launchers_keep_their_typed_schema(launcher, target):
+    composed = compose_with_hydra([f"hydra/launcher={launcher}"])
+    assert composed.hydra.launcher._target_ == f"hydra_plugins.soda_launchers.launchers.{target}"
+    assert composed.hydra.launcher.tasks_per_node == 1
+    with pytest.raises(ConfigCompositionException, match="hydra.launcher.gpus_per_node=four") as wrong_type:
+        compose_with_hydra([f"hydra/launcher={launcher}", "hydra.launcher.gpus_per_node=four"])
+    assert "could not be converted to Integer" in str(wrong_type.value.__cause__)
+    with pytest.raises(ConfigCompositionException, match="Could not override 'hydra.launcher.gpus'") as unknown:
+        compose_with_hydra([f"hydra/launcher={launcher}", "hydra.launcher.gpus=4"])
+    assert f"Key 'gpus' not in '{target.replace('Launcher', 'Conf')}'" in str(unknown.value.__cause__)
+
+
+# The dry check (`--cfg job`) and the jobs of a sweep.
+
+
+def test_sweep_jobs_are_every_combination_with_an_interval_at_its_lower_end():
+    params = {
+        "augmentation/view@augmentation.target": "choice(reference, flip, none)",
+        "seed": "range(0, 2)",
+        "schedule.decoder_lr": "tag(log, interval(1e-4, 3e-3))",
+        "eval.knn_k": "tag(int, interval(5, 50))",
+        "eval.at_start": True,
+    }
+    jobs = config.sweep_jobs(params, ["experiment=demo", "schedule.epochs=1,2"])
+    assert len(jobs) == 3 * 2 * 2
+    assert jobs[0] == [
+        "eval.at_start=true",
+        "experiment=demo",
+        "augmentation/view@augmentation.target=reference",
+        "seed=0",
+        "schedule.decoder_lr=0.0001",
+        "eval.knn_k=5",
+        "schedule.epochs=1",
+    ]
+    assert jobs[-1][2:] == [
+        "augmentation/view@augmentation.target=none",
+        "seed=1",
+        "schedule.decoder_lr=0.0001",
+        "eval.knn_k=5",
+        "schedule.epochs=2",
+    ]
+    assert len({tuple(job) for job in jobs}) == len(jobs)
+
+
+def test_a_command_line_value_pins_a_swept_parameter_and_a_command_line_sweep_replaces_it():
+    params = {"seed": "range(0, 3)", "schedule.epochs": "choice(1, 2)"}
+    assert config.sweep_jobs(params, ["seed=7", "schedule.epochs=5,6,7"]) == [
+        ["seed=7", "schedule.epochs=5"],
+        ["seed=7", "schedule.epochs=6"],
+        ["seed=7", "schedule.epochs=7"],
+    ]
+    assert config.sweep_jobs({}, []) == [[]]  # -m without a sweep: one job
+
+
+def test_check_launch_validates_one_run_as_the_run_does():
+    assert config.check_launch(["experiment=demo", "schedule.epochs=3"]) == [["experiment=demo", "schedule.epochs=3"]]
+    with pytest.raises(ConfigError, match=r"^schedule\.epochs=-1 must be at least 1$"):
+        config.check_launch(["experiment=demo", "schedule.epochs=-1", "--cfg", "job"])
+    with pytest.raises(ConfigError, match=r"sweep=lr_search is a sweep: run it with -m \(python launch.py -m sweep"):
+        config.check_launch(["sweep=lr_search"])
+    with pytest.raises(ConfigCompositionException, match="Could not find 'model/nope'"):
+        config.check_launch(["model=nope"])
+
+
+def test_check_launch_validates_every_job_of_a_multirun_and_names_the_bad_one():
+    jobs = config.check_launch(["-m", "experiment=demo", "seed=0,1", "model=tiny,soda_r18_ddpm"])
+    assert jobs == [
+        ["experiment=demo", f"seed={seed}", f"model={model}"] for seed in (0, 1) for model in ("tiny", "soda_r18_ddpm")
+    ]
+    with pytest.raises(ConfigError, match=r"^schedule\.epochs=0 must be at least 1 \(in job 2 of 3: experiment=demo "):
+        config.check_launch(["--multirun", "experiment=demo", "schedule.epochs=2,1,0"])
+    with pytest.raises(ConfigError, match=r"augmentation\.target\.crop_prob=1\.5 .*in job 1 of 2"):
+        config.check_launch(["-m", "augmentation.target.crop_prob=0.5,1.5"])
+
+
+def test_a_sweep_file_is_checked_over_its_grid():
+    jobs = config.check_launch(["-m", "sweep=augment_ablation", "experiment=demo"])
+    assert len(jobs) == 3 * 2 * 2
+    assert {job[-1] for job in jobs} == {"seed=0", "seed=1"}
+
+
+def test_shown_config_of_a_multirun_is_its_first_job():
+    arguments = ["-m", "experiment=demo", "seed=3,4", "--cfg", "job", "-p", "seed"]
+    shown, note = config.check_shown_config(arguments)
+    assert shown == ["experiment=demo", "seed=3", "--cfg", "job", "-p", "seed"]
+    assert note == "checked all 2 jobs of the sweep; shown: job 0 (experiment=demo seed=3)"
+    # Nothing to check: not a config to show, or only Hydra's part of it.
+    for unchanged in (["schedule.epochs=-1"], ["schedule.epochs=-1", "--cfg", "hydra"], ["--help", "-c", "job"]):
+        assert config.check_shown_config(unchanged) == (unchanged, None)
+    with pytest.raises(ConfigError, match="schedule.epochs=-1 must be at least 1"):
+        config.check_shown_config(["schedule.epochs=-1", "-c", "all"])

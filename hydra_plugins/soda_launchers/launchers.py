@@ -430,5 +430,7 @@ class SodaSlurmConf(SlurmQueueConf):
     srun_args: List[str] = field(default_factory=lambda: ["--kill-on-bad-exit=1"])
 
 
-ConfigStore.instance().store(group="hydra/launcher", name="soda_local_base", node=SodaLocalConf, provider="soda")
-ConfigStore.instance().store(group="hydra/launcher", name="soda_slurm_base", node=SodaSlurmConf, provider="soda")
+# The launchers' schemas, outside the hydra/launcher group so that they are not offered as its
+# options: conf/hydra/launcher/{local,slurm}.yaml build on them (`/soda_schema_launcher_local@_here_`).
+ConfigStore.instance().store(name="soda_schema_launcher_local", node=SodaLocalConf, provider="soda")
+ConfigStore.instance().store(name="soda_schema_launcher_slurm", node=SodaSlurmConf, provider="soda")
