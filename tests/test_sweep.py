@@ -81,7 +81,7 @@ def _write_sweep(folder: Path, name: str, body: str) -> str:
     """A sweep file in a search-path folder of the test's own; returns the searchpath override."""
     (folder / "sweep").mkdir(parents=True, exist_ok=True)
     (folder / "sweep" / f"{name}.yaml").write_text(
-        "# @package _global_\ndefaults:\n  - override /hydra/sweeper: optuna\n" + body
+        "# @package _global_\ndefaults:\n  - override /hydra/sweeper: soda_optuna\n" + body
     )
     return f"hydra.searchpath=[file://{folder}]"
 
@@ -182,7 +182,18 @@ def test_augment_ablation_runs_every_cell_with_a_parent_run_and_a_child_per_tria
         assert child.data.metrics["eval/linear_acc"] == pytest.approx(trial.value)
     assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
     assert parent.data.tags["best_trial"] == str(study.best_trial.number)
-    assert "sweep augment_ablation: 3 trials in the study (3 complete)" in result.stdout
+    assert "sweep augment_ablation: 3 trials in the study (3 complete, 0 pruned, 0 failed)" in result.stdout
+    # One line as each trial ends, naming its log (the trial's folder holds it).
+    for trial in trials:
+        (line,) = [x for x in result.stdout.splitlines() if f"trial {trial.number} COMPLETE, " in x]
+        log_file = line.rsplit("; log ", 1)[1]
+        assert f" done: {trial.value:.4g}; log " in line and Path(log_file).is_file(), line
+        assert Path(log_file).parent == tmp_path / "sweep" / str(trial.number)
+    assert sorted(int(x.split(", ")[1].split("/")[0]) for x in result.stdout.splitlines() if " COMPLETE, " in x) == [
+        1,
+        2,
+        3,
+    ]
 
     # The same command again: the study is complete, nothing runs, the parent is reused.
     again = launch(
@@ -560,6 +571,54 @@ hydra:
     for trial in trials:
         metrics = by_number[trial.number]
         assert trial.values == pytest.approx([metrics["eval/linear_acc"], metrics["eval/recon_mse"]])
+
+
+def test_a_custom_search_space_adds_a_parameter_to_the_trials_that_need_it(tmp_path):
+    # A function of the user's, importable where the sweep is launched: the second seed's trial
+    # also gets a decoder learning rate; the first keeps the config's.
+    (tmp_path / "spaces").mkdir()
+    (tmp_path / "spaces" / "lr_for_seed_1.py").write_text(
+        "def configure(config, trial):\n"
+        "    assert config.objective == 'eval/linear_acc' and 'sweeper' in config.hydra\n"
+        "    if trial.params['seed'] == 1:\n"
+        "        trial.suggest_float('schedule.decoder_lr', 1e-4, 1e-3, log=True)\n"
+    )
+    searchpath = _write_sweep(
+        tmp_path / "conf",
+        "conditional",
+        """
+  - override /hydra/sweeper/sampler: grid
+sweep:
+  study_name: conditional
+hydra:
+  sweeper:
+    custom_search_space: lr_for_seed_1.configure
+    params:
+      seed: range(0, 2)
+""",
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'spaces'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = launch(_sweep_args(tmp_path, "sweep=conditional", searchpath, *PINNED), timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    trials = {t.params["seed"]: t for t in _study(tmp_path, "conditional").trials}
+    assert [t.state.name for t in trials.values()] == ["COMPLETE", "COMPLETE"]
+    assert "schedule.decoder_lr" not in trials[0].params
+    lr = trials[1].params["schedule.decoder_lr"]
+    assert 1e-4 <= lr <= 1e-3
+    _, children = _runs(f"sqlite:///{tmp_path}/mlflow.db")
+    recorded = {int(c.data.tags["trial"]): c.data.params for c in children}
+    assert float(recorded[trials[1].number]["schedule.decoder_lr"]) == pytest.approx(lr)
+    assert float(recorded[trials[0].number]["schedule.decoder_lr"]) != pytest.approx(lr)
+
+
+def test_an_unknown_custom_search_space_fails_before_any_trial(tmp_path):
+    result = launch(
+        _sweep_args(tmp_path, "sweep=augment_ablation", "hydra.sweeper.custom_search_space=nowhere.configure"),
+        timeout=120,
+    )
+    line = _one_line_error(result)
+    assert line.startswith("error: hydra.sweeper.custom_search_space=nowhere.configure: "), line
+    assert not (tmp_path / "sweep" / ".submitit").exists()
 
 
 def test_directions_must_match_the_objectives(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from functools import partial
 
 import mlflow
 import optuna
@@ -15,7 +16,7 @@ from optuna.trial import TrialState
 
 from hydra_plugins.soda_launchers import inflight
 from hydra_plugins.soda_sweeper.parent_run import ParentRun
-from hydra_plugins.soda_sweeper.scheduler import ERROR_ATTR, Scheduler, SweepState, plan, recover
+from hydra_plugins.soda_sweeper.scheduler import ERROR_ATTR, Scheduler, SweepState, plan, recover, summary
 from hydra_plugins.soda_sweeper.search_space import check_every_value, grid_cells, parse_space
 from soda import tracking
 from soda.sweep import SweepError
@@ -395,3 +396,163 @@ def test_closing_a_trial_never_changes_a_run_that_ended_and_its_result_is_read_b
     assert parent.trial_result(1) == ("PRUNED", None)
     assert parent.trial_result(2) is None and parent.trial_result(3) is None
     assert parent.trial_result(9) is None  # no run at all
+
+
+# ---------------------------------------------------------------------------------------------
+# What the terminal shows: one line per trial's end, and the summary
+
+
+def _returned_with_log(value, folder: str) -> JobReturn:
+    """A job's return that carries its Hydra config, as a real job's does (its log file is there)."""
+    from omegaconf import OmegaConf
+
+    hydra_cfg = OmegaConf.create(
+        {
+            "hydra": {
+                "runtime": {"output_dir": folder},
+                "job": {"name": "launch"},
+                "job_logging": {
+                    "handlers": {"file": {"filename": "${hydra.runtime.output_dir}/${hydra.job.name}.log"}}
+                },
+            }
+        }
+    )
+    if isinstance(value, Exception):
+        return JobReturn(status=JobStatus.FAILED, _return_value=value, hydra_cfg=hydra_cfg)
+    return JobReturn(status=JobStatus.COMPLETED, _return_value=value, hydra_cfg=hydra_cfg)
+
+
+def test_each_trial_s_end_is_one_line_with_progress_outcome_and_log(caplog):
+    outcomes = {
+        0: _returned_with_log(0.75, "/runs/sweep/0"),
+        1: _returned_with_log(optuna.TrialPruned("linear_acc 0.1 below the median at step 2"), "/runs/sweep/1"),
+        2: _returned_with_log(ValueError("batch too large\nsecond line"), "/runs/sweep/2"),
+        3: RuntimeError("job 123 failed: MemoryError; full log: /runs/sweep/.submitit/123/123_0_log.err"),
+        4: _returned(0.5),  # no Hydra config came back: no log to name
+    }
+    with caplog.at_level(logging.INFO, logger="hydra_plugins.soda_sweeper.scheduler"):
+        study, _, state, _ = _schedule(outcomes, n_jobs=1)
+    ended = [r.getMessage() for r in caplog.records if " done: " in r.getMessage()]
+    assert ended == [
+        "trial 0 COMPLETE, 1/5 done: 0.75; log /runs/sweep/0/launch.log",
+        "trial 1 PRUNED, 2/5 done: linear_acc 0.1 below the median at step 2; log /runs/sweep/1/launch.log",
+        "trial 2 FAIL, 2/5 done: ValueError: batch too large; log /runs/sweep/2/launch.log",
+        "trial 3 FAIL, 2/5 done: job died: job 123 failed: MemoryError; full log: /runs/sweep/.submitit/123/123_0_log.err",
+        "trial 4 COMPLETE, 3/5 done: 0.5",
+    ]
+    failures = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert failures == ended[2:4]  # a failure stands out in the log
+    launched = [r.getMessage() for r in caplog.records if "launched" in r.getMessage()]
+    assert launched[0] == "trial 0 launched: a=0"
+
+    assert summary(study, state) == (
+        "sweep s: 5 trials in the study (2 complete, 1 pruned, 2 failed); this run: 2 failed "
+        "[#2: ValueError: batch too large; #3: job died: job 123 failed: MemoryError; full log: "
+        "/runs/sweep/.submitit/123/123_0_log.err]; best trial #0: 0.75 with a=0"
+    )
+
+
+def test_the_summary_counts_every_state_and_names_the_best_of_several_objectives():
+    study = _study(directions=("maximize", "minimize"))
+    state = SweepState(target=2, done=0, allowed_failures=0)
+    assert (
+        summary(study, state) == "sweep s: 0 trials in the study (0 complete, 0 pruned, 0 failed); this run: 0 failed"
+    )
+    trial = study.ask({"a": optuna.distributions.IntDistribution(0, 9)})
+    study.tell(trial, [0.5, 0.25])
+    assert summary(study, state).endswith(f"; best trial #0: 0.5, 0.25 with a={trial.params['a']}")
+
+
+# ---------------------------------------------------------------------------------------------
+# A custom search space: parameters that exist only for some trials
+
+
+def _optimizer_space(config, trial) -> None:
+    """SGD has a momentum, Adam none: suggested only when the trial's optimizer is sgd."""
+    if trial.params["optimizer"] == "sgd":
+        trial.suggest_float("schedule.momentum", 0.5, 0.99)
+
+
+def _custom_scheduler(extend, outcomes=None, sampler=None, fixed=("seed=7",), n_trials=4):
+    """A TPE search over `optimizer` (adam | sgd) whose trials all return 0.5 unless `outcomes`
+    says otherwise; `extend(trial)` is the custom search space. Returns (run, study, state, launched)."""
+    dimensions, fixed = parse_space({"optimizer": "choice(adam, sgd)"}, list(fixed))
+    study = optuna.create_study(
+        study_name="s", direction="maximize", sampler=sampler or optuna.samplers.TPESampler(seed=0)
+    )
+    launched: dict[int, list[str]] = {}
+
+    def launch(overrides, number):
+        launched[number] = overrides
+        return (outcomes or {}).get(number, _returned(0.5))
+
+    state = SweepState(target=n_trials, done=0, allowed_failures=n_trials)
+    scheduler = Scheduler(study, FakeParent(), launch, dimensions, fixed, "/tmp/journal.log", 1, extend=extend)
+    return lambda queue=(): scheduler.run(list(queue), grid=False, state=state), study, state, launched
+
+
+def test_a_custom_search_space_adds_a_parameter_only_to_the_trials_that_need_it():
+    config = {"sweep": "the sweep's run config"}
+    seen: list = []
+
+    def extend(trial):
+        seen.append(trial.number)
+        _optimizer_space(config, trial)
+
+    # Both optimizers first (as a resumed sweep's retries would be), then what TPE asks for.
+    run, study, state, launched = _custom_scheduler(extend, n_trials=6)
+    run([{"optimizer": "adam"}, {"optimizer": "sgd"}])
+    assert seen == list(range(6)) and state.done == 6
+    for trial in study.trials:
+        overrides = launched[trial.number]
+        params = [o for o in overrides if not o.startswith(("sweep.", "seed="))]
+        if trial.params["optimizer"] == "sgd":
+            momentum = trial.params["schedule.momentum"]
+            assert 0.5 <= momentum <= 0.99
+            assert params == ["optimizer=sgd", f"schedule.momentum={momentum!r}"]
+        else:
+            assert "schedule.momentum" not in trial.params and params == ["optimizer=adam"]
+    assert {t.params["optimizer"] for t in study.trials} == {"adam", "sgd"}
+    assert study.trials[1].distributions["schedule.momentum"] == optuna.distributions.FloatDistribution(0.5, 0.99)
+
+
+def test_a_failed_trial_of_a_custom_space_runs_again_with_what_was_suggested_for_it():
+    # Trial 1 (sgd) failed: the resumed sweep enqueues it with its momentum, and the custom space's
+    # suggestion takes that value again.
+    run, study, _, launched = _custom_scheduler(
+        partial(_optimizer_space, {}), outcomes={1: _raised(ValueError("diverged"))}
+    )
+    run([{"optimizer": "adam"}, {"optimizer": "sgd"}])
+    failed = study.trials[1]
+    assert failed.state.name == "FAIL"
+    target, done, queue = plan(study.trials, ["optimizer"], None, n_trials=6)
+    assert (target, done) == (6, 4)
+    assert queue == [{"optimizer": "sgd", "schedule.momentum": failed.params["schedule.momentum"]}]
+
+    again, study_again, _, launched_again = _custom_scheduler(partial(_optimizer_space, {}), n_trials=1)
+    again(queue)
+    assert study_again.trials[0].params == failed.params
+    assert launched_again[0][:3] == launched[1][:3]  # seed, optimizer, momentum: the same command line
+
+
+def test_a_custom_space_that_raises_or_clashes_with_a_fixed_override_fails_its_trial_without_a_job(caplog):
+    def broken(trial):
+        raise KeyError("optimiser")
+
+    run, study, state, launched = _custom_scheduler(broken, n_trials=2)
+    with caplog.at_level(logging.WARNING):
+        run()
+    # Failures stop the sweep as any others do: here once more than 2 have failed.
+    assert launched == {} and [t.state.name for t in study.trials] == ["FAIL"] * 3
+    assert study.trials[0].user_attrs[ERROR_ATTR] == "custom search space: KeyError: 'optimiser'"
+    assert state.failures == 3 and caplog.records[0].getMessage().startswith(
+        "trial 0 FAIL, 0/2 done: custom search space: KeyError"
+    )
+
+    def seed_too(trial):
+        trial.suggest_int("seed", 0, 3)
+
+    run, study, _, launched = _custom_scheduler(seed_too, n_trials=1)
+    run()
+    assert launched == {}
+    assert study.trials[0].user_attrs[ERROR_ATTR] == "custom search space suggested seed, which the command line fixes"

@@ -1,1 +1,1 @@
-"""`hydra/sweeper=optuna`: Optuna studies launched through Hydra's launchers (see optuna_sweeper)."""
+"""`hydra/sweeper=soda_optuna`: Optuna studies launched through Hydra's launchers (see optuna_sweeper)."""

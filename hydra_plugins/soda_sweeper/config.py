@@ -1,9 +1,17 @@
-"""The sweeper's settings (`hydra.sweeper.*`), as Hydra's schema `hydra/sweeper/soda_optuna_base`.
+"""The sweeper's settings (`hydra.sweeper.*`), as Hydra's config `soda_schema_sweeper_optuna`.
 
-conf/hydra/sweeper/optuna.yaml builds on this schema: its everyday settings (study name, storage,
-trial count, trials in flight, failure rate) come from the run config's `sweep` node, which holds
-their defaults, so they are MISSING here rather than a second default. A sweep file (sweeps/)
-sets the rest: direction, sampler, pruner and params.
+conf/hydra/sweeper/soda_optuna.yaml builds on this schema: its everyday settings (study name,
+storage, trial count, trials in flight, failure rate) come from the run config's `sweep` node,
+which holds their defaults, so they are MISSING here rather than a second default. A sweep file
+(sweeps/) sets the rest: direction, sampler, pruner, params and custom_search_space.
+
+The schema is stored outside every config group, as the run's `soda_schema` is: in a group it
+would be one of the options Hydra offers (`hydra/sweeper=...`, --help), though nobody can sweep
+with it alone.
+
+`sampler` is untyped because it takes two forms (hydra_plugins/soda_sweeper/sampler.py): an
+option of the group `hydra/sweeper/sampler` (`_target_` and the sampler's keyword arguments, as
+in the published hydra-optuna-sweeper), or the older `{name, seed, options}`.
 
 No `from __future__ import annotations` here: Hydra's plugin scan executes this module outside
 sys.modules, and dataclasses cannot resolve string annotations then; OmegaConf also needs
@@ -16,14 +24,7 @@ from typing import Any, Dict, Optional  # OmegaConf needs typing's generics
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-SAMPLERS = ("grid", "tpe", "random", "cmaes", "nsga2", "qmc")
-
-
-@dataclass
-class SamplerConf:
-    name: str = "tpe"  # grid | tpe | random | cmaes | nsga2 | qmc
-    seed: Optional[int] = None
-    options: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the sampler
+SCHEMA = "soda_schema_sweeper_optuna"
 
 
 @dataclass
@@ -35,7 +36,9 @@ class PrunerConf:
 @dataclass
 class OptunaSweeperConf:
     _target_: str = "hydra_plugins.soda_sweeper.optuna_sweeper.OptunaSweeper"
-    # From the run config's `sweep` node (conf/hydra/sweeper/optuna.yaml); defaults live there.
+    # The sampler's node has a `_target_` too: the sweeper builds it (sampler.py), not Hydra.
+    _recursive_: bool = False
+    # From the run config's `sweep` node (conf/hydra/sweeper/soda_optuna.yaml); defaults live there.
     study_name: Optional[str] = MISSING  # null: a new name each time (no resume)
     storage: str = MISSING  # an Optuna journal file, or postgresql://... (soda/sweep.py)
     n_trials: Optional[int] = MISSING  # null: the whole grid
@@ -43,9 +46,12 @@ class OptunaSweeperConf:
     max_failure_rate: float = MISSING  # stop when more than this fraction of n_trials failed
     # From the sweep file.
     direction: Any = "maximize"  # or a list, one per objective
-    sampler: SamplerConf = field(default_factory=SamplerConf)
+    sampler: Any = None  # hydra/sweeper/sampler=<name>, or {name, seed, options}; null: TPE, Optuna's defaults
     pruner: PrunerConf = field(default_factory=PrunerConf)
     params: Dict[str, Any] = field(default_factory=dict)  # config path -> Hydra sweep syntax
+    # <module>.<function>(config, trial), called before each trial's overrides are built; what
+    # it suggests (trial.suggest_*) becomes overrides too: parameters that depend on others.
+    custom_search_space: Optional[str] = None
 
 
-ConfigStore.instance().store(group="hydra/sweeper", name="soda_optuna_base", node=OptunaSweeperConf, provider="soda")
+ConfigStore.instance().store(name=SCHEMA, node=OptunaSweeperConf, provider="soda")

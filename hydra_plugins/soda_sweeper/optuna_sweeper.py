@@ -1,4 +1,4 @@
-"""An Optuna sweeper for Hydra (`hydra/sweeper=optuna`), on current Optuna.
+"""An Optuna sweeper for Hydra (`hydra/sweeper=soda_optuna`), on current Optuna.
 
 Optuna decides which trials run (ask), the configured launcher runs them (local processes or
 SLURM jobs, `sweep.n_jobs` in flight at once, a new one as soon as one ends), and each trial's
@@ -9,9 +9,12 @@ command again with the same study name continues the study: finished trials are 
 and failed ones are run again. MLflow gets one parent run per sweep, each trial a child run.
 
 The `grid` sampler runs every combination of choice/range values once; the others sample
-(`n_trials` required). This module wires the pieces together:
+(`n_trials` required). `custom_search_space`, as in the published hydra-optuna-sweeper, names a
+function `f(config, trial)` (config: the sweep's run config, `hydra` included) that may suggest
+more parameters, each an override of that trial. This module wires the pieces together:
 
-    config.py        the settings' schema (hydra/sweeper/soda_optuna_base)
+    config.py        the settings' schema (soda_schema_sweeper_optuna)
+    sampler.py       the sampler from either form of its settings; the custom search space
     search_space.py  `params` and sweep overrides -> Optuna distributions, grid cells
     study.py         the Optuna study, created or continued
     parent_run.py    the sweep's MLflow run and its trials' runs when they cannot close their own
@@ -29,21 +32,17 @@ from typing import Any
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
-from hydra_plugins.soda_sweeper.config import SAMPLERS
 from hydra_plugins.soda_sweeper.parent_run import ParentRun
-from hydra_plugins.soda_sweeper.scheduler import Scheduler, SweepState, plan, recover
-from hydra_plugins.soda_sweeper.search_space import (
-    check_every_value,
-    grid_cells,
-    override_value,
-    parse_space,
-    spec_text,
-)
+from hydra_plugins.soda_sweeper.sampler import SamplerSpec, custom_search_space, make_sampler, sampler_spec
+from hydra_plugins.soda_sweeper.scheduler import Scheduler, SweepState, plan, recover, summary
+from hydra_plugins.soda_sweeper.search_space import check_every_value, grid_cells, parse_space, spec_text
 from hydra_plugins.soda_sweeper.study import best_trial, open_study
 from soda.sweep import SweepError, make_pruner, open_storage
 from soda.tracking import redact
 
 log = logging.getLogger(__name__)
+
+CUSTOM_SPACE_KEY = "(custom_search_space)"  # in the study's recorded space; no config path has parentheses
 
 
 class OptunaSweeper(Sweeper):
@@ -58,6 +57,7 @@ class OptunaSweeper(Sweeper):
         sampler: Any,
         pruner: Any,
         params: Any,
+        custom_search_space: str | None = None,
     ):
         self.study_name = study_name or f"sweep-{datetime.datetime.now():%Y%m%d-%H%M%S}"
         self.named = bool(study_name)
@@ -67,9 +67,10 @@ class OptunaSweeper(Sweeper):
         self.n_trials = n_trials
         self.n_jobs = int(n_jobs)
         self.max_failure_rate = float(max_failure_rate)
-        self.sampler_conf = _plain(sampler)
+        self.sampler_conf = _plain(sampler) if sampler is not None else None
         self.pruner_conf = _plain(pruner)
         self.params = _plain(params)
+        self.custom_search_space = str(custom_search_space) if custom_search_space else None
         self.config: DictConfig | None = None
         self.launcher = None
         self.hydra_context = None
@@ -98,13 +99,16 @@ class OptunaSweeper(Sweeper):
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self._check_settings()
+        spec = sampler_spec(self.sampler_conf, self.config.hydra.runtime.choices.get("hydra/sweeper/sampler"))
+        self._check_settings(spec.name, spec.grid)
+        sampler = make_sampler(spec)
+        extend = custom_search_space(self.custom_search_space)
 
         # The search space, each of its values composed into a run config before anything is stored.
         dimensions, fixed = parse_space(self.params, arguments)
         if not dimensions:
             raise SweepError("the sweep has no parameters to vary: set hydra.sweeper.params in the sweep file")
-        grid = self.sampler_conf["name"] == "grid"
+        grid = spec.grid
         cells = grid_cells(dimensions) if grid else None
         check_every_value(dimensions, fixed, self._compose)
 
@@ -112,8 +116,10 @@ class OptunaSweeper(Sweeper):
         # running are kept when their runs ended complete or pruned, else marked failed, to run again.
         storage = open_storage(self.storage_spec)
         space = {name: d.spec for name, d in dimensions.items()}
-        study = open_study(self.study_name, storage, self.directions, space, self.sampler_conf, self.pruner_conf)
-        parent = self._open_parent_run(study)  # checks the tracking store before any job
+        if self.custom_search_space:  # another function makes other trials: part of the space
+            space[CUSTOM_SPACE_KEY] = self.custom_search_space
+        study = open_study(self.study_name, storage, self.directions, space, sampler, self.pruner_conf)
+        parent = self._open_parent_run(study, spec)  # checks the tracking store before any job
         recover(study, storage, parent)
 
         # What is left to run, then run it.
@@ -122,7 +128,7 @@ class OptunaSweeper(Sweeper):
         log.info(
             "study %s (%s): %d of %d trials already finished; %s; storage %s",
             self.study_name,
-            self.sampler_conf["name"],
+            spec.name,
             done,
             target,
             f"{len(queue)} grid cells to run" if grid else f"{len(queue)} earlier trials to retry",
@@ -130,27 +136,35 @@ class OptunaSweeper(Sweeper):
         )
         if not self.named:
             log.info("no sweep.study_name: re-run with sweep.study_name=%s to resume this study", self.study_name)
-        scheduler = Scheduler(study, parent, self._launch, dimensions, fixed, self.storage_spec, self.n_jobs)
+        config = self.config
+        scheduler = Scheduler(
+            study,
+            parent,
+            self._launch,
+            dimensions,
+            fixed,
+            self.storage_spec,
+            self.n_jobs,
+            extend=(lambda trial: extend(config, trial)) if extend else None,
+        )
         scheduler.run(queue, grid, state)
 
         # The outcome: on MLflow, in the sweep folder, on the terminal.
-        summary = _summary(study, state)
+        outcome = summary(study, state)
         failed = state.failures > state.allowed_failures
         parent.finish(study, status="FAILED" if failed else "FINISHED")
-        self._write_results(study, summary)
-        print(summary, flush=True)
+        self._write_results(study, outcome)
+        print(outcome, flush=True)
         if failed:
             raise SweepError(
-                f"{summary}; stopped: more than max_failure_rate={self.max_failure_rate} of {target} trials failed"
+                f"{outcome}; stopped: more than max_failure_rate={self.max_failure_rate} of {target} trials failed"
             )
         return [(t.number, t.state.name, t.values) for t in study.get_trials(deepcopy=False)]
 
-    def _check_settings(self) -> None:
+    def _check_settings(self, sampler: str, grid: bool) -> None:
         """Settings that cannot work fail here, before the study or any job exists."""
         from hydra_plugins.soda_launchers.launchers import SodaLocalLauncher, SodaSlurmLauncher
 
-        if self.sampler_conf["name"] not in SAMPLERS:
-            raise SweepError(f"sampler {self.sampler_conf['name']!r} is not known; allowed: {', '.join(SAMPLERS)}")
         bad = [x for x in self.directions if x not in ("maximize", "minimize")]
         if bad or not self.directions:
             raise SweepError(f"direction {bad or self.directions}: use maximize or minimize (one per objective)")
@@ -160,8 +174,8 @@ class OptunaSweeper(Sweeper):
                 f"{len(self.directions)} direction(s) {self.directions} for {len(objectives)} objective(s) "
                 f"{objectives}: give one direction per objective"
             )
-        if self.sampler_conf["name"] != "grid" and self.n_trials is None:
-            raise SweepError(f"sampler {self.sampler_conf['name']} needs sweep.n_trials (only a grid has an end)")
+        if not grid and self.n_trials is None:
+            raise SweepError(f"sampler {sampler} needs sweep.n_trials (only a grid has an end)")
         # Trials in flight together must not share this process (Hydra's basic launcher runs a
         # job in the sweeper's own process and working directory).
         if self.n_jobs > 1 and not isinstance(self.launcher, SodaLocalLauncher | SodaSlurmLauncher):
@@ -186,15 +200,18 @@ class OptunaSweeper(Sweeper):
     def _launch(self, overrides: list[str], number: int):
         return self.launcher.launch([overrides], initial_job_idx=number)[0]
 
-    def _open_parent_run(self, study) -> ParentRun:
+    def _open_parent_run(self, study, sampler: SamplerSpec) -> ParentRun:
         """The sweep's MLflow run, with the sweep's settings as params (no passwords)."""
-        sampler, pruner = self.sampler_conf, self.pruner_conf
+        pruner = self.pruner_conf
+        options = {key: value for key, value in sampler.kwargs.items() if key != "seed"}
         params = {
             "sweep.study_name": self.study_name,
             "sweep.storage": redact(self.storage_spec),
-            "sweep.sampler": sampler["name"],
-            "sweep.sampler_seed": str(sampler.get("seed")),
-            "sweep.sampler_options": str(sampler.get("options") or {}),
+            "sweep.sampler": sampler.name,
+            "sweep.sampler_class": sampler.target,
+            "sweep.sampler_seed": str(sampler.kwargs.get("seed")),
+            "sweep.sampler_options": str(options),
+            "sweep.custom_search_space": str(self.custom_search_space),
             "sweep.pruner": pruner["name"],
             "sweep.pruner_options": str(pruner.get("options") or {}),
             "sweep.direction": ",".join(self.directions),
@@ -221,13 +238,13 @@ class OptunaSweeper(Sweeper):
             objectives=self._objectives(),
         )
 
-    def _write_results(self, study, summary: str) -> None:
+    def _write_results(self, study, outcome: str) -> None:
         """optuna_results.yaml in the sweep folder: the best trial, beside the trials' folders."""
         best = best_trial(study)
         results = {
             "study_name": self.study_name,
             "storage": redact(self.storage_spec),
-            "summary": summary,
+            "summary": outcome,
             "best_trial": best.number if best else None,
             "best_values": list(best.values) if best else None,
             "best_params": dict(best.params) if best else None,
@@ -240,24 +257,3 @@ class OptunaSweeper(Sweeper):
 def _plain(node: Any) -> dict:
     """A config node as a plain dict (resolved), as the modules below take their settings."""
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
-
-
-def _summary(study, state: SweepState) -> str:
-    """One line: the study's trials by state, this run's failures, and the best trial."""
-    counts: dict[str, int] = {}
-    trials = study.get_trials(deepcopy=False)
-    for t in trials:
-        counts[t.state.name] = counts.get(t.state.name, 0) + 1
-    text = (
-        f"sweep {study.study_name}: {len(trials)} trials in the study "
-        f"({', '.join(f'{n} {s.lower()}' for s, n in sorted(counts.items()))}); this run: "
-        f"{state.failures} failed"
-    )
-    if state.errors:
-        text += f" [{'; '.join(state.errors[:5])}{'; ...' if len(state.errors) > 5 else ''}]"
-    best = best_trial(study)
-    if best:
-        values = ", ".join(f"{v:.4f}" for v in best.values)
-        params = " ".join(f"{k}={override_value(v)}" for k, v in best.params.items())
-        text += f"; best trial #{best.number}: {values} with {params}"
-    return text

@@ -9,6 +9,14 @@ and says so in one line per job (a second Ctrl-C leaves at once). A sweep that s
 that chance (killed) left trials RUNNING in the study: `recover` marks them failed so that `plan`
 runs them again.
 
+Each trial's end is one line: `trial 7 COMPLETE, 3/12 done: 0.8123; log <file>` (or PRUNED and its
+reason, or FAIL and its error's first line), where 3/12 counts the trials finished (complete or
+pruned, earlier runs of the sweep included) against the sweep's target; a failed trial does not
+count, it runs again. The sweeper ends with `summary`.
+
+A custom search space (`hydra.sweeper.custom_search_space`) is called with each trial once the
+sampler has chosen the parameters of `params`; what it suggests becomes overrides of that trial.
+
 A trial whose run finished is complete whatever happens to its job or the sweeper afterwards: when
 no result comes back (the job died or was stopped, the sweeper was killed), the trial's own MLflow
 run says whether it ended complete (with its objective's values) or pruned (ParentRun.trial_result).
@@ -27,9 +35,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
+from omegaconf import OmegaConf
 
 from hydra_plugins.soda_sweeper.parent_run import ParentRun
 from hydra_plugins.soda_sweeper.search_space import Dimension, cell_key, override_value
+from hydra_plugins.soda_sweeper.study import best_trial
 from soda.sweep import SweepError
 
 log = logging.getLogger(__name__)
@@ -61,22 +71,25 @@ def plan(trials, names: list[str], cells: list[dict[str, Any]] | None, n_trials:
     A grid (`cells`) runs each cell not finished yet; other samplers first run again the
     parameters of earlier failed trials, then ask the sampler for new ones."""
     done = [t for t in trials if t.state.name in FINISHED_OK]
-    done_keys = {cell_key(t.params, names) for t in done}
     if cells is not None:
+        done_keys = {cell_key(t.params, names) for t in done}
         target = min(n_trials or len(cells), len(cells))
         queue = [c for c in cells if cell_key(c, names) not in done_keys]
     else:
         target = n_trials
-        queue = _retries(trials, names, done_keys)
+        queue = _retries(trials, names)
     return target, len(done), queue[: max(0, target - len(done))]
 
 
-def _retries(trials, names: list[str], done_keys: set) -> list[dict[str, Any]]:
-    """Parameters of earlier failed trials that never succeeded, once each."""
-    queue, seen = [], set(done_keys)
+def _retries(trials, names: list[str]) -> list[dict[str, Any]]:
+    """Parameters of earlier failed trials that never succeeded, once each. A point is all of a
+    trial's parameters, what a custom search space suggested included: enqueued again, its
+    suggestions take those values again."""
+    seen = {cell_key(t.params, sorted(t.params)) for t in trials if t.state.name in FINISHED_OK}
+    queue = []
     for trial in trials:
-        key = cell_key(trial.params, names)
-        if trial.state.name == "FAIL" and set(trial.params) == set(names) and key not in seen:
+        key = cell_key(trial.params, sorted(trial.params))
+        if trial.state.name == "FAIL" and set(names) <= set(trial.params) and key not in seen:
             queue.append(dict(trial.params))
             seen.add(key)
     return queue
@@ -108,6 +121,28 @@ def recover(study, storage, parent: ParentRun) -> None:
         log.info("trial %d was interrupted earlier: marked failed, it will run again", trial.number)
 
 
+def summary(study, state: SweepState) -> str:
+    """One line: the study's trials by state, this run's failures, and the best trial."""
+    counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
+    trials = study.get_trials(deepcopy=False)
+    for t in trials:
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    names = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}
+    text = (
+        f"sweep {study.study_name}: {len(trials)} trials in the study "
+        f"({', '.join(f'{n} {names.get(s, s.lower())}' for s, n in counts.items())}); this run: "
+        f"{state.failures} failed"
+    )
+    if state.errors:
+        text += f" [{'; '.join(state.errors[:5])}{'; ...' if len(state.errors) > 5 else ''}]"
+    best = best_trial(study)
+    if best:
+        values = ", ".join(_number(v) for v in best.values)
+        params = " ".join(f"{k}={override_value(v)}" for k, v in best.params.items())
+        text += f"; best trial #{best.number}: {values} with {params}"
+    return text
+
+
 def trial_overrides(
     fixed: list[str], params: dict[str, Any], study_name: str, storage: str, number: int, parent_run_id: str
 ) -> list[str]:
@@ -132,6 +167,7 @@ class Scheduler:
         fixed: list[str],
         storage: str,
         n_jobs: int,
+        extend: Callable[[Any], None] | None = None,
     ):
         self.study = study
         self.parent = parent
@@ -141,6 +177,8 @@ class Scheduler:
         self.storage = storage  # as the trials open it (soda.sweep.open_storage)
         self.n_jobs = n_jobs
         self.n_objectives = len(study.directions)
+        self.extend = extend  # the custom search space, called with each trial (None: none)
+        self.fixed_keys = {line.split("=", 1)[0].lstrip("+~") for line in fixed}
 
     def run(self, queue: list[dict[str, Any]], grid: bool, state: SweepState) -> None:
         """Run `queue` first, then (not for a grid) trials the sampler asks for, until `state`
@@ -155,7 +193,9 @@ class Scheduler:
                         trial = self._next_trial(queue, grid)
                         if trial is None:
                             break
-                        in_flight[self._submit(pool, trial)] = trial
+                        overrides = self._overrides(trial, state)
+                        if overrides is not None:  # None: its custom search space failed (recorded)
+                            in_flight[pool.submit(self.launch, overrides, trial.number)] = trial
                     if not in_flight:
                         break
                     # Wait for any trial to end (or a stop request), and tell Optuna how.
@@ -180,18 +220,27 @@ class Scheduler:
             self.study.enqueue_trial(queue.pop(0))
         elif grid:
             return None
-        trial = self.study.ask({name: d.distribution for name, d in self.dimensions.items()})
-        log.info(
-            "trial %d: %s", trial.number, " ".join(f"{n}={override_value(trial.params[n])}" for n in self.dimensions)
-        )
-        return trial
+        return self.study.ask({name: d.distribution for name, d in self.dimensions.items()})
 
-    def _submit(self, pool: concurrent.futures.ThreadPoolExecutor, trial) -> concurrent.futures.Future:
-        """Launch the trial's job in a thread of `pool` (the launch returns once the job ended)."""
+    def _overrides(self, trial, state: SweepState) -> list[str] | None:
+        """The trial's command line: the dimensions' values, then what the custom search space
+        suggests. None when the custom search space raised or suggested a parameter the command
+        line fixes: the trial is recorded failed, without a job."""
+        if self.extend is not None:
+            try:
+                self.extend(trial)
+            except Exception as error:
+                self._fail(trial, f"custom search space: {type(error).__name__}: {_whole(error)}", state)
+                return None
         params = {name: trial.params[name] for name in self.dimensions}
+        params |= {name: value for name, value in trial.params.items() if name not in params}
+        clash = sorted(self.fixed_keys & {name.lstrip("+~") for name in params})
+        if clash:
+            self._fail(trial, f"custom search space suggested {', '.join(clash)}, which the command line fixes", state)
+            return None
+        log.info("trial %d launched: %s", trial.number, " ".join(f"{n}={override_value(v)}" for n, v in params.items()))
         study, parent_run_id = self.study.study_name, self.parent.run_id
-        overrides = trial_overrides(self.fixed, params, study, self.storage, trial.number, parent_run_id)
-        return pool.submit(self.launch, overrides, trial.number)
+        return trial_overrides(self.fixed, params, study, self.storage, trial.number, parent_run_id)
 
     def _record(self, trial, future: concurrent.futures.Future, state: SweepState) -> None:
         """Tell Optuna (and the parent run) how the trial ended: complete, pruned or failed."""
@@ -199,9 +248,9 @@ class Scheduler:
             result = future.result()
         except Exception as error:  # the job died, or could not be submitted
             if not self._recorded_by_run(trial, state):  # a job that died after its run ended
-                self._fail(trial, f"job died: {_whole(error)}", state)
+                self._fail(trial, f"job died: {_whole(error)}", state)  # its message names the log
             return
-        self._tell(trial, *self._outcome(result), state)
+        self._tell(trial, *self._outcome(result), state, log_path=_log_path(result))
 
     def _outcome(self, result: JobReturn) -> tuple[str, Any]:
         """("COMPLETE", the objective's values), ("PRUNED", why) or ("FAIL", why) for a job's return."""
@@ -231,7 +280,7 @@ class Scheduler:
         outcome, detail = self._outcome(future.result())
         if outcome == "FAIL":
             return False
-        self._tell(trial, outcome, detail, state)
+        self._tell(trial, outcome, detail, state, log_path=_log_path(future.result()))
         return True
 
     def _recorded_by_run(self, trial, state: SweepState) -> bool:
@@ -246,30 +295,30 @@ class Scheduler:
         self._tell(trial, outcome, values if outcome == "COMPLETE" else "its run was pruned", state)
         return True
 
-    def _tell(self, trial, outcome: str, detail: Any, state: SweepState) -> None:
-        """Record `outcome` with its detail (as `_outcome` gives them)."""
+    def _tell(self, trial, outcome: str, detail: Any, state: SweepState, log_path: str | None = None) -> None:
+        """Record `outcome` with its detail (as `_outcome` gives them); `log_path`: the job's log."""
         if outcome == "COMPLETE":
-            self._complete(trial, detail, state)
+            self._complete(trial, detail, state, log_path)
         elif outcome == "PRUNED":
-            self._pruned(trial, detail, state)
+            self._pruned(trial, detail, state, log_path)
         else:
-            self._fail(trial, detail, state)
+            self._fail(trial, detail, state, log_path)
 
-    def _complete(self, trial, values: list[float], state: SweepState) -> None:
+    def _complete(self, trial, values: list[float], state: SweepState, log_path: str | None = None) -> None:
         self.study.tell(trial, values)
         state.done += 1
         self.parent.trial_ended(trial.number, "COMPLETE", values)
-        log.info("trial %d: complete, %s", trial.number, " ".join(f"{v:.4f}" for v in values))
+        _progress(trial.number, "COMPLETE", state, ", ".join(_number(v) for v in values), log_path)
 
-    def _pruned(self, trial, reason: str, state: SweepState) -> None:
+    def _pruned(self, trial, reason: str, state: SweepState, log_path: str | None = None) -> None:
         from optuna.trial import TrialState
 
         self.study.tell(trial, state=TrialState.PRUNED)
         state.done += 1
         self.parent.trial_ended(trial.number, "PRUNED", None)
-        log.info("trial %d: pruned (%s)", trial.number, reason)
+        _progress(trial.number, "PRUNED", state, reason or "pruned", log_path)
 
-    def _fail(self, trial, message: str, state: SweepState) -> None:
+    def _fail(self, trial, message: str, state: SweepState, log_path: str | None = None) -> None:
         from optuna.trial import TrialState
 
         trial.set_user_attr(ERROR_ATTR, message[:4000])
@@ -278,7 +327,7 @@ class Scheduler:
         state.errors.append(f"#{trial.number}: {message.splitlines()[0][:200]}")
         self.parent.close_child(trial.number, "FAILED", message, trial.params)
         self.parent.trial_ended(trial.number, "FAIL", None)
-        log.warning("trial %d failed: %s", trial.number, message.splitlines()[0])
+        _progress(trial.number, "FAIL", state, message.splitlines()[0], log_path)
 
     def _stop(self, in_flight: dict, pool: concurrent.futures.ThreadPoolExecutor, state: SweepState) -> None:
         """Ctrl-C or SIGTERM: cancel the jobs in flight and wait until each has ended. A trial whose
@@ -331,6 +380,29 @@ class _StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+
+
+def _progress(number: int, outcome: str, state: SweepState, detail: str, log_path: str | None) -> None:
+    """The line that says a trial ended (a failure as a warning)."""
+    level = logging.WARNING if outcome == "FAIL" else logging.INFO
+    where = f"; log {log_path}" if log_path else ""
+    log.log(level, "trial %d %s, %d/%d done: %s%s", number, outcome, state.done, state.target, detail, where)
+
+
+def _log_path(result: JobReturn) -> str | None:
+    """The log file of the job that returned `result` (Hydra's job log), or None when unknown."""
+    hydra_cfg = result.hydra_cfg
+    if hydra_cfg is None:
+        return None
+    try:
+        path = OmegaConf.select(hydra_cfg, "hydra.job_logging.handlers.file.filename", default=None)
+        return str(path or OmegaConf.select(hydra_cfg, "hydra.runtime.output_dir", default=None) or "") or None
+    except Exception:  # an interpolation only the job could resolve: no path rather than no line
+        return None
+
+
+def _number(value: float) -> str:
+    return f"{value:.4g}"
 
 
 def _whole(error: BaseException) -> str:

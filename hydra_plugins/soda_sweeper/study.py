@@ -17,20 +17,20 @@ def open_study(
     storage,
     directions: list[str],
     space: dict[str, str],
-    sampler: dict[str, Any],
+    sampler,
     pruner: dict[str, Any],
 ):
     """The study `study_name` in `storage` (an opened Optuna storage), created if new.
 
-    `space` maps each dimension to its spec as written; `sampler` and `pruner` are the sweeper's
-    settings ({name, seed, options} and {name, options})."""
+    `space` maps each dimension to its spec as written; `sampler` is an Optuna sampler
+    (sampler.make_sampler); `pruner` the sweeper's settings ({name, options})."""
     import optuna
 
     try:
         study = optuna.create_study(
             study_name=study_name,
             storage=storage,
-            sampler=make_sampler(sampler["name"], sampler.get("seed"), sampler.get("options")),
+            sampler=sampler,
             pruner=make_pruner(pruner["name"], pruner.get("options")),
             directions=directions,
             load_if_exists=True,
@@ -56,25 +56,6 @@ def open_study(
     # The trials' own processes build the same pruner from this (soda.sweep.TrialReporter).
     study.set_user_attr(PRUNER_ATTR, {"name": pruner["name"], "options": pruner.get("options")})
     return study
-
-
-def make_sampler(name: str, seed: int | None, options: dict[str, Any] | None):
-    """An Optuna sampler from its short name (config.SAMPLERS) and keyword arguments."""
-    import optuna
-
-    s = optuna.samplers
-    classes = {
-        "grid": s.RandomSampler,  # every parameter is fixed per trial (enqueued cells)
-        "tpe": s.TPESampler,
-        "random": s.RandomSampler,
-        "cmaes": s.CmaEsSampler,
-        "nsga2": s.NSGAIISampler,
-        "qmc": s.QMCSampler,
-    }
-    try:
-        return classes[name](seed=seed, **({} if name == "grid" else dict(options or {})))
-    except TypeError as error:
-        raise SweepError(f"sampler {name}: {error}") from None
 
 
 def best_trial(study):

@@ -20,7 +20,7 @@ IN_FLIGHT = 4
 EXPERIMENT = "faults-crowd"
 SWEEP = f"""# @package _global_
 defaults:
-  - override /hydra/sweeper: optuna
+  - override /hydra/sweeper: soda_optuna
 objective: {tracking.LINEAR_ACC}
 sweep:
   study_name: faults_crowd

@@ -25,7 +25,7 @@ EXPERIMENT = "faults-trials"
 STUDY = "faults_trials"
 SWEEP = f"""# @package _global_
 defaults:
-  - override /hydra/sweeper: optuna
+  - override /hydra/sweeper: soda_optuna
 objective: {tracking.LINEAR_ACC}
 sweep:
   study_name: {STUDY}
