@@ -62,7 +62,8 @@ STORE_DIR := $(abspath $(or $(SODA_STORE_DIR),$(CURDIR)))
 TRACKING_URI ?= $(or $(SODA_TRACKING_URI),sqlite:///$(STORE_DIR)/mlflow.db)
 EXPERIMENT ?=
 
-table: install ## Regenerate README.md's results (tables, docs/results/*.png) from MLflow [TRACKING_URI= EXPERIMENT=]
+table: install ## Regenerate README.md's results (tables, docs/results/*.png) from MLflow and docs/performance.md's figures from bench/results/*.json [TRACKING_URI= EXPERIMENT=]
+	$(PY) -m analysis bench
 	$(PY) -m analysis readme --tracking-uri '$(TRACKING_URI)' $(if $(EXPERIMENT),--experiment '$(EXPERIMENT)')
 
 mlflow-ui: install ## Browse the runs in the embedded store (http://127.0.0.1:5000)

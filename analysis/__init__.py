@@ -2,6 +2,7 @@
 analysis` CLI and the notebooks in analysis/notebooks/ all use these functions. The record's keys,
 tags and default store are soda.tracking's."""
 
+from analysis.bench import BenchRegenerated, bench_markdown, regenerate_bench
 from analysis.plots import (
     ablation_figure,
     png_bytes,
@@ -30,10 +31,12 @@ from analysis.tables import Table, ablation_table, configuration_params, format_
 
 __all__ = [
     "AnalysisError",
+    "BenchRegenerated",
     "Regenerated",
     "Table",
     "ablation_figure",
     "ablation_table",
+    "bench_markdown",
     "configuration_params",
     "describe_selection",
     "duplicate_trials",
@@ -48,6 +51,7 @@ __all__ = [
     "probe_curves",
     "probe_curves_figure",
     "provenance",
+    "regenerate_bench",
     "regenerate_readme",
     "replace_section",
     "require_results",

@@ -7,6 +7,7 @@ and the README's results section (what `make table` runs).
     python -m analysis main --sweep lr_search --param model.name=tiny --format csv
     python -m analysis plots --out docs/results
     python -m analysis readme                                 # = make table
+    python -m analysis bench                                  # docs/performance.md from bench/results/*.json
 
 Paths are relative to where you run it (`make table` runs from the repository root), and so is the
 default store: soda.tracking's, `mlflow.db` in the working directory, as the runs write it.
@@ -20,6 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from analysis.bench import PERFORMANCE_DOC, RESULTS_DIR, regenerate_bench
 from analysis.plots import save_plots
 from analysis.readme import regenerate_readme
 from analysis.runs import (
@@ -97,10 +99,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     readme.add_argument("--study", default=ABLATION_STUDY, help="the ablation's sweep (default: %(default)s)")
     readme.add_argument("--out", type=Path, help="folder for the PNG files (default: docs/results beside the README)")
+    bench = commands.add_parser(
+        "bench",
+        help="regenerate docs/performance.md's measured figures from bench/results/*.json (make table)",
+    )
+    bench.add_argument(
+        "--doc",
+        type=Path,
+        default=PERFORMANCE_DOC,
+        help="the page to update (default: %(default)s, relative to where you run this)",
+    )
+    bench.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS_DIR,
+        help="the folder of the JSON records (default: %(default)s)",
+    )
     return parser
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.command == "bench":
+        bench = regenerate_bench(args.doc, args.results)
+        state = "updated" if bench.changed else "already up to date"
+        used = ", ".join(str(path) for path in bench.records) or "none"
+        print(f"{bench.doc}: bench figures {state}; records: {used}")
+        return
     tags, params = parse_pairs(args.tag, "tag"), parse_pairs(args.param, "param")
     uri = args.tracking_uri or default_tracking_uri()
     if args.command in ("readme", "table"):

@@ -42,20 +42,20 @@ class Regenerated:
     plots: tuple[Path, ...]
 
 
-def replace_section(text: str, body: str) -> str:
-    """`text` with everything between the marker lines replaced by `body`; AnalysisError when the
-    markers are missing, repeated or in the wrong order."""
-    starts, ends = text.count(START), text.count(END)
+def replace_section(text: str, body: str, start: str = START, end: str = END, page: str = "the README") -> str:
+    """`text` with everything between the marker lines `start` and `end` replaced by `body`;
+    AnalysisError (naming `page`) when the markers are missing, repeated or in the wrong order."""
+    starts, ends = text.count(start), text.count(end)
     if starts == 0 or ends == 0:
-        missing = " and ".join(marker for marker, count in ((START, starts), (END, ends)) if count == 0)
-        raise AnalysisError(f"the README has no {missing} line; add the two marker lines where the results should go")
+        missing = " and ".join(marker for marker, count in ((start, starts), (end, ends)) if count == 0)
+        raise AnalysisError(f"{page} has no {missing} line; add the two marker lines where the results should go")
     if starts > 1 or ends > 1:
-        raise AnalysisError(f"the README has {starts} {START} and {ends} {END} lines; keep one of each")
-    head, rest = text.split(START)
-    if END in head:
-        raise AnalysisError(f"the README's {END} line comes before its {START} line; swap them")
-    _, tail = rest.split(END)
-    return f"{head}{START}\n{body.strip()}\n{END}{tail}" if body.strip() else f"{head}{START}\n{END}{tail}"
+        raise AnalysisError(f"{page} has {starts} {start} and {ends} {end} lines; keep one of each")
+    head, rest = text.split(start)
+    if end in head:
+        raise AnalysisError(f"{page}'s {end} line comes before its {start} line; swap them")
+    _, tail = rest.split(end)
+    return f"{head}{start}\n{body.strip()}\n{end}{tail}" if body.strip() else f"{head}{start}\n{end}{tail}"
 
 
 def results_markdown(

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 import soda.config
+from soda import tracking
 from soda.data import LabelledImages, load_split
 from soda.data.shapes import make_shapes
 from soda.models.summary import training_step_flops_per_image
@@ -136,6 +137,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        **tracking.git_state(),  # git_sha, git_dirty: the code that was measured
         "preset": args.preset or ("reference" if device.type == "cuda" else "cpu"),
         "batch": batch,
         "baseline_workers": args.workers,

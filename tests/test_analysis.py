@@ -9,6 +9,7 @@ hand from the values logged below.
 from __future__ import annotations
 
 import io
+import json
 import os
 import socket
 import subprocess
@@ -33,6 +34,7 @@ from analysis import (
     select_runs,
 )
 from analysis.__main__ import main as cli
+from analysis.bench import BENCH_END, BENCH_START, regenerate_bench
 from analysis.readme import END, START
 from soda.tracking import (
     KNN_ACC,
@@ -641,7 +643,7 @@ def test_readme_without_markers_is_an_error_and_untouched(store, tmp_path, capsy
 def test_the_repository_readme_has_the_markers_once_in_order():
     text = (REPO / "README.md").read_text()
     assert text.count(START) == 1 == text.count(END)
-    assert text.index("## Results") < text.index(START) < text.index(END) < text.index("## Tests")
+    assert text.index("## Results") < text.index(START) < text.index(END) < text.index("## Status")
 
 
 def test_make_table_is_listed_and_passes_the_store_and_experiment():
@@ -655,6 +657,7 @@ def test_make_table_is_listed_and_passes_the_store_and_experiment():
         timeout=60,
     ).stdout
     assert "-m analysis readme --tracking-uri 'sqlite:////x/y.db' --experiment 'soda'" in dry
+    assert "-m analysis bench" in dry
 
 
 # The notebook.
@@ -711,3 +714,208 @@ def store_uri_without_gap(tmp_path: Path) -> str:
     experiment = plain.experiment("soda")
     plain.run(experiment, "plain", config("soda_r18_ddpm", "cifar10", 32, 800, 0), finals={KNN_ACC: 0.8})
     return plain.uri
+
+
+# docs/performance.md's figures from bench/results/*.json (python -m analysis bench).
+
+PERFORMANCE = f"""# Performance
+
+Text before the figures.
+
+{BENCH_START}
+Nothing yet.
+{BENCH_END}
+
+Text after the figures.
+"""
+
+
+def throughput_record(**extra) -> dict:
+    """A hand-built bench/throughput.py record with round figures."""
+    return {
+        "when": "2026-01-02T03:04:05+00:00",
+        "device": "cpu",
+        "cpu_threads": 4,
+        "torch": "2.0.0",
+        "batch": 64,
+        "model": "tiny",
+        "data": {"fast": {"images_per_s": 12345.6}, "baseline": {"images_per_s": 1234.5}, "batch": 128},
+        "step": {
+            "fast": {"images_per_s": 100.0, "host_syncs_per_step": None, "tflops": 0.0512, "fraction_of_peak": None},
+            "baseline": {"images_per_s": 80.0, "tflops": 0.041, "fraction_of_peak": None},
+        },
+        "end_to_end": {
+            "fast": {"images_per_s": 90.0, "seconds_before_timing": 2.5, "tflops": 0.046, "fraction_of_peak": None},
+            "baseline": {"images_per_s": 60.0},
+            "loss": {"verdict": "mean loss difference +0.0010 over 12 steps, within 3 standard errors (0.0200)"},
+        },
+        "eval": {"seconds": 3.25, "train_images": 4096, "test_images": 1024},
+        "peak_memory_mib": {"process_max_rss": 2048.4},
+        "speedup": {"data": 10.0, "step": 1.25, "end_to_end": 1.5},
+        **extra,
+    }
+
+
+def gpu_check_record() -> dict:
+    """A hand-built bench/gpu_check.py record of a GPU machine."""
+    return {
+        "when": "2026-01-03T00:00:00+00:00",
+        "kind": "cuda",
+        "device": "NVIDIA H200",
+        "torch": "2.0.0",
+        "cuda": "13.0",
+        "git_sha": "d" * 40,
+        "git_dirty": "false",
+        "stages": {
+            "cuda_tests": {"status": "ok", "seconds": 120.4},
+            "throughput": {
+                "status": "ok",
+                "seconds": 200.0,
+                "end_to_end_images_per_s": 6500.2,
+                "step_images_per_s": 7000.0,
+                "fraction_of_peak": 0.4567,
+                "host_syncs_per_step": 0,
+                "compile": "compiled",
+                "record": throughput_record(device="NVIDIA H200"),
+            },
+            "training": {"status": "failed", "seconds": 10.0, "reason": "only 5 s left"},
+        },
+        "targets": {"end_to_end_at_least_6000": True, "step_at_least_5400": True, "knn_end_above_start": None},
+        "summary": "gpu-check failed training: only 5 s left",
+    }
+
+
+def write_records(folder: Path, records: dict[str, dict]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, record in records.items():
+        (folder / name).write_text(json.dumps(record, indent=2) + "\n")
+    return folder
+
+
+def bench_block(doc: Path) -> str:
+    text = doc.read_text()
+    assert text.count(BENCH_START) == 1 == text.count(BENCH_END)
+    return text.split(BENCH_START)[1].split(BENCH_END)[0]
+
+
+def test_bench_block_has_the_exact_cells_of_a_throughput_record(tmp_path, capsys):
+    doc = tmp_path / "docs" / "performance.md"
+    doc.parent.mkdir()
+    doc.write_text(PERFORMANCE)
+    results = write_records(
+        tmp_path / "bench" / "results", {"throughput-cpu.json": throughput_record(git_sha="e" * 40)}
+    )
+    code, out, err = run_cli(capsys, "bench", "--doc", str(doc), "--results", str(results))
+    assert code == 0, err
+    assert f"{doc}: bench figures updated; records: {results / 'throughput-cpu.json'}" in out
+    text = doc.read_text()
+    assert text.split(BENCH_START)[0] == PERFORMANCE.split(BENCH_START)[0]
+    assert text.split(BENCH_END)[1] == PERFORMANCE.split(BENCH_END)[1]
+    block = bench_block(doc)
+    assert "Nothing yet." not in block
+    assert markdown_rows(block) == [
+        ["", "fast images/s", "baseline images/s", "ratio", "fast TFLOP/s", "fraction of peak"],
+        ["---", "---:", "---:", "---:", "---:", "---:"],
+        ["data path (both views, batch 128)", "12,346", "1,234", "10.00", "–", "–"],
+        ["model step (tiny model, batch 64)", "100", "80", "1.25", "0.0512", "–"],
+        ["end to end", "90", "60", "1.50", "0.046", "–"],
+    ]
+    assert (
+        "From [bench/results/throughput-cpu.json](../bench/results/throughput-cpu.json); measured "
+        "2026-01-02T03:04:05+00:00; on cpu, torch 2.0.0, 4 CPU threads; git eeeeeee. "
+        "Regenerate with `make bench`, then `make table`."
+    ) in block
+    assert "Loss of the two paths from the same weights: mean loss difference +0.0010 over 12 steps" in block
+    assert "k-NN + linear probe 3.2 s on 4,096 train and 1,024 test images" in block
+    # The records that are not there say how to produce them.
+    assert "No `bench/results/throughput-cuda.json` yet: `make bench` on a machine with a CUDA GPU writes it." in block
+    assert "No `bench/results/gpu-check-cuda.json` yet: `make gpu-check` on a machine with a CUDA GPU" in block
+
+
+def test_bench_block_regenerated_twice_changes_nothing(tmp_path, capsys):
+    doc = tmp_path / "performance.md"
+    doc.write_text(PERFORMANCE)
+    results = write_records(
+        tmp_path / "results",
+        {"throughput-cpu.json": throughput_record(), "gpu-check-cuda.json": gpu_check_record()},
+    )
+    assert run_cli(capsys, "bench", "--doc", str(doc), "--results", str(results))[0] == 0
+    first, modified = doc.read_bytes(), doc.stat().st_mtime_ns
+    code, out, _ = run_cli(capsys, "bench", "--doc", str(doc), "--results", str(results))
+    assert code == 0
+    assert "bench figures already up to date" in out
+    assert doc.read_bytes() == first and doc.stat().st_mtime_ns == modified
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["performance.md", "results"]  # no temporary files
+
+
+def test_bench_block_shows_a_gpu_checks_stages_figures_and_targets(tmp_path, capsys):
+    doc = tmp_path / "performance.md"
+    doc.write_text(PERFORMANCE)
+    results = write_records(tmp_path / "results", {"gpu-check-cuda.json": gpu_check_record()})
+    assert run_cli(capsys, "bench", "--doc", str(doc), "--results", str(results))[0] == 0
+    block = bench_block(doc)
+    rows = markdown_rows(block)
+    assert ["cuda_tests", "ok", "120", ""] in rows
+    assert ["training", "failed", "10", "only 5 s left"] in rows
+    assert ["end to end, images/s", "6,500"] in rows
+    assert ["fraction of the bf16 peak", "0.457"] in rows
+    assert ["host syncs per step", "0"] in rows
+    assert ["k-NN accuracy, start → end", "–"] in rows
+    assert ["end_to_end_at_least_6000", "met"] in rows
+    assert ["knn_end_above_start", "not measured"] in rows
+    assert "From [bench/results/gpu-check-cuda.json](results/gpu-check-cuda.json); measured 2026-01-03" in block
+    assert "on NVIDIA H200, torch 2.0.0, CUDA 13.0; git ddddddd. Regenerate with `make gpu-check`" in block
+    assert "Last line: `gpu-check failed training: only 5 s left`" in block
+    assert "No `bench/results/throughput-cpu.json` yet: `make bench` on a machine without a GPU writes it." in block
+
+
+def test_bench_block_without_records_says_how_to_produce_each(tmp_path, capsys):
+    doc = tmp_path / "performance.md"
+    doc.write_text(PERFORMANCE)
+    code, out, _ = run_cli(capsys, "bench", "--doc", str(doc), "--results", str(tmp_path / "none"))
+    assert code == 0
+    assert "records: none" in out
+    lines = [line for line in bench_block(doc).splitlines() if line.strip()]
+    assert lines[1:] == [
+        "No `bench/results/throughput-cpu.json` yet: `make bench` on a machine without a GPU writes it.",
+        "No `bench/results/throughput-cuda.json` yet: `make bench` on a machine with a CUDA GPU writes it.",
+        "No `bench/results/gpu-check-cuda.json` yet: `make gpu-check` on a machine with a CUDA GPU writes it.",
+    ]
+
+
+@pytest.mark.parametrize(
+    "page, message",
+    [
+        ("# No markers\n", f" has no {BENCH_START} and {BENCH_END} line; add the two marker lines"),
+        (f"{BENCH_END}\n{BENCH_START}\n", f"'s {BENCH_END} line comes before its {BENCH_START} line"),
+    ],
+)
+def test_bench_block_with_bad_markers_is_one_error_line_and_untouched(tmp_path, capsys, page, message):
+    doc = tmp_path / "performance.md"
+    doc.write_text(page)
+    results = write_records(tmp_path / "results", {"throughput-cpu.json": throughput_record()})
+    code, out, err = run_cli(capsys, "bench", "--doc", str(doc), "--results", str(results))
+    assert code == 2 and out == ""
+    assert err.startswith(f"error: {doc}{message}") and err.count("\n") == 1
+    assert doc.read_text() == page
+
+
+def test_a_broken_bench_record_is_one_error_line(tmp_path, capsys):
+    doc = tmp_path / "performance.md"
+    doc.write_text(PERFORMANCE)
+    (tmp_path / "throughput-cpu.json").write_text("{ cut short")
+    code, _, err = run_cli(capsys, "bench", "--doc", str(doc), "--results", str(tmp_path))
+    assert code == 2
+    assert err.startswith(f"error: {tmp_path / 'throughput-cpu.json'} is not a readable JSON record")
+    assert doc.read_text() == PERFORMANCE
+
+
+def test_the_repository_performance_page_is_generated_from_the_committed_records(tmp_path):
+    """docs/performance.md's block says what `python -m analysis bench` makes of bench/results/ now."""
+    page = REPO / "docs" / "performance.md"
+    copy = tmp_path / "docs" / "performance.md"
+    copy.parent.mkdir()
+    copy.write_bytes(page.read_bytes())
+    (tmp_path / "bench").symlink_to(REPO / "bench")
+    regenerate_bench(copy, tmp_path / "bench" / "results")
+    assert bench_block(copy) == bench_block(page), "docs/performance.md is stale: run make table"
