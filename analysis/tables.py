@@ -249,7 +249,7 @@ def _cells(numbers: pd.DataFrame, keys: Mapping[str, str], metrics: Sequence[str
 
 
 def main_table(runs: pd.DataFrame) -> Table:
-    """The README's main table (SEED.md's columns): model, data set, resolution, epochs, parameters
+    """The README's main table (the paper's columns): model, data set, resolution, epochs, parameters
     (encoder + decoder, millions), k-NN and linear probe in %, the latent gap in % when recorded
     (does the decoder use each image's latent?), and the runs behind each row.
     `runs`: any selection; failed and unfinished runs and sweep parents are left out and counted."""

@@ -10,7 +10,7 @@ device already has (DEVICE_HAS, from its package list) and the torch stack, and 
 as wheels into <into>/wheels (antlr4-python3-runtime 4.9.3 exists as a source archive only: built
 here into a wheel). MLflow travels as mlflow-skinny + mlflow-tracing + SQLAlchemy + Alembic, which
 hold the tracking client and the embedded SQLite store; the full mlflow adds the server and UI.
-The archive `../shared/data/cifar10-jpeg.tar.gz` is copied beside them. bench/gpu-check.sh
+The CIFAR-10 JPEG archive (--archive) is copied beside them. bench/gpu-check.sh
 installs the wheels with pip --no-index into a folder of their own and passes the archive on.
 
 Everything under <into> must stay within the device tool's 64 MiB for a call's files; the size is
@@ -47,8 +47,7 @@ NEEDED = (
 )
 # Never carried: the device's own torch build and what belongs to it.
 TORCH_STACK = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia-.*|cuda-.*|numpy|pillow)$")
-# The device image's packages (the device tool's KINDS.md, read 2026-11-17): carried only if
-# missing. Names normalised (lower case, '-').
+# The GPU machine's packages, from its image's package list: carried only if missing. Names normalised (lower case, '-').
 DEVICE_HAS = frozenset(
     """absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build
     certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core

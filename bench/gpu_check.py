@@ -50,13 +50,13 @@ STAGES = ("data", "cuda_tests", "throughput", "training")
 # The files that hold cuda tests: naming them keeps pytest from importing the other test modules,
 # whose dev-only imports (jupytext, scikit-learn, psycopg) a GPU machine may lack.
 CUDA_TEST_FILES = ("tests/test_cuda.py", "tests/data/test_augment.py", "tests/test_ema.py")
-# The targets of one H200 (issue: the seed as shipped ran 621 images/s end to end; bf16 + SDPA +
-# compile on the seed's own model step reached 5,439).
+# The targets on one H200: about 10x the reference implementation's end-to-end throughput, and a
+# model step as fast as bf16 + SDPA + compile make the reference's own step.
 TARGETS = {"end_to_end_images_per_s": 6_000, "step_images_per_s": 5_400, "host_syncs_per_step": 0}
 # What the training stage costs besides its budget: process start, data from the cache, the
 # evaluations (k-NN at the start and every --eval-seconds, the linear probe at the end), the final
 # checkpoint; on a GPU also its first step, which loads the compiled graph from inductor's cache
-# (as long as the bench's did) or, if nothing filled the cache, compiles it (SEED.md: ~165 s).
+# (as long as the bench's did) or, if nothing filled the cache, compiles it (COLD_COMPILE_S).
 # The record keeps the estimate and what it really was (training.overhead_seconds).
 TRAINING_OVERHEAD_S = {"cuda": 70.0, "cpu": 45.0}
 COLD_COMPILE_S = 165.0
@@ -281,7 +281,9 @@ def stage_data(check: Check, args) -> Path:
         root = args.data
     elif args.archive:
         if not args.archive.is_file():
-            raise StageError(f"{args.archive} does not exist; copy ../shared/data/cifar10-jpeg.tar.gz there")
+            raise StageError(
+                f"{args.archive} does not exist; give --archive the CIFAR-10 JPEG archive (docs/performance.md)"
+            )
         began = time.perf_counter()
         with tarfile.open(args.archive) as archive:
             archive.extractall(check.work / "data", filter="data")

@@ -2,7 +2,7 @@
 
     python bench/throughput.py                      # CPU: small sizes (make bench)
     python bench/throughput.py --preset reference   # GPU: the reference CIFAR-10 model, batch 512
-    python bench/throughput.py --dataset-root ../shared/data/cifar10   # real images (and real probe accuracies)
+    python bench/throughput.py --dataset-root data/cifar10   # real images (and real probe accuracies)
 
 Three measurements, each for both paths, in images per second:
   (a) data path alone: both augmented views of a batch, normalised, on the training device.
@@ -75,7 +75,7 @@ PRESETS = {
         "warmup": 1,
         "eval_test": 64,
     },
-    # The reference CIFAR-10 model and augmentation, SEED.md's global batch of 512 on one GPU.
+    # The reference CIFAR-10 model and augmentation, the reference's global batch of 512 on one GPU.
     "reference": {
         "overrides": ["model=soda_r18_ddpm", "dataset=cifar10", "augmentation=seed", "schedule=reference_800ep"],
         "images": 50_000,

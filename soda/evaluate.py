@@ -3,13 +3,13 @@
 Training calls `Evaluator` at each evaluation; `python -m soda.evaluate <run dir>` is its second
 caller, for a saved run:
 
-    python -m soda.evaluate outputs/2026-11-28/12-00-00                  # the run's own eval settings
+    python -m soda.evaluate outputs/2026-11-28/12-00-00-a1b2c3                # the run's own eval settings
     python -m soda.evaluate outputs/... eval=dino eval.knn_k=200 --name knn200
     python -m soda.evaluate outputs/... eval.latent_gap_timesteps=[100,300,500,700,900] --no-record
 
 It loads the EMA model from the run's `checkpoints/last.pt` and its config from
-`.hydra/config.yaml`, applies an `eval=<option>` group and `eval.*` overrides, prints the metrics
-and the latent test per timestep (with the latent of the image, of another image, and dropped),
+`config.yaml` (`.hydra/config.yaml` for runs that have none), applies an `eval=<option>` group
+and `eval.*` overrides, prints the metrics and the latent test per timestep (with the latent of the image, of another image, and dropped),
 and records the metrics on the run's MLflow record as `<name>/<metric>` (default name `posthoc`:
 `posthoc/knn_acc`, ...) at the step of the checkpoint's epoch, with the overrides in the tag
 `<name>.overrides`. Training-time points (`eval/...`) are never touched.

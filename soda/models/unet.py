@@ -1,7 +1,7 @@
 """The latent-modulated UNet denoiser: a DDPM UNet whose residual blocks are scaled and shifted
 by the timestep embedding and then by the encoder's latent.
 
-Structure and parameter count follow the reference (SEED.md): base 128 channels, multipliers
+Structure and parameter count follow the reference implementation: base 128 channels, multipliers
 (1, 2, 2, 2), 2 residual blocks per level on the way down and 3 on the way up (with skip
 concatenation), one-head self-attention at 16x16 and in the middle, conv down/up-sampling,
 GroupNorm(32), a final GroupNorm(8). With the CIFAR-10 settings it has 39.6 M parameters.

@@ -82,7 +82,7 @@ def test_operations_and_signs_are_drawn_per_image_uniformly():
 
 
 def _torchvision_view(size: int) -> v2.Compose:
-    """The reference view, per image, on uint8 tensors (the seed's PIL pipeline, same kernels)."""
+    """The reference view, per image, on uint8 tensors (the reference's PIL pipeline, same kernels)."""
     return v2.Compose(
         [
             v2.RandomApply([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()], p=0.95),

@@ -12,7 +12,7 @@ def _count(module):
 def test_reference_cifar10_parameter_counts_match_the_seed_exactly():
     with torch.device("meta"):
         model = reference_soda()  # conf/'s defaults: model=soda_r18_ddpm dataset=cifar10
-    # 11.2 M + 39.6 M in SEED.md; the exact figures of the reference implementation.
+    # 11.2 M + 39.6 M in the paper; the exact figures of the reference implementation.
     assert _count(model.encoder) == 11_234_496
     assert _count(model.decoder) == 39_595_139
 
