@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import logging
 import os
 import signal
 import sys
@@ -37,7 +38,9 @@ def main(cfg: DictConfig) -> float | None:
         return run(cfg)
     except SodaError as error:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # the sweeper records the failed trial and goes on
+            # The job's log says why it failed; the sweeper records the failed trial and goes on.
+            logging.getLogger("launch").error("error: %s", _one_line(error))
+            raise
         # One run: say what is wrong in one line (Hydra would add its own "Error executing job").
         print(f"error: {_one_line(error)}", file=sys.stderr)
         sys.exit(2)

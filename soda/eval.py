@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from soda import progress
+
 KNN_VOTES = ("uniform", "weighted")
 
 
@@ -122,7 +124,9 @@ def train_linear_probe(
 
 def _fit_probe(probe, features, labels, optimizer, schedule, order_rng, epochs, batch_size) -> None:
     device = features.device
-    for _ in range(epochs):
+    progress.stage("linear probe", epochs, "epochs")
+    for epoch in range(epochs):
+        progress.advance(epoch)
         order = torch.randperm(features.shape[0], generator=order_rng).to(device)
         for start in range(0, features.shape[0], batch_size):
             batch = order[start : start + batch_size]
@@ -154,12 +158,15 @@ def extract_features(
     encode: Callable[[torch.Tensor], torch.Tensor], batches: Iterable, device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run `encode` over (images, labels) batches; features stay on `device` (default: where
-    `encode` put them)."""
+    `encode` put them). Reports the images done to the current stage (soda.progress)."""
     features, labels = [], []
+    done = 0
     for images, batch_labels in batches:
         batch_features = encode(images).float()
         features.append(batch_features if device is None else batch_features.to(device))
         labels.append(batch_labels.to(features[-1].device))
+        done += batch_labels.shape[0]
+        progress.advance(done)
     if not features:
         raise ValueError("no batches to extract features from: the data set is empty")
     return torch.cat(features), torch.cat(labels)
@@ -180,6 +187,8 @@ def evaluate_probes(
     seed: int = 0,
     device: torch.device | str | None = None,
     linear: bool = True,
+    train_count: int | None = None,  # images in train_batches and test_batches, for the stage lines
+    test_count: int | None = None,
 ) -> dict[str, float]:
     """k-NN and linear-probe top-1 accuracy of `encode` (images -> L2-normalised features);
     k-NN only (no "linear_acc") when `linear` is false.
@@ -189,11 +198,13 @@ def evaluate_probes(
     training set). The test set is then streamed once: each batch is classified by both probes
     and dropped.
     """
+    progress.stage("k-NN features", train_count, "images")
     bank, bank_labels = extract_features(encode, train_batches, device)
     probe = None
     if linear:
         probe_features, probe_labels = [bank], [bank_labels]
-        for augmented in probe_augmented_batches:
+        for copy, augmented in enumerate(probe_augmented_batches, start=1):
+            progress.stage(f"probe features, augmented copy {copy}", train_count, "images")
             extra, extra_labels = extract_features(encode, augmented, bank.device)
             probe_features.append(extra)
             probe_labels.append(extra_labels)
@@ -209,6 +220,7 @@ def evaluate_probes(
         )
         del probe_bank, probe_features, probe_labels
 
+    progress.stage("k-NN and linear test" if probe is not None else "k-NN test", test_count, "images")
     knn_correct = linear_correct = total = 0
     for images, labels in test_batches:
         features = encode(images).float().to(bank.device)
@@ -220,6 +232,7 @@ def evaluate_probes(
         if probe is not None:
             linear_correct += (probe_predict(probe, features) == labels).sum().item()
         total += labels.numel()
+        progress.advance(total)
     if total == 0:
         raise ValueError("no test batches to evaluate: the test set is empty")
     if probe is None:
@@ -258,7 +271,9 @@ def latent_errors(
         candidates["dropped"] = torch.zeros_like(latents)
     x0 = images * 2 - 1
     errors: dict[int, dict[str, float]] = {}
-    for step in timesteps:
+    progress.stage("latent gap", len(timesteps), "timesteps")
+    for done, step in enumerate(timesteps):
+        progress.advance(done)
         if not 0 <= step < model.diffusion.timesteps:
             raise ValueError(f"timestep {step} is outside 0..{model.diffusion.timesteps - 1}")
         noise = torch.randn(x0.shape, generator=generator).to(device)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from soda import tracking
+from soda import progress, tracking
 from soda.data import LabelledImages, ViewAugmentation
 from soda.errors import SodaError
 from soda.eval import evaluate_probes, latent_errors, latent_gap
@@ -94,6 +94,7 @@ class Evaluator:
             if self.latent_gap_images > 0:
                 metrics.update(self.latent_gaps(ema_model))
             if self.num_reconstructions > 0:
+                progress.stage("samples", self.num_reconstructions, "images")
                 metrics[tracking.RECON_MSE] = self.reconstruct(ema_model, epoch)
         return {k: float(v) for k, v in metrics.items()}
 
@@ -132,6 +133,8 @@ class Evaluator:
             seed=self.seed,
             device=self.device,
             linear=linear,
+            train_count=len(self.train_set),
+            test_count=len(self.test_set),
         )
         keys = {"knn_acc": tracking.KNN_ACC, "linear_acc": tracking.LINEAR_ACC}
         return {keys[name]: value for name, value in result.items()}

@@ -1,4 +1,4 @@
-"""The training loop of SEED.md, on plain values: AdamW, linear warm-up then a constant learning
+"""The reference training loop, on plain values: AdamW, linear warm-up then a constant learning
 rate, gradient-norm clipping, EMA every step, mixed precision, checkpoints, a training clock.
 
 `soda.train.run` reads the config and builds everything this loop is handed: the model, the
@@ -9,10 +9,12 @@ answer (stop or go on) is how a sweep's pruner ends a trial.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from soda import dist, tracking
+from soda import dist, progress, tracking
 from soda.checkpoint import save_checkpoint
 from soda.compiled import compile_loss, compile_state
 from soda.data import LabelledImages, ViewAugmentation
@@ -171,6 +173,9 @@ class Trainer:
         self.out_of_time = False
         self.preempt_requested = False
         self.preempt_signal = signal.SIGUSR1
+        # Recent wall seconds of a whole epoch's training, an evaluation and a checkpoint: the
+        # time left that each epoch line shows.
+        self.recent_seconds = {part: deque(maxlen=5) for part in ("epoch", "eval", "save")}
         # Divergence watch, kept on the device so that a step never waits for it: whether any
         # step so far had a non-finite loss (or gradient norm), and the first such step with its
         # values. It is read back only where a diverged model could leave a trace: log points,
@@ -197,7 +202,8 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         """Train the remaining epochs; returns the last evaluation's metrics (on rank 0)."""
         if self.epoch == 0 and self.step_in_epoch == 0 and self.eval_at_start:
-            self._evaluate_on_main(epoch=0, last=False)
+            with self._timed("eval"):
+                self._evaluate_on_main(epoch=0, last=False)
         # A resumed time-boxed run that had spent its budget is finished (a larger budget goes on).
         self.out_of_time = self._spent(self.train_seconds)
         while self.epoch < self.epochs and not self.out_of_time:
@@ -208,13 +214,39 @@ class Trainer:
             self.out_of_time = self._spent(self.train_seconds)
             last = epoch == self.epochs or self.out_of_time
             if last or epoch % self.eval_every == 0 or self._evaluation_due():
-                self._evaluate_on_main(epoch, last)
+                with self._timed("eval"):
+                    self._evaluate_on_main(epoch, last)
             if last or epoch % self.checkpoint_every == 0:
-                self.save()
+                with self._timed("save"):
+                    self.save()
         self._raise_if_diverged()
         if self.world.is_main and not self.metrics:  # resumed a run that had already finished
             raise ConfigError("this run directory holds a finished run without metrics; use a new run directory")
         return self.metrics
+
+    @contextlib.contextmanager
+    def _timed(self, part: str):
+        started = time.perf_counter()
+        yield
+        self.recent_seconds[part].append(time.perf_counter() - started)
+
+    def _eta(self, epoch: int) -> str:
+        """`eta 9h05m`: the rest of the run at the recent pace, this epoch's evaluation and
+        checkpoint included; `(schedule.train_seconds)` when the training clock's budget ends it
+        first. Before the first evaluation (or checkpoint) their time is not known yet, and not counted."""
+        mean = {part: sum(times) / len(times) if times else 0.0 for part, times in self.recent_seconds.items()}
+        seconds, budget_ends_it = progress.eta_seconds(
+            epoch=epoch,
+            epochs=self.epochs,
+            epoch_seconds=mean["epoch"],
+            eval_seconds=mean["eval"],
+            save_seconds=mean["save"],
+            eval_every=self.eval_every,
+            checkpoint_every=self.checkpoint_every,
+            seconds_left=None if self.train_budget is None else self.train_budget - self.train_seconds,
+            eval_every_seconds=self.eval_every_seconds,
+        )
+        return f"eta {progress.duration(seconds)}" + (" (schedule.train_seconds)" if budget_ends_it else "")
 
     def _spent(self, seconds: float) -> bool:
         """Has the training clock reached the budget (on any rank: all stop together)?"""
@@ -235,17 +267,20 @@ class Trainer:
         stop = False
         if self.world.is_main:
             started = time.perf_counter()
-            self.metrics = {k: float(v) for k, v in self.evaluate(self.ema.ema_model, epoch, last).items()}
-            progress = {
-                tracking.EVAL_SECONDS: time.perf_counter() - started,
+            # Stage lines while the probes run (soda.progress): an evaluation can take minutes.
+            with progress.narrate(f"eval epoch {epoch}", log):
+                self.metrics = {k: float(v) for k, v in self.evaluate(self.ema.ema_model, epoch, last).items()}
+            seconds = time.perf_counter() - started
+            counters = {
+                tracking.EVAL_SECONDS: seconds,
                 # Progress in images and training seconds: comparable across batch sizes, GPU
                 # counts and time-boxed runs.
                 tracking.IMAGES_SEEN: float(self.global_step * self.batch_size),
                 tracking.TRAIN_SECONDS: self.train_seconds,
             }
             shown = "  ".join(f"{k}={v:.4f}" for k, v in sorted(self.metrics.items()))
-            log.info("eval epoch %d: %s", epoch, shown)
-            stop = bool(self.on_evaluation(epoch, {**self.metrics, **progress}))
+            log.info("eval epoch %d: %s  (%.1f s)", epoch, shown, seconds)
+            stop = bool(self.on_evaluation(epoch, {**self.metrics, **counters}))
         dist.wait_for_all()
         if dist.any_rank(stop, self.device):
             raise StopRequested(f"pruned at epoch {epoch}")
@@ -346,7 +381,9 @@ class Trainer:
             self.tracker.log_metrics(
                 {tracking.EPOCH_SECONDS: seconds, tracking.IMAGES_PER_SECOND: throughput}, step=epoch
             )
-        log.info("epoch %d/%d  %.1f s  %.0f images/s", epoch, self.epochs, seconds, throughput)
+            # A whole epoch's time, also for an epoch that resumed mid-way or began with the first step.
+            self.recent_seconds["epoch"].append(seconds * self.steps_per_epoch / steps)
+        log.info("epoch %d/%d  %.1f s  %.0f images/s  %s", epoch, self.epochs, seconds, throughput, self._eta(epoch))
 
     def _first_step_finished(self, seconds: float) -> None:
         """Record how long this process's first step took (compilation, cuDNN autotuning)."""

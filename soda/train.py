@@ -22,7 +22,7 @@ import optuna
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from soda import dist, tracking
+from soda import dist, progress, tracking
 from soda.checkpoint import load_checkpoint
 from soda.config import Config, ViewConfig, run_directory, to_settings
 from soda.data import LabelledImages, ViewAugmentation, load_splits
@@ -169,11 +169,28 @@ def _run(
         **({tracking.TRIAL_STATE: "COMPLETE"} if settings.sweep.trial is not None else {}),
     }
     tracker.finish("finished", tags=tags)
+    objective = [settings.objective] if isinstance(settings.objective, str) else list(settings.objective)
+    result = {
+        "epoch": trainer.epoch,
+        "metrics": metrics,
+        "objective": {name: metrics[name] for name in objective},
+        "mlflow_run_id": tracker.run_id,
+    }
+    # For the launcher's line on this job (hydra_plugins/soda_launchers), which reads it from here.
+    # Only that line needs it: a run that cannot write it is still finished and recorded.
+    try:
+        progress.write_result(run_dir, result)
+    except OSError as error:
+        log.warning(
+            "could not write %s (%s): the launcher will show this run without its metrics",
+            error.filename,
+            error.strerror,
+        )
     summary = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
     print(f"final {summary} (epoch {trainer.epoch}, mlflow run {tracker.run_id}, {run_dir})", flush=True)
     if isinstance(settings.objective, str):
         return metrics[settings.objective]
-    return [metrics[name] for name in settings.objective]
+    return [metrics[name] for name in objective]
 
 
 @contextlib.contextmanager

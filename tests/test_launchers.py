@@ -17,6 +17,7 @@ from hydra_plugins.soda_launchers.launchers import (
     scontrol_records,
     slurm_minutes,
 )
+from soda import progress
 from tests.helpers import SMOKE, launch
 from tests.support.services import needs_slurm
 
@@ -284,3 +285,165 @@ def test_a_slurm_request_the_default_partition_cannot_satisfy_is_refused_before_
     assert re.fullmatch(f"error: {message}.*", line), line
     submitit = tmp_path / "sweep" / ".submitit"
     assert not submitit.exists() or not any(submitit.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# What a multirun says as its jobs end.
+
+
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        ["hydra/launcher=local"],
+        pytest.param(
+            ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1"], marks=[pytest.mark.slurm, needs_slurm]
+        ),
+    ],
+)
+def test_a_multirun_says_how_each_job_ended_as_it_ends_then_counts_them(tmp_path, launcher):
+    # Job 1's training set is smaller than a batch: it fails as it starts, long before job 0 ends.
+    result = _multirun(tmp_path, *launcher, "dataset.train_size=96,16", timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line.split("[HYDRA] ", 1)[-1] for line in result.stdout.splitlines()]
+    ended = [line for line in lines if re.match(r"\t#\d dataset\.train_size=\d+: ", line)]
+    assert len(ended) == 2, result.stdout
+    failed = re.fullmatch(
+        r"\t#1 dataset\.train_size=16: failed after \w+: ConfigError: schedule\.batch_size=32 is larger than the "
+        r"training set \(16 images\); lower it; log: (\S+_log\.out)",
+        ended[0],
+    )
+    assert failed, ended  # the job that ended first is reported first, not in submission order
+    finished = re.fullmatch(
+        r"\t#0 dataset\.train_size=96: finished after \w+: epoch 1, objective eval/linear_acc=([\d.]+), "
+        r"eval/knn_acc=([\d.]+); log: (\S+_log\.out)",
+        ended[1],
+    )
+    assert finished, ended
+    written = progress.read_result(tmp_path / "sweep" / "0")
+    assert finished[1] == f"{written['metrics']['eval/linear_acc']:.4f}"
+    assert finished[2] == f"{written['metrics']['eval/knn_acc']:.4f}"
+    assert "final eval/knn_acc=" in Path(finished[3]).read_text()
+    assert Path(failed[1]).parent.parent == tmp_path / "sweep" / ".submitit" and Path(failed[1]).exists()
+    assert lines[-1] == f"2 jobs: 1 finished, 1 failed; sweep dir {tmp_path}/sweep"
+
+
+class _Paths:
+    def __init__(self, folder: Path, name: str):
+        self.stdout, self.stderr = folder / f"{name}_log.out", folder / f"{name}_log.err"
+
+
+class _Job:
+    """What _crash reads of a submitit job: its tasks' log files and its scheduler state."""
+
+    def __init__(self, folder: Path, logs: dict[int, str], state: str = "FINISHED"):
+        self.num_tasks, self.state = len(logs), state
+        self._tasks = {rank: _Paths(folder, f"7_{rank}") for rank in logs}
+        for rank, text in logs.items():
+            self._tasks[rank].stdout.write_text(text)
+            self._tasks[rank].stderr.write_text("")
+
+    def task(self, rank: int):
+        job = type("Task", (), {})()
+        job.paths = self._tasks[rank]
+        return job
+
+
+def _traceback(line: str) -> str:
+    return f"[2026-11-29 10:00:00,000][root][INFO] - started\nTraceback (most recent call last):\n  File x\n{line}\n"
+
+
+@pytest.mark.parametrize(
+    "logs, state, expected",
+    [
+        ({0: _traceback("RuntimeError: boom")}, "FINISHED", ("failed", "RuntimeError: boom", 0)),
+        ({0: _traceback("KeyboardInterrupt: interrupted (SIGINT); resume")}, "FINISHED", ("stopped", None, 0)),
+        ({0: _traceback("soda.errors.Terminated: terminated (SIGTERM)")}, "FINISHED", ("stopped", None, 0)),
+        ({0: "no traceback"}, "CANCELLED by 1000", ("stopped", "the job ended", 0)),
+        (
+            {0: _traceback("RuntimeError: Connection reset by peer"), 1: _traceback("ValueError: bad")},
+            "FAILED",
+            ("failed", "ValueError: bad (rank 1)", 1),
+        ),
+    ],
+)
+def test_a_job_without_a_result_is_failed_or_stopped_by_its_logs_and_state(tmp_path, logs, state, expected):
+    ending, line, log_path = launchers._crash(_Job(tmp_path, logs, state), RuntimeError("the job ended"))
+    want_ending, want_line, rank = expected
+    assert ending == want_ending
+    assert want_line is None or line == want_line
+    assert log_path == tmp_path / f"7_{rank}_log.out"
+
+
+def test_a_job_line_shows_the_overrides_that_tell_the_jobs_apart():
+    jobs = [["experiment=demo", "seed=0", "hydra.run.dir=x"], ["experiment=demo", "seed=1", "hydra.run.dir=x"]]
+    assert launchers._shown_overrides(jobs) == ["seed=0", "seed=1"]
+    assert launchers._shown_overrides([["experiment=demo", "seed=0"]]) == ["experiment=demo seed=0"]
+
+
+class _FakeJob(_Job):
+    """A job that ends at the `ends_at`-th look, with a JobReturn or without a result."""
+
+    def __init__(self, folder: Path, ends_at: int, result=None, log: str = ""):
+        folder.mkdir(parents=True, exist_ok=True)
+        super().__init__(folder, {0: log})
+        self.job_id, self.looks, self.ends_at, self.result = folder.name, 0, ends_at, result
+
+    def done(self):
+        self.looks += 1
+        return self.looks >= self.ends_at
+
+    def results(self):
+        from submitit.core.utils import FailedJobError
+
+        if self.result is None:
+            raise FailedJobError("the job has not produced any output")
+        return [self.result]
+
+
+def _finished(run_dir: Path, objective: float):
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    metrics = {"eval/knn_acc": 0.25, "eval/linear_acc": objective}
+    progress.write_result(run_dir, {"epoch": 3, "metrics": metrics, "objective": {"eval/linear_acc": objective}})
+    config = OmegaConf.create({"hydra": {"runtime": {"output_dir": str(run_dir)}}})
+    return JobReturn(hydra_cfg=config, status=JobStatus.COMPLETED, _return_value=objective)
+
+
+def _wait(tmp_path, jobs, sweeper: str = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"):
+    from omegaconf import OmegaConf
+
+    launcher = type("Launcher", (), {"config": OmegaConf.create({"hydra": {"sweeper": {"_target_": sweeper}}})})()
+    overrides = [["experiment=demo", f"seed={n}"] for n in range(len(jobs))]
+    return launchers._TrackedLaunch._wait(launcher, jobs, overrides, 0, tmp_path / "sweep")
+
+
+def test_jobs_are_reported_as_they_end_and_a_dead_one_fails_the_launch_after_all_ended(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(launchers, "POLL_S", 0.0)
+    caplog.set_level(logging.INFO, logger=launchers.__name__)
+    crash = _traceback("RuntimeError: out of memory")
+    jobs = [
+        _FakeJob(tmp_path / "10", ends_at=5, result=_finished(tmp_path / "run0", 0.75)),
+        _FakeJob(tmp_path / "11", ends_at=2, log=crash),
+        _FakeJob(tmp_path / "12", ends_at=3, result=_finished(tmp_path / "run2", 0.5)),
+    ]
+    with pytest.raises(launchers.LauncherError, match=r"^job 11 failed: RuntimeError: out of memory; full log: "):
+        _wait(tmp_path, jobs)
+    assert all(job.looks == job.ends_at for job in jobs)  # every job was waited for
+    lines = [re.sub(r" after \w+:", " after T:", record.getMessage()) for record in caplog.records]
+    assert lines == [
+        f"\t#1 seed=1: failed after T: RuntimeError: out of memory; log: {tmp_path}/11/7_0_log.out",
+        f"\t#2 seed=2: finished after T: epoch 3, objective eval/linear_acc=0.5000, eval/knn_acc=0.2500; "
+        f"log: {tmp_path}/12/7_0_log.out",
+        f"\t#0 seed=0: finished after T: epoch 3, objective eval/linear_acc=0.7500, eval/knn_acc=0.2500; "
+        f"log: {tmp_path}/10/7_0_log.out",
+        f"3 jobs: 2 finished, 1 failed; sweep dir {tmp_path}/sweep",
+    ]
+
+
+def test_under_our_sweeper_the_launcher_leaves_the_reporting_to_it(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(launchers, "POLL_S", 0.0)
+    caplog.set_level(logging.INFO, logger=launchers.__name__)
+    finished = _finished(tmp_path / "run0", 0.75)
+    results = _wait(tmp_path, [_FakeJob(tmp_path / "10", 2, finished)], "hydra_plugins.soda_sweeper.optuna_sweeper.X")
+    assert results == [finished] and caplog.records == []

@@ -1,5 +1,7 @@
 """The training loop on plain values: no config, no tracker, no sweep; what it tells the outside."""
 
+import logging
+import re
 import subprocess
 import sys
 
@@ -235,3 +237,32 @@ def test_the_loop_module_imports_no_config_or_sweep_library():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_each_epoch_line_shows_the_time_left_and_an_evaluation_says_what_it_is_doing(tmp_path, caplog):
+    from soda import progress
+
+    def evaluate(ema_model, epoch, last):
+        progress.stage("k-NN features", 24, "images")
+        return {tracking.KNN_ACC: 0.5}
+
+    caplog.set_level(logging.INFO, logger="soda.loop")
+    _trainer(tmp_path, evaluate).fit()
+    messages = [record.getMessage() for record in caplog.records if record.name == "soda.loop"]
+    epochs = [
+        re.fullmatch(r"epoch (\d)/3  [\d.]+ s  \d+ images/s  eta (\d+)s", m) for m in messages if m.startswith("epoch")
+    ]
+    assert [int(match[1]) for match in epochs if match] == [1, 2, 3], messages
+    stages = [m for m in messages if re.fullmatch(r"eval epoch \d: k-NN features 0/24 images  [\d.]+ s", m)]
+    results = [m for m in messages if re.fullmatch(r"eval epoch \d: eval/knn_acc=0\.5000  \([\d.]+ s\)", m)]
+    assert len(stages) == len(results) == 3  # epochs 0, 2 and 3
+
+
+def test_the_time_left_is_the_recent_pace_over_the_epochs_evaluations_and_checkpoints_to_come(tmp_path):
+    trainer = _trainer(tmp_path, lambda model, epoch, last: {})  # 3 epochs, eval and checkpoint every 2
+    trainer.recent_seconds = {"epoch": [9.0, 11.0], "eval": [5.0], "save": [1.0]}
+    # After epoch 1: two epochs of 10 s, evaluations and checkpoints at epochs 2 and 3.
+    assert trainer._eta(1) == "eta 32s"
+    trainer.train_budget, trainer.train_seconds = 20.0, 5.0  # 15 s of training left: the same epochs
+    assert trainer._eta(1) == "eta 27s (schedule.train_seconds)"
+    assert trainer._eta(3) == "eta 6s"  # the last epoch's evaluation and checkpoint

@@ -10,6 +10,11 @@ the default for multiruns, so every job is its own process.
 Jobs in flight are kept in a registry (inflight.py) while `launch` waits for them, so that a
 sweeper that is interrupted can cancel them instead of leaving them running on the cluster.
 
+While it waits, `launch` says how each job ended as it ends (finished with its final metrics,
+failed with its error's first line, or stopped; and its log), then counts them in one line. Not
+under our Optuna sweeper: it says how each trial ended itself, and a trial whose job died names
+the failing rank's log there (the LauncherError below).
+
 No `from __future__ import annotations` here: Hydra's plugin scan executes this module without
 registering it in sys.modules, and dataclasses cannot resolve string annotations then.
 """
@@ -19,6 +24,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence  # OmegaConf needs typing's generics
@@ -30,6 +36,7 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, LocalQue
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
 from omegaconf import OmegaConf
 
+from soda import progress
 from soda.errors import SodaError
 
 log = logging.getLogger(__name__)
@@ -37,6 +44,11 @@ _SET_BY_US: set = set()  # OMP_NUM_THREADS values this module set (so it may set
 _EXECUTOR_INIT_KEYS = ("submitit_folder", "max_num_timeout")
 _OUR_KEYS = ("threads_per_task",)  # handled here, not by submitit
 _WARNED: set = set()  # warnings given once per process (warn_about_file_stores)
+POLL_S = 1.0  # how often `launch` looks for jobs that ended
+# How a job that handed back no result was stopped from outside (Ctrl-C, SIGTERM, a preemption's
+# exit, a cancel), by the exception line of its log or by its scheduler state.
+_STOPPED_LINE = re.compile(r"^(KeyboardInterrupt|(soda\.errors\.)?Terminated|SystemExit: preempted)\b")
+_STOPPED_STATES = ("CANCELLED", "INTERRUPTED", "PREEMPTED", "NODE_FAIL", "DEADLINE")
 
 
 class LauncherError(SodaError):
@@ -66,7 +78,6 @@ class _TrackedLaunch:
 
     def _submit_and_wait(self, job_overrides, initial_job_idx):
         import submitit
-        from submitit.core.utils import FailedJobError, UncompletedJobError
 
         from hydra_plugins.soda_launchers import inflight
 
@@ -97,16 +108,107 @@ class _TrackedLaunch:
             jobs = executor.map_array(self, *zip(*job_params, strict=True))
         inflight.add(jobs, [params[2] for params in job_params])
         try:
-            results = []
-            for job in jobs:
-                try:
-                    results.append(job.results()[0])
-                except (FailedJobError, UncompletedJobError) as error:
-                    # submitit's message quotes task 0's streams, often empty when another rank failed.
-                    raise LauncherError(_job_failure(job, error)) from None
-            return results
+            return self._wait(jobs, job_overrides, initial_job_idx, sweep_dir)
         finally:
             inflight.remove(jobs)
+
+    def _wait(self, jobs, job_overrides, initial_job_idx: int, sweep_dir: Path) -> list:
+        """Each job's JobReturn, once every job ended, with a line on each job as it ends and a
+        count at the end (the module's docstring); LauncherError, with the first job that handed
+        back no result, when there is one."""
+        from submitit.core.utils import FailedJobError, UncompletedJobError
+
+        sweeper = str(OmegaConf.select(self.config, "hydra.sweeper._target_", default=""))
+        quiet = "soda_sweeper" in sweeper  # the sweeper says how each trial ended
+        shown = _shown_overrides(job_overrides)
+        started = time.monotonic()
+        results, endings, failures = [None] * len(jobs), [], []
+        waiting = dict(enumerate(jobs))
+        while waiting:
+            for index, job in list(waiting.items()):
+                if not job.done():
+                    continue
+                del waiting[index]
+                try:
+                    results[index] = job.results()[0]
+                    ended = None if quiet else _ending(job, results[index])
+                except (FailedJobError, UncompletedJobError) as error:
+                    # submitit's message quotes task 0's streams, often empty when another rank failed.
+                    failures.append(_job_failure(job, error))
+                    ended = None if quiet else _crash(job, error)
+                if ended is not None:
+                    ending, detail, log_path = ended
+                    endings.append(ending)
+                    took = progress.duration(time.monotonic() - started)
+                    log.info(
+                        "\t#%d %s: %s after %s: %s; log: %s",
+                        initial_job_idx + index,
+                        shown[index],
+                        ending,
+                        took,
+                        detail,
+                        log_path,
+                    )
+            if waiting:
+                time.sleep(POLL_S)
+        if not quiet:
+            counts = ", ".join(f"{endings.count(e)} {e}" for e in ("finished", "failed", "stopped") if e in endings)
+            log.info("%s: %s; sweep dir %s", _plural(len(jobs), "job"), counts, sweep_dir)
+        if failures:
+            raise LauncherError(failures[0])
+        return results
+
+
+def _shown_overrides(job_overrides) -> list:
+    """Each job's overrides as its line shows them: those that differ between the jobs of the
+    launch (`seed=1`), or all of them when none does."""
+    jobs = [filter_overrides(overrides) for overrides in job_overrides]
+    common = set.intersection(*map(set, jobs)) if len(jobs) > 1 else set()
+    return [" ".join(o for o in overrides if o not in common) or " ".join(overrides) for overrides in jobs]
+
+
+def _ending(job, result) -> tuple:
+    """("finished" | "failed", what it ended with, its log) for a job that handed back its
+    JobReturn: a finished run's objective and k-NN / linear accuracy (from its result file,
+    soda.progress), or the error's first line."""
+    from hydra.core.utils import JobStatus
+
+    from soda.errors import first_line
+
+    log_path = job.task(0).paths.stdout
+    if result.status != JobStatus.COMPLETED:
+        error = result._return_value  # the public return_value re-raises it and writes to stderr
+        return "failed", f"{type(error).__name__}: {first_line(error)}", log_path
+    output_dir = OmegaConf.select(result.hydra_cfg, "hydra.runtime.output_dir") if result.hydra_cfg else None
+    final = progress.read_result(Path(str(output_dir))) if output_dir else None
+    if final is None:
+        return "finished", f"returned {result._return_value!r}", log_path
+    metrics, objective = final.get("metrics", {}), final.get("objective", {})
+    shown = [f"objective {name}={value:.4f}" for name, value in objective.items()]
+    shown += [
+        f"{name}={metrics[name]:.4f}"
+        for name in ("eval/knn_acc", "eval/linear_acc")
+        if name in metrics and name not in objective
+    ]
+    return "finished", f"epoch {final.get('epoch')}, " + ", ".join(shown), log_path
+
+
+def _crash(job, error: Exception) -> tuple:
+    """("failed" | "stopped", the exception line of the rank that failed first, that rank's log)
+    for a job that handed back no result."""
+    tasks = [job.task(number) for number in range(job.num_tasks)]
+    failure = _first_failure([[task.paths.stderr, task.paths.stdout] for task in tasks])
+    if failure is not None:
+        who, _, _, line, log_path = failure
+        line = line if len(tasks) == 1 else f"{line} ({who})"
+    else:
+        line, log_path = (str(error).strip().splitlines() or [type(error).__name__])[0], tasks[0].paths.stdout
+    try:
+        state = str(job.state).split()[0].upper()
+    except Exception:  # a scheduler that cannot be asked now: the log decides
+        state = ""
+    stopped = bool(_STOPPED_LINE.search(line)) or state in _STOPPED_STATES
+    return ("stopped" if stopped else "failed"), line, log_path
 
 
 def _quiet_controllers(executor) -> None:
@@ -167,6 +269,16 @@ def rank_failure(task_logs: Sequence[Sequence[Path]]) -> Optional[str]:
     (`task_logs[rank]`: submitit's .err and .out of that task), or None when no rank logged a
     traceback. When one rank dies the others often fail too, on a socket their peer closed: the
     rank blamed is the one whose error is not such a consequence, and the earliest logged."""
+    failure = _first_failure(task_logs)
+    if failure is None:
+        return None
+    who, _, _, line, path = failure
+    return f"{who} failed: {line}; full log: {path}"
+
+
+def _first_failure(task_logs: Sequence[Sequence[Path]]) -> Optional[tuple]:
+    """(`rank <r>` or `ranks <r>, <s>`, when, rank, exception line, file) of the rank to blame
+    (rank_failure), or None when no rank logged a traceback."""
     failures = []  # (is a peer's consequence, when, rank, exception line, file)
     for rank, paths in enumerate(task_logs):
         for path in paths:
@@ -178,10 +290,10 @@ def rank_failure(task_logs: Sequence[Sequence[Path]]) -> Optional[str]:
     if not failures:
         return None
     failures.sort(key=lambda failure: (failure[0], failure[1] or "~", failure[2]))
-    _, _, first_rank, line, path = failures[0]
+    _, when, first_rank, line, path = failures[0]
     alike = sorted({failure[2] for failure in failures if failure[3] == line} | {first_rank})
     who = f"rank {first_rank}" if len(alike) == 1 else f"ranks {', '.join(map(str, alike))}"
-    return f"{who} failed: {line}; full log: {path}"
+    return who, when, first_rank, line, path
 
 
 def _last_exception(path: Path) -> Optional[tuple]:
