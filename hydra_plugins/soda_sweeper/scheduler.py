@@ -233,8 +233,11 @@ class Scheduler:
                 self._fail(trial, f"custom search space: {type(error).__name__}: {_whole(error)}", state)
                 return None
         params = {name: trial.params[name] for name in self.dimensions}
-        params |= {name: value for name, value in trial.params.items() if name not in params}
-        clash = sorted(self.fixed_keys & {name.lstrip("+~") for name in params})
+        suggested = {name: value for name, value in trial.params.items() if name not in params}
+        params |= suggested
+        # Only the custom space's own suggestions can clash: a dimension swept on the command line
+        # after a fixed value of the same key is that key's sweep, as in Hydra.
+        clash = sorted(self.fixed_keys & {name.lstrip("+~") for name in suggested})
         if clash:
             self._fail(trial, f"custom search space suggested {', '.join(clash)}, which the command line fixes", state)
             return None
