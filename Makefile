@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo sweep-demo test test-all lint format summary bench gpu-check gpu-carry faults table mlflow-ui mlflow-server optuna-dashboard \
+.PHONY: help install demo sweep-demo test test-fast test-all lint format summary bench gpu-check gpu-carry faults table mlflow-ui mlflow-server optuna-dashboard \
 	slurm-up slurm-down postgres-up postgres-down clean
 
 help: ## List the targets
@@ -25,8 +25,14 @@ demo: install ## Train the demo run: synthetic shapes, tiny model, CPU, offline,
 sweep-demo: install ## The augmentation ablation on the demo: a grid of 12 small trials, 2 at a time, on this CPU
 	$(PY) launch.py -m sweep=augment_ablation experiment=demo schedule.epochs=2 eval.every=2 eval.at_start=false
 
-test: install ## Run the test suite (CPU, about 25 minutes; slurm/postgres tests need make slurm-up, postgres-up)
+test: install ## The whole suite but slow and GPU tests (CPU, about 30 minutes; needs make slurm-up, postgres-up)
 	$(PY) -m pytest -m "not slow and not cuda"
+
+# The fast tier: unit tests, the docs' commands and one smoke run; no real processes, no services.
+FAST := not slow and not cuda and not integration and not system and not slurm and not postgres
+
+test-fast: install ## Unit tests, the docs' commands, one smoke run (CPU, under 3 minutes; no SLURM or PostgreSQL)
+	$(PY) -m pytest -m "$(FAST)"
 
 test-all: install ## Run every test, slow ones included
 	$(PY) -m pytest

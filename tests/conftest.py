@@ -1,12 +1,33 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
+# Modules whose tests run the public commands as real processes: sweeps, SLURM and local jobs, DDP
+# ranks, run-directory locks, the benchmarks, whole training runs. Their tests are `integration`:
+# `make test` runs them, `make test-fast` leaves them out (but for those marked `smoke`).
+INTEGRATION_MODULES = {
+    "test_bench.py",
+    "test_compiled.py",
+    "test_distributed.py",
+    "test_evaluate.py",
+    "test_gpu_check.py",
+    "test_launch_cli.py",
+    "test_launchers.py",
+    "test_rundir.py",
+    "test_sweep.py",
+    "test_train.py",
+}
+
 
 def pytest_collection_modifyitems(config, items):
-    """`cuda` tests need a GPU: without one they are skipped (`make test` deselects them, so CI,
-    which has no GPU, does not count them; `make gpu-check` runs them on a GPU)."""
+    """Marks the tiers; `cuda` tests need a GPU: without one they are skipped (`make test`
+    deselects them, so CI, which has no GPU, does not count them; `make gpu-check` runs them)."""
+    integration = pytest.mark.integration
+    for item in items:
+        if Path(str(item.fspath)).name in INTEGRATION_MODULES and "smoke" not in item.keywords:
+            item.add_marker(integration)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run by make gpu-check)")

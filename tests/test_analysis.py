@@ -502,6 +502,7 @@ def test_bad_input_is_one_error_line_and_exit_2(store, tmp_path, capsys, case):
     assert not (tmp_path / "nothing.db").exists()  # reading never creates a store
 
 
+@pytest.mark.integration  # a process of its own
 def test_python_m_analysis_exits_2_with_one_error_line(tmp_path):
     missing = f"sqlite:///{tmp_path}/nothing.db"
     result = subprocess.run(
@@ -646,6 +647,7 @@ def test_the_repository_readme_has_the_markers_once_in_order():
     assert text.index("## Results") < text.index(START) < text.index(END) < text.index("## Status")
 
 
+@pytest.mark.integration  # a process of its own
 def test_make_table_is_listed_and_passes_the_store_and_experiment():
     listed = subprocess.run(["make", "-s", "help"], cwd=REPO, capture_output=True, text=True, timeout=60).stdout
     assert "make table" in listed
@@ -663,6 +665,7 @@ def test_make_table_is_listed_and_passes_the_store_and_experiment():
 # The notebook.
 
 
+@pytest.mark.integration  # a process of its own
 def test_notebook_runs_top_to_bottom_on_the_store(store, tmp_path, monkeypatch):
     # Imported here: jupytext and nbclient are dev extras, absent where bench/gpu-check.sh runs on a
     # machine without the project's .venv, and the whole module must still collect there.

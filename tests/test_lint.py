@@ -45,6 +45,7 @@ def test_a_noqa_that_silences_nothing_is_reported(tmp_path):
     assert result.returncode == 1 and "RUF100" in result.stdout
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_the_pre_commit_hook_refuses_a_commit_that_make_lint_would_refuse(tmp_path):
     """Runs the configured hooks on a scratch repository: pre-commit builds the pinned ruff in its

@@ -228,6 +228,7 @@ def test_the_divergence_watch_leaves_a_healthy_run_bit_for_bit_unchanged(tmp_pat
     assert torch.equal(watched._rng_state()["torch"], unwatched._rng_state()["torch"])
 
 
+@pytest.mark.integration  # a process of its own
 def test_the_loop_module_imports_no_config_or_sweep_library():
     """The loop takes plain values: importing it must not pull in Hydra, OmegaConf or Optuna."""
     code = (

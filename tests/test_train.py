@@ -1,12 +1,13 @@
 """End-to-end runs of the real config on tiny sizes, read back from MLflow."""
 
+import re
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 
-from soda import loop, tracking, train
+from soda import loop, progress, tracking, train
 from soda.checkpoint import load_checkpoint
 from soda.errors import CheckpointError, TrackingError
 from tests.helpers import CONF, SMOKE, compose_config, launch
@@ -21,6 +22,7 @@ def _runs(tmp_path: Path, experiment: str = "soda"):
 EXPERIMENTS = sorted(path.stem for path in (CONF / "experiment").glob("*.yaml"))
 
 
+@pytest.mark.smoke  # the whole run that make test-fast keeps
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_smoke_run_writes_a_complete_mlflow_record(experiment, tmp_path):
     """Every experiment of conf/experiment/, shrunk to a smoke run (tiny model, shapes, 1 epoch)."""
@@ -112,10 +114,12 @@ def test_unreachable_tracking_server_fails_at_start(tmp_path):
 
 
 def test_launch_runs_a_job_and_prints_the_final_summary_line(tmp_path):
+    # Its output is a pipe, not a terminal: the progress must be in lines, in the run's launch.log.
     result = launch(
         [
             "experiment=demo",
             *SMOKE,
+            "schedule.epochs=2",
             f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
             f"tracking.artifact_location={tmp_path}/artifacts",
             f"hydra.run.dir={tmp_path}/run",
@@ -125,6 +129,22 @@ def test_launch_runs_a_job_and_prints_the_final_summary_line(tmp_path):
     final = [line for line in result.stdout.splitlines() if line.startswith("final ")]
     assert len(final) == 1 and "eval/knn_acc=" in final[0] and "eval/linear_acc=" in final[0]
     assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+    # The run's log: each epoch with the time left, each evaluation's stages, then its metrics.
+    log = (tmp_path / "run" / "launch.log").read_text()
+    assert re.search(r"\[soda.loop\]\[INFO\] - epoch 1/2  [\d.]+ s  \d+ images/s  eta \d+s\n", log), log
+    assert re.search(r"\[soda.loop\]\[INFO\] - epoch 2/2  [\d.]+ s  \d+ images/s  eta \d+s\n", log), log
+    for stage in ("k-NN features", "linear probe 0/2 epochs", "k-NN and linear test", "latent gap 0/2 timesteps"):
+        assert re.search(f"eval epoch 2: {stage}.*  [\\d.]+ s\n", log), (stage, log)
+    assert re.search(r"eval epoch 2: eval/knn_acc=.*  \([\d.]+ s\)\n", log), log
+
+    # What the launcher reads for its line on this job: the final line's values.
+    written = progress.read_result(tmp_path / "run")
+    assert written is not None and written["epoch"] == 2
+    for name, value in written["metrics"].items():
+        assert f"{name}={value:.4f}" in final[0]
+    assert written["objective"] == {"eval/linear_acc": written["metrics"]["eval/linear_acc"]}
+    assert written["mlflow_run_id"] in final[0]
 
 
 def test_unreachable_tracking_server_is_one_line_from_launch(tmp_path):

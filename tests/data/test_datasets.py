@@ -438,6 +438,7 @@ torch.save({"train": train.images, "test": test.images}, folder / f"rank{rank}.p
 """
 
 
+@pytest.mark.integration
 def test_processes_sharing_a_cache_decode_it_once(tmp_path):
     _write_tree(tmp_path / "images", "train", {"a": 10, "b": 10})
     _write_tree(tmp_path / "images", "test", {"a": 4, "b": 4}, seed=1)
