@@ -15,20 +15,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import secrets
-import socket
-import threading
-import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from soda.errors import RunDirError
-from soda.files import write_atomically
+from soda.files import LockContended, OwnerLock, describe, write_atomically
 from soda.tracking import flatten, redact
 
 LOCK_FILE = ".soda-lock"
@@ -79,133 +72,48 @@ def _shown(keys: list[str], before: dict[str, str], now: dict[str, str]) -> list
     return shown
 
 
-# ---------------------------------------------------------------------------------------------
-# The owner.
-
-
-def _process_started(pid: int) -> float | None:
-    """When process `pid` started (to tell it from a later process given the same pid)."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
-
-
-def _owner_record(token: str) -> dict:
-    return {
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "process_started": _process_started(os.getpid()),
-        "started": datetime.now(UTC).isoformat(timespec="seconds"),
-        "slurm_job": os.environ.get("SLURM_JOB_ID"),
-        "token": token,
-    }
-
-
-def _read_owner(path: Path) -> dict | None:
-    """The lock's owner; None when the lock is gone. An unreadable lock (a writer killed while
-    writing is not possible, see claim; a damaged file is) counts as an unknown, stale owner."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {}
-
-
-def _stale(owner: dict, lock: Path) -> bool:
-    """Has the owner of `lock` gone away?"""
-    if not owner or "pid" not in owner:
-        return True
-    if owner.get("host") == socket.gethostname():
-        if owner["pid"] == os.getpid():
-            return True  # this process, from an earlier run() that did not return
-        started = _process_started(int(owner["pid"]))
-        recorded = owner.get("process_started")
-        return started is None or (recorded is not None and abs(started - recorded) > 1.0)
-    job = os.environ.get("SLURM_JOB_ID")
-    if job and owner.get("slurm_job") == job:
-        return True  # our own job's earlier incarnation, before it was requeued
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return True
-    return age > STALE_AFTER_SECONDS
-
-
-def _describe(owner: dict) -> str:
-    job = f", SLURM job {owner['slurm_job']}" if owner.get("slurm_job") else ""
-    return f"pid {owner.get('pid')} on {owner.get('host')}{job}, since {owner.get('started')}"
-
-
 class RunDirectory:
     """The run directory, claimed for this process (`claim`) until `release`."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.lock = self.path / LOCK_FILE
-        self.token = secrets.token_hex(8)
-        self.previous_owner: dict | None = None  # a stale owner this process took over from
-        self._stop = threading.Event()
-        self._heartbeat: threading.Thread | None = None
+        self._lock = OwnerLock(
+            self.path / LOCK_FILE,
+            refresh_seconds=HEARTBEAT_SECONDS,
+            stale_after_seconds=STALE_AFTER_SECONDS,
+            requeue_takes_over=True,  # only rank 0 claims: a lock of our SLURM job is from before a requeue
+        )
+
+    @property
+    def token(self) -> str:
+        """What this process's lock record holds as its token."""
+        return self._lock.token
+
+    @property
+    def previous_owner(self) -> dict | None:
+        """A stale owner this process took the directory over from."""
+        return self._lock.previous_owner
 
     def claim(self) -> None:
         """Make the directory and take its lock, or stop with one line naming its owner."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            self._take()
+            owner = self._lock.try_acquire()
         except OSError as error:
             raise _unwritable(self.path, error) from None
-        self._heartbeat = threading.Thread(target=self._beat, name="run-dir-lock", daemon=True)
-        self._heartbeat.start()
-
-    def _take(self) -> None:
-        # The record is complete before the lock exists: written to a file of our own, then
-        # linked to the lock's name, which fails if the lock exists (atomic, also on NFS).
-        mine = self.path / f".soda-lock.{self.token}.tmp"
-        mine.write_text(json.dumps(_owner_record(self.token)))
-        try:
-            for _ in range(3):
-                try:
-                    os.link(mine, self.lock)
-                    return
-                except FileExistsError:
-                    pass
-                owner = _read_owner(self.lock)
-                if owner is None:
-                    continue  # released meanwhile
-                if not _stale(owner, self.lock):
-                    raise RunDirError(
-                        f"run directory {self.path} is in use by {_describe(owner)}; wait for that run to end, "
-                        f"or give this one another directory (hydra.run.dir=...)"
-                    )
-                self._take_over(owner)
-            raise RunDirError(f"run directory {self.path}: could not take its lock {self.lock}; try again")
-        finally:
-            mine.unlink(missing_ok=True)
-
-    def _take_over(self, owner: dict) -> None:
-        """Remove a stale lock, unless another process took it over first (then the next try
-        sees that process as the owner)."""
-        if _read_owner(self.lock) == owner:
-            with contextlib.suppress(FileNotFoundError):
-                self.lock.unlink()
-            self.previous_owner = owner
-
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_SECONDS):
-            with contextlib.suppress(OSError):
-                os.utime(self.lock)
+        except LockContended:
+            raise RunDirError(
+                f"run directory {self.path}: could not take its lock {self._lock.path}; try again"
+            ) from None
+        if owner is not None:
+            raise RunDirError(
+                f"run directory {self.path} is in use by {describe(owner)}; wait for that run to end, "
+                f"or give this one another directory (hydra.run.dir=...)"
+            )
 
     def release(self) -> None:
         """Give the lock up (only if it is still ours)."""
-        self._stop.set()
-        owner = _read_owner(self.lock)
-        if owner and owner.get("token") == self.token:
-            with contextlib.suppress(FileNotFoundError):
-                self.lock.unlink()
+        self._lock.release()
 
     # -----------------------------------------------------------------------------------------
     # The settings.

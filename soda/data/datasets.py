@@ -8,27 +8,23 @@ modification times, found by stat alone (no file is read to list it). A file add
 replaced changes the name, so the split is decoded again and the stale file deleted.
 
 Processes that load the same folder at once (the ranks of a run, on one node or on several
-sharing the folder) decode it once: the one that creates `<stem>.lock` (O_CREAT | O_EXCL, atomic
+sharing the folder) decode it once: the one that takes `<stem>.lock` (soda.files.OwnerLock, atomic
 on local disks and on NFS) decodes and writes the cache while the others wait for the lock to go,
-then read the cache. The holder keeps touching the lock; a lock whose holder is gone (a dead pid
-on this host, or no touch for LOCK_STALE_SECONDS) is taken over. Where no lock can be created
-(a read-only folder) or the holder leaves without a cache (it failed, or could not write), each
-process decodes for itself, so nobody waits for a cache that will not come.
+then read the cache. The holder keeps touching the lock; a lock whose holder is gone (an ended
+process on this host, or no touch for LOCK_STALE_SECONDS) is taken over. Where no lock can be
+created (a read-only folder, a full disk) or the holder leaves without a cache (it failed, or
+could not write), each process decodes for itself, so nobody waits for a cache that will not come.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import math
 import os
 import re
-import socket
 import stat
-import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,7 +37,7 @@ from PIL import Image, UnidentifiedImageError
 from soda.data.shapes import CLASSES as SHAPE_CLASSES
 from soda.data.shapes import make_shapes
 from soda.errors import DataError, first_line
-from soda.files import write_atomically
+from soda.files import LockContended, OwnerLock, describe, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -468,97 +464,55 @@ class _DecodeLock:
     if there is none), or at once where no lock can be created."""
 
     def __init__(self, path: Path):
-        self.path = path
-        self.held = False
-        self.token = f"{socket.gethostname()} {os.getpid()} {uuid.uuid4().hex}"
-        self._stop = threading.Event()
-        self._toucher: threading.Thread | None = None
+        # The ranks of one SLURM job on several nodes share this lock: a lock of our own job is a
+        # peer's, not one left before a requeue (no requeue_takes_over).
+        self.lock = OwnerLock(path, refresh_seconds=LOCK_REFRESH_SECONDS, stale_after_seconds=LOCK_STALE_SECONDS)
 
     def __enter__(self) -> _DecodeLock:
+        try:
+            self.lock.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return self  # a read-only folder, or the cache folder's name taken by a file: no cache, no lock
         while True:
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-            except FileExistsError:
-                if self.path.parent.is_dir():
-                    holder = self._wait()
-                    if holder is None:
-                        return self  # released by its holder
-                    log.warning("taking over %s from %s, which is gone", self.path, _who(holder))
-                    self.path.unlink(missing_ok=True)
-                    continue
-                return self  # the cache folder's name is taken by a file: no cache, no lock
+                owner = self.lock.try_acquire()
+            except LockContended:
+                continue
             except OSError:
-                return self  # a read-only folder: every process decodes for itself
-            try:
-                with os.fdopen(descriptor, "w") as handle:
-                    handle.write(self.token + "\n")
-            except OSError:  # a full disk: no lock (and no cache) there
-                with contextlib.suppress(OSError):
-                    self.path.unlink()
-                return self
-            self.held = True
-            self._toucher = threading.Thread(target=self._touch, name="soda-cache-lock", daemon=True)
-            self._toucher.start()
-            return self
+                return self  # a read-only folder or a full disk: every process decodes for itself
+            if owner is None:
+                break
+            gone = self._wait(owner)
+            if gone is None:
+                return self  # released by its owner
+            self.lock.take_over(gone)
+        if self.lock.previous_owner is not None:
+            log.warning("taking over %s from %s, which is gone", self.lock.path, describe(self.lock.previous_owner))
+        return self
 
     def __exit__(self, *exc_info) -> None:
-        if not self.held:
-            return
-        self._stop.set()
-        self._toucher.join()
-        try:
-            if self.path.read_text().strip() == self.token:  # not a lock taken over from us
-                self.path.unlink()
-        except OSError:
-            pass
+        self.lock.release()
 
-    def _touch(self) -> None:
-        while not self._stop.wait(LOCK_REFRESH_SECONDS):
-            try:
-                os.utime(self.path)
-            except OSError:
-                pass
-
-    def _wait(self) -> str | None:
-        """Waits while the lock's holder works: None once it lets go, or the holder (its
-        "host pid token" line) once it is gone without letting go."""
-        seen, changed, told = None, time.monotonic(), False
+    def _wait(self, owner: dict) -> dict | None:
+        """Waits while the lock's owner works: None once it lets go, or the owner once it is
+        gone without letting go."""
+        log.info("waiting for %s to decode (lock %s)", describe(owner), self.lock.path)
+        seen, changed = None, time.monotonic()
         while True:
             try:
-                mtime = self.path.stat().st_mtime_ns
+                mtime = self.lock.path.stat().st_mtime_ns
             except FileNotFoundError:
                 return None
-            try:
-                holder = self.path.read_text().strip()
-            except OSError:
-                holder = ""  # gone since, or unreadable: the mtime still tells
-            if not told:
-                log.info("waiting for %s to decode (lock %s)", _who(holder), self.path)
-                told = True
-            if _dead_here(holder):
-                return holder
-            if mtime != seen:  # observed change, by this machine's clock: skew between nodes is moot
+            owner = self.lock.owner()
+            if owner is None:
+                return None
+            if self.lock.stale(owner):
+                return owner
+            # `stale` judges the lock's age by the clocks, and not on this host. A lock whose touches
+            # stop for as long, timed as seen by this machine's clock, has lost its owner too: a hung
+            # process, or a node whose clock runs behind (an NFS client may show a touch a minute late).
+            if mtime != seen:
                 seen, changed = mtime, time.monotonic()
-            elif time.monotonic() - changed > LOCK_STALE_SECONDS:
-                return holder
+            elif time.monotonic() - changed > self.lock.stale_after_seconds:
+                return owner
             time.sleep(LOCK_POLL_SECONDS)
-
-
-def _who(holder: str) -> str:
-    parts = holder.split()
-    return f"process {parts[1]} on {parts[0]}" if len(parts) >= 2 else "another process"
-
-
-def _dead_here(holder: str) -> bool:
-    """Whether the lock's "host pid token" names a process of this host that has ended."""
-    parts = holder.split()
-    if len(parts) < 2 or parts[0] != socket.gethostname() or not parts[1].isdigit():
-        return False
-    try:
-        os.kill(int(parts[1]), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # EPERM: it exists, as another user's
-        return False
-    return False

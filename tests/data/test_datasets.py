@@ -1,3 +1,4 @@
+import json
 import logging
 import os
 import pickle
@@ -475,7 +476,7 @@ def test_lock_left_by_a_dead_process_on_this_host_is_taken_over(tmp_path):
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock = _lock_path(tmp_path, "imagefolder-train-8px")
     lock.parent.mkdir()
-    lock.write_text(f"{socket.gethostname()} {int(finished.stdout)}\n")
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(finished.stdout)}))
     started = time.monotonic()
     assert len(load_split("imagefolder", tmp_path, "train", image_size=8, num_classes=2)) == 2
     assert time.monotonic() - started < 5 and not lock.exists()
@@ -487,7 +488,7 @@ def test_lock_that_stops_being_refreshed_is_taken_over(tmp_path, monkeypatch):
     _write_tree(tmp_path, "train", {"a": 1, "b": 1})
     lock = _lock_path(tmp_path, "imagefolder-train-8px")
     lock.parent.mkdir()
-    lock.write_text("some-other-node 12345\n")
+    lock.write_text(json.dumps({"host": "some-other-node", "pid": 12345}))
     assert len(load_split("imagefolder", tmp_path, "train", image_size=8, num_classes=2)) == 2
     assert not lock.exists()
 
@@ -499,7 +500,7 @@ def test_waiter_decodes_itself_when_the_holder_gives_up_without_a_cache(tmp_path
     _write_tree(tmp_path, "train", {"a": 1, "b": 1})
     lock = _lock_path(tmp_path, "imagefolder-train-8px")
     lock.parent.mkdir()
-    lock.write_text(f"{socket.gethostname()} {os.getpid()}\n")  # alive: this very process
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid()}))  # alive: our parent
     threading.Timer(0.5, lock.unlink).start()
     assert len(load_split("imagefolder", tmp_path, "train", image_size=8, num_classes=2)) == 2
     assert any("waiting" in record.getMessage() for record in caplog.records)
