@@ -134,9 +134,13 @@ def test_a_resumable_change_is_allowed_and_any_other_is_refused(tmp_path):
 
 
 def _runs(tmp_path: Path) -> list:
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    experiment = client.get_experiment_by_name("soda")
-    return client.search_runs([experiment.experiment_id]) if experiment else []
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # A first query creates the store's tables; while a run may be doing so too, take turns on
+    # the lock the runs take, or one of the two fails ("table metrics already exists").
+    with tracking._one_creator(uri):
+        client = mlflow.MlflowClient(uri)
+        experiment = client.get_experiment_by_name("soda")
+        return client.search_runs([experiment.experiment_id]) if experiment else []
 
 
 def test_rerunning_a_directory_with_other_settings_stops_before_any_work(tmp_path, monkeypatch):
