@@ -13,7 +13,7 @@ import os
 import re
 import socket
 import subprocess
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -397,7 +397,7 @@ class Tracker:
         if not changes or self.run_id is None:
             return
         earlier = mlflow.get_run(self.run_id).data.tags.get(RESUME_CHANGES, "")
-        now = datetime.now(UTC).isoformat(timespec="seconds")
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         added = f"{now} " + ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changes.items())
         mlflow.set_tag(RESUME_CHANGES, "\n".join(filter(None, [earlier, added]))[-5000:])
         log.info("resumed with changed settings: %s", added)
