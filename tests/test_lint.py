@@ -25,23 +25,18 @@ def test_pre_commit_pins_the_ruff_of_the_dev_dependencies():
     assert len(ours) == 1 and hooks == ours, f"pyproject pins ruff {ours}, .pre-commit-config.yaml {hooks}"
 
 
+def _ruff_check(folder: Path, source: str) -> subprocess.CompletedProcess:
+    """`ruff check` of one file holding `source`, under the repository's rules."""
+    (folder / "checked.py").write_text(source)
+    command = [sys.executable, "-m", "ruff", "check", "--no-cache", "checked.py"]
+    return subprocess.run(command, cwd=folder, capture_output=True, text=True)
+
+
 def test_a_noqa_that_silences_nothing_is_reported(tmp_path):
     shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
-    (tmp_path / "clean.py").write_text("import os  # noqa: F401\n\nprint(1)\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "--no-cache", "clean.py"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
+    result = _ruff_check(tmp_path, "import os  # noqa: F401\n\nprint(1)\n")
     assert result.returncode == 0, result.stdout  # F401 is real here: the noqa is used
-    (tmp_path / "clean.py").write_text("import os  # noqa: E731\n\nprint(os.sep)\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "--no-cache", "clean.py"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
+    result = _ruff_check(tmp_path, "import os  # noqa: E731\n\nprint(os.sep)\n")
     assert result.returncode == 1 and "RUF100" in result.stdout
 
 
