@@ -7,8 +7,10 @@ python launch.py --help
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
+import io
 import logging
 import os
 import signal
@@ -17,7 +19,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from soda import config
+from soda import config, site
 from soda.errors import SodaError, Terminated, first_line
 
 # Imported for what it registers with Hydra's ConfigStore (soda.config registers the run schema).
@@ -62,6 +64,25 @@ def _check_a_shown_config() -> None:
         print(note, file=sys.stderr)
 
 
+def _say_where_the_jobs_run() -> None:
+    note = site.launch_note(sys.argv[1:])
+    if note is not None:
+        print(note, flush=True)
+
+
+def _show_hydra_config() -> bool:
+    """`--cfg hydra`: Hydra prints the config, with a comment on each launcher value saying where
+    it came from (the site profile, a sweep file, the command line, ...). False for other runs."""
+    args = config._hydra_arguments(sys.argv[1:])
+    if args.cfg != "hydra" or args.package or args.help or args.hydra_help or args.info:
+        return False
+    shown = io.StringIO()
+    with contextlib.redirect_stdout(shown):
+        main()
+    print(site.annotate_shown_config(sys.argv[1:], shown.getvalue()), end="")
+    return True
+
+
 def _one_line(error: BaseException) -> str:
     """Hydra's composition errors span several lines (option lists, search paths, hints that do
     not apply under a typed schema); keep what says what is wrong, and the cause, on one line."""
@@ -79,7 +100,7 @@ def _one_line(error: BaseException) -> str:
     cause = error.__cause__
     if cause is not None and str(cause).strip():
         kept.append(first_line(cause, limit=1000))
-    return "; ".join(k.rstrip(".") for k in kept) or type(error).__name__
+    return site.name_the_profile("; ".join(k.rstrip(".") for k in kept) or type(error).__name__)
 
 
 if __name__ == "__main__":
@@ -87,7 +108,9 @@ if __name__ == "__main__":
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
         _check_a_shown_config()
-        main()
+        if not _show_hydra_config():
+            _say_where_the_jobs_run()
+            main()
     except SodaError as error:
         print(f"error: {_one_line(error)}", file=sys.stderr)
         sys.exit(2)

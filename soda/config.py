@@ -285,6 +285,8 @@ class Config:
     tracking: TrackingConfig = MISSING
     sweep: SweepConfig = MISSING
     seed: int = MISSING
+    # Where the data sets are: dataset.root is <data_root>/<name> unless set itself.
+    data_root: str = MISSING
     # The metric launch.py returns (what a sweeper optimises); a list for multi-objective sweeps.
     objective: Any = MISSING
     device: str = MISSING  # auto = cuda when available, else cpu
@@ -467,13 +469,9 @@ def check_launch(arguments: Sequence[str]) -> list[list[str]]:
     Returns each job's overrides. Hydra's composition errors are raised as they are (launch.py
     prints them as one line, as it does for a run); a bad value is a ConfigError."""
     args = _hydra_arguments(arguments)
-    # --config-path is relative to launch.py (the repository root), as hydra.main takes it.
-    config_dir = (CONF_DIR.parent / args.config_path).resolve() if args.config_path else CONF_DIR
-    # --config-dir: one more folder of configs, searched before conf/.
-    search = [f"hydra.searchpath=[file://{Path(args.config_dir).resolve()}]"] if args.config_dir else []
 
     def compose_job(overrides: Sequence[str]) -> DictConfig:
-        return _compose([*overrides, *search], args.config_name or "config", config_dir)
+        return compose_as_launched(arguments, overrides)
 
     overrides = list(args.overrides)
     if not args.multirun:
@@ -493,6 +491,19 @@ def check_launch(arguments: Sequence[str]) -> list[list[str]]:
         except ConfigError as error:
             raise ConfigError(f"{error} (in job {number} of {len(jobs)}: {' '.join(job)})") from None
     return jobs
+
+
+def compose_as_launched(arguments: Sequence[str], overrides: Sequence[str] | None = None) -> DictConfig:
+    """The composition, Hydra's node included, that `python launch.py <arguments>` makes (its
+    --config-path, --config-name, --config-dir), with `overrides` in place of the command line's
+    when given (one job of a sweep)."""
+    args = _hydra_arguments(arguments)
+    # --config-path is relative to launch.py (the repository root), as hydra.main takes it.
+    config_dir = (CONF_DIR.parent / args.config_path).resolve() if args.config_path else CONF_DIR
+    # --config-dir: one more folder of configs, searched before conf/.
+    search = [f"hydra.searchpath=[file://{Path(args.config_dir).resolve()}]"] if args.config_dir else []
+    chosen = list(args.overrides if overrides is None else overrides)
+    return _compose([*chosen, *search], args.config_name or "config", config_dir)
 
 
 def sweep_jobs(params: dict[str, Any], arguments: Sequence[str]) -> list[list[str]]:
@@ -534,13 +545,13 @@ def _override_text(value: Any) -> str:
 
 
 def check_shown_config(arguments: Sequence[str]) -> tuple[list[str], str | None]:
-    """`--cfg job|all` prints a run's config instead of running it: check that run first (check_launch),
+    """`--cfg job|hydra|all` prints a run's config instead of running it: check that run first (check_launch),
     so that the dry check before a long job refuses what the job would. Hydra cannot print a
     multirun's config: with -m, every job is checked and the arguments returned print the first
     job's. Returns the arguments for Hydra and a note for the user (None when there is nothing to
     add); other arguments come back as they are."""
     args = _hydra_arguments(arguments)
-    if args.cfg not in ("job", "all") or args.help or args.hydra_help or args.info or args.shell_completion:
+    if args.cfg not in ("job", "all", "hydra") or args.help or args.hydra_help or args.info or args.shell_completion:
         return list(arguments), None
     jobs = check_launch(arguments)
     if not args.multirun:

@@ -39,8 +39,10 @@ RESUMABLE_CHANGES = (
     "eval.every",
     "eval.every_seconds",
 )
-# The sweeper's own settings, which a trial's config carries but which do not shape the run.
-NOT_RUN_SETTINGS = ("sweep.n_jobs", "sweep.n_trials", "sweep.max_failure_rate")
+# Not compared on resume: the sweeper's own settings, which a trial's config carries but which do
+# not shape the run; and data_root, which only dataset.root (compared) reads, and which runs
+# recorded before it existed lack.
+NOT_RUN_SETTINGS = ("sweep.n_jobs", "sweep.n_trials", "sweep.max_failure_rate", "data_root")
 
 
 def resolved_settings(cfg: DictConfig) -> dict:

@@ -4,11 +4,17 @@ from pathlib import Path
 import pytest
 import torch
 
+# A site profile of the machine running the tests (conf/site/default.yaml, $SODA_SITE) would change
+# every composition and send the tests' jobs elsewhere: the tests run without one, and those about
+# profiles set SODA_SITE to their own. Set here, before any test, so subprocesses inherit it too.
+os.environ["SODA_SITE"] = "none"
+
 # Modules whose tests run the public commands as real processes: sweeps, SLURM and local jobs, DDP
 # ranks, run-directory locks, the benchmarks, whole training runs. Their tests are `integration`:
 # `make test` runs them, `make test-fast` leaves them out (but for those marked `smoke`).
 INTEGRATION_MODULES = {
     "test_bench.py",
+    "test_cluster.py",
     "test_compiled.py",
     "test_distributed.py",
     "test_evaluate.py",

@@ -287,8 +287,9 @@ def test_shown_config_of_a_multirun_is_its_first_job():
     shown, note = config.check_shown_config(arguments)
     assert shown == ["experiment=demo", "seed=3", "--cfg", "job", "-p", "seed"]
     assert note == "checked all 2 jobs of the sweep; shown: job 0 (experiment=demo seed=3)"
-    # Nothing to check: not a config to show, or only Hydra's part of it.
-    for unchanged in (["schedule.epochs=-1"], ["schedule.epochs=-1", "--cfg", "hydra"], ["--help", "-c", "job"]):
+    # Nothing to check: not a config to show.
+    for unchanged in (["schedule.epochs=-1"], ["--help", "-c", "job"], ["schedule.epochs=-1", "--info", "-c", "job"]):
         assert config.check_shown_config(unchanged) == (unchanged, None)
-    with pytest.raises(ConfigError, match="schedule.epochs=-1 must be at least 1"):
-        config.check_shown_config(["schedule.epochs=-1", "-c", "all"])
+    for shown in ("all", "hydra"):  # Hydra's part too: it is the launch's, with -m that of job 0
+        with pytest.raises(ConfigError, match="schedule.epochs=-1 must be at least 1"):
+            config.check_shown_config(["schedule.epochs=-1", "-c", shown])

@@ -206,7 +206,7 @@ def _missing(name: str, root: Path, what: str, download: bool = True) -> DataErr
     return DataError(
         f"{name} not found under {root.resolve()} ({what}); put the files there (an image folder "
         f"train/<class>/*, test/<class>/* works for every data set){online}, or set "
-        f"dataset.root=<the folder that holds them> (SODA_DATA=<dir> reads <dir>/{name})"
+        f"dataset.root=<the folder that holds them> (data_root=<dir> or SODA_DATA=<dir> reads <dir>/{name})"
     )
 
 
