@@ -19,7 +19,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from soda import config, site
+from soda import config, dryrun, site
 from soda.errors import SodaError, Terminated, first_line
 
 # Imported for what it registers with Hydra's ConfigStore (soda.config registers the run schema).
@@ -108,6 +108,9 @@ if __name__ == "__main__":
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
         _check_a_shown_config()
+        dry_run = dryrun.main(sys.argv[1:])  # hydra.launcher.dry_run=true: show, check, submit nothing
+        if dry_run is not None:
+            sys.exit(dry_run)
         if not _show_hydra_config():
             _say_where_the_jobs_run()
             main()

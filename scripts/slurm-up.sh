@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A single-node SLURM cluster on this machine, for tests and CI: installs slurm-wlm and munge if
 # missing (Debian, as root), writes a config for this host, starts munged, slurmctld and slurmd,
-# and waits until `sinfo` shows the node idle. Idempotent: a running, healthy cluster is left as is.
+# and waits until `sinfo` shows the node idle. Two partitions on that node: debug (the default, no
+# time limit) and short (MaxTime=10 minutes). Idempotent: a running, healthy cluster is left as is.
 # `scripts/slurm-up.sh down` stops the daemons.
 set -euo pipefail
 
@@ -14,6 +15,8 @@ log() { echo "slurm-up: $*"; }
 down() {
     pkill -x slurmd 2>/dev/null || true
     pkill -x slurmctld 2>/dev/null || true
+    # Wait until they are gone: a restart that found the old daemon still exiting would not start a new one.
+    for _ in $(seq 60); do pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || break; sleep 0.5; done
     log "stopped slurmctld and slurmd"
 }
 
@@ -63,6 +66,9 @@ AccountingStorageType=accounting_storage/none
 MpiDefault=none
 ReturnToService=2
 SchedulerType=sched/backfill
+# Refuse at submission (and in sbatch --test-only) a job above its partition's limits (MaxTime,
+# MaxNodes), which SLURM would otherwise accept and leave pending forever.
+EnforcePartLimits=ALL
 SlurmctldPidFile=$STATE/slurmctld.pid
 SlurmdPidFile=$STATE/slurmd.pid
 SlurmdSpoolDir=$STATE/spool
@@ -74,6 +80,8 @@ SlurmdTimeout=30
 KillWait=10
 NodeName=$HOST CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
+# A partition with a time limit, for the tests of jobs that ask for more (the same node).
+PartitionName=short Nodes=$HOST MaxTime=10 State=UP
 CONF
 )
 if [ "$(cat "$CONF_DIR/slurm.conf" 2>/dev/null)" != "$CONF" ]; then
@@ -86,7 +94,7 @@ for _ in $(seq 30); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.
 pgrep -x slurmd >/dev/null || slurmd
 
 for _ in $(seq 60); do
-    state=$(sinfo -h -n "$HOST" -o %T 2>/dev/null | head -1)
+    state=$(sinfo -h -n "$HOST" -o %T 2>/dev/null | head -1) || true  # the controller may not answer yet
     case "$state" in
         idle|mixed|allocated) log "node $HOST is $state"; sinfo; exit 0 ;;
         down*|drain*) scontrol update nodename="$HOST" state=resume 2>/dev/null || true ;;

@@ -39,7 +39,7 @@ def test_help_says_what_the_app_does_and_where_the_docs_are(app_help: str):
     assert "encoder" in text and "diffusion decoder" in text and "linear-probe" in text
     assert "python launch.py -m" in text and "README.md" in text and "docs/" in text
     assert "--hydra-help" in text
-    assert "_base" not in app_help and "$" not in app_help.replace("$SODA_DATA", "")
+    assert "_base" not in app_help and "$" not in app_help.replace("$SODA_DATA", "").replace("$SODA_SITE", "")
 
 
 def test_help_lists_every_group_with_its_options(app_help: str):
@@ -50,7 +50,7 @@ def test_help_lists_every_group_with_its_options(app_help: str):
     assert set(listed[1].split(", ")) == {"local", "slurm"}
 
 
-def test_help_examples_run_the_demo_sweep_on_slurm_and_override_a_value(app_help: str):
+def test_help_examples_run_the_ablation_dry_run_and_override_a_value(app_help: str):
     examples = [
         command
         for command in commands(Snippet(Path("help"), 1, tuple(app_help.splitlines()), True))
@@ -58,7 +58,8 @@ def test_help_examples_run_the_demo_sweep_on_slurm_and_override_a_value(app_help
     ]
     arguments = [launch_arguments(command) for command in examples]
     assert ["experiment=demo"] in arguments
-    assert any(a[:2] == ["-m", "sweep=augment_ablation"] and "hydra/launcher=slurm" in a for a in arguments)
+    assert ["-m", "sweep=augment_ablation"] in arguments
+    assert ["-m", "sweep=augment_ablation", "hydra.launcher.dry_run=true"] in arguments
     assert any(any("." in word.split("=")[0] for word in a) and "-m" not in a for a in arguments)
     for command in examples:
         check_command(command)

@@ -1,10 +1,16 @@
 """The launchers' checks (hydra_plugins/soda_launchers): what SLURM can give a job, which rank of
-a failed job to blame, the shared-store warning, and jobs refused before anything is submitted."""
+a failed job to blame, the shared-store warning, jobs refused before anything is submitted, and
+the preflight that stops a SLURM job whose Python cannot import the project."""
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -221,7 +227,7 @@ def test_only_file_stores_are_warned_about(caplog, fresh_warning, uri, storage, 
     assert all(part in caplog.records[0].getMessage() for part in expected)
 
 
-def _multirun(tmp_path: Path, *args: str, timeout: int = 120):
+def _multirun(tmp_path: Path, *args: str, timeout: int = 120, env: dict | None = None):
     return launch(
         [
             "-m",
@@ -233,6 +239,7 @@ def _multirun(tmp_path: Path, *args: str, timeout: int = 120):
             *args,
         ],
         timeout=timeout,
+        env=env,
     )
 
 
@@ -447,3 +454,128 @@ def test_under_our_sweeper_the_launcher_leaves_the_reporting_to_it(tmp_path, cap
     finished = _finished(tmp_path / "run0", 0.75)
     results = _wait(tmp_path, [_FakeJob(tmp_path / "10", 2, finished)], "hydra_plugins.soda_sweeper.optuna_sweeper.X")
     assert results == [finished] and caplog.records == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The preflight: a SLURM job whose Python cannot import the project stops with one line.
+
+ADVICE = "activate the project's environment in hydra.launcher.setup, or set hydra.launcher.python"
+HOST = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
+
+
+def _preflight(python: str, cwd: Path, path: str | None = None) -> subprocess.CompletedProcess:
+    """The preflight line, then `echo ran`, in bash, as the job's script runs them."""
+    env = {**os.environ, "PATH": path or os.environ["PATH"]}
+    script = launchers.preflight_line(python) + "\necho ran\n"
+    return subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def _fake_python(folder: Path, stderr: str, status: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    python = folder / "python"
+    python.write_text(f"#!/bin/sh\nprintf %s {shlex.quote(stderr)} >&2\nexit {status}\n")
+    python.chmod(0o755)
+    return python
+
+
+def test_the_preflight_lets_an_interpreter_that_imports_the_project_run_the_job(tmp_path):
+    # A path with a space, quoted as submitit quotes sys.executable.
+    wrapper = tmp_path / "my env" / "python"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    wrapper.chmod(0o755)
+    ran = _preflight(shlex.quote(str(wrapper)), cwd=tmp_path)
+    assert (ran.returncode, ran.stdout, ran.stderr) == (0, "ran\n", "")
+
+
+def test_the_preflight_names_the_interpreter_it_found_and_its_import_error(tmp_path):
+    error = (
+        "Traceback (most recent call last):\n  File \"<string>\", line 1\nModuleNotFoundError: No module named 'soda'\n"
+    )
+    fake = _fake_python(tmp_path / "bin", error, 1)
+    ran = _preflight("python", cwd=tmp_path, path=f"{fake.parent}:{os.environ['PATH']}")
+    assert ran.returncode == 1 and ran.stdout == ""
+    assert ran.stderr == (
+        f"soda preflight on {HOST}: the job's Python {fake} cannot import the project "
+        f"(ModuleNotFoundError: No module named 'soda'); {ADVICE}\n"
+    )
+
+
+def test_the_preflight_says_when_the_interpreter_is_not_found(tmp_path):
+    ran = _preflight("soda-no-such-python -X dev", cwd=tmp_path)
+    assert ran.returncode == 1 and ran.stdout == ""
+    assert ran.stderr == f"soda preflight on {HOST}: the job's Python soda-no-such-python was not found; {ADVICE}\n"
+
+
+def test_a_job_its_preflight_stopped_fails_the_launch_with_that_line(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(launchers, "POLL_S", 0.0)
+    caplog.set_level(logging.INFO, logger=launchers.__name__)
+    line = f"soda preflight on vm: the job's Python /usr/bin/python3 cannot import the project (...); {ADVICE}"
+    # The scheduler never says the job ended (sacct without accounting): its log does.
+    job = _FakeJob(tmp_path / "31", ends_at=10**9)
+    job.task(0).paths.stderr.write_text(f"module: loaded\n{line}\n")
+    with pytest.raises(launchers.LauncherError) as raised:
+        _wait(tmp_path, [job])
+    assert str(raised.value) == f"job 31: {line}"
+    assert re.sub(r" after \w+:", " after T:", caplog.records[0].getMessage()) == (
+        f"\t#0 experiment=demo seed=0: failed after T: {line}; log: {tmp_path}/31/7_0_log.err"
+    )
+    # A job the scheduler says ended is reported by the same line.
+    assert launchers._job_failure(job, RuntimeError("no output")) == f"job 31: {line}"
+    assert launchers._crash(job, RuntimeError("no output")) == ("failed", line, tmp_path / "31" / "7_0_log.err")
+
+
+def test_the_preflight_runs_after_the_setup_lines_and_before_srun(tmp_path):
+    params = {"submitit_folder": str(tmp_path / "%j"), "setup": ["module load cuda"], "python": "python"}
+    params |= {"nodes": 1, "tasks_per_node": 1, "timeout_min": 10, "srun_args": ["--kill-on-bad-exit=1"]}
+    script = launchers.submission_script(launchers.make_executor("slurm", params), jobs=1).splitlines()
+    setup, preflight = script.index("module load cuda"), script.index(launchers.preflight_line("python"))
+    srun = next(n for n, line in enumerate(script) if line.startswith("srun "))
+    assert setup < preflight < srun and script[srun].endswith(f"python -u -m submitit.core._submit {tmp_path}/%j")
+    assert not any(tmp_path.iterdir())  # building the script writes nothing
+
+
+def _without_this_venv() -> dict:
+    """This environment with the test's virtualenv off PATH, as a login shell that did not activate it."""
+    venv_bin = str(Path(sys.prefix) / "bin")
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p.rstrip("/") != venv_bin)
+    return {**os.environ, "PATH": path, "VIRTUAL_ENV": ""}
+
+
+@pytest.mark.slurm
+@needs_slurm
+def test_a_slurm_job_whose_python_lacks_the_project_fails_with_the_preflight_line(tmp_path):
+    env = _without_this_venv()
+    python3 = shutil.which("python3", path=env["PATH"])
+    assert python3 and subprocess.run([python3, "-c", "import submitit"], capture_output=True).returncode != 0
+    result = _multirun(tmp_path, "hydra/launcher=slurm", "hydra.launcher.python=python3", env=env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [result.stderr.splitlines()[-1]], result.stderr[-3000:]
+    assert re.fullmatch(
+        rf"error: job \d+: soda preflight on {re.escape(HOST)}: the job's Python {re.escape(python3)} cannot import "
+        rf"the project \(ModuleNotFoundError: No module named '\w+'\); {re.escape(ADVICE)}",
+        errors[0],
+    ), errors[0]
+    assert not (tmp_path / "sweep" / "0").exists()  # the run never started
+
+
+@pytest.mark.slurm
+@needs_slurm
+def test_setup_lines_run_before_the_job_and_can_activate_its_environment(tmp_path):
+    activate = Path(sys.prefix) / "bin" / "activate"
+    assert activate.exists(), f"the tests run in a virtualenv ({sys.prefix} has no bin/activate)"
+    marker = tmp_path / "marker"
+    setup = f"hydra.launcher.setup=['source {activate}','echo setup-ran > {marker}']"
+    result = _multirun(
+        tmp_path,
+        "hydra/launcher=slurm",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.python=python",
+        setup,
+        env=_without_this_venv(),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert marker.read_text() == "setup-ran\n"
+    assert progress.read_result(tmp_path / "sweep" / "0")["epoch"] == 1

@@ -4,6 +4,12 @@ an unknown partition or a request it cannot satisfy) into one line before anythi
 `srun --kill-on-bad-exit` so one failed rank ends the job, and a one-line report naming the rank
 that failed first when a job dies.
 
+Each SLURM job first checks, on its node, that its Python (hydra.launcher.python, else the one
+that submitted it) exists and imports the project (preflight_line); when it does not, the job
+ends with one line saying so, and that line is the launch's error. `hydra.launcher.dry_run=true`
+on the command line shows what would be submitted instead (soda/dryrun.py); a launcher given it
+submits nothing.
+
 Select with `hydra/launcher=local` or `hydra/launcher=slurm` (conf/hydra/launcher/); `local` is
 the default for multiruns, so every job is its own process.
 
@@ -19,9 +25,11 @@ No `from __future__ import annotations` here: Hydra's plugin scan executes this 
 registering it in sys.modules, and dataclasses cannot resolve string annotations then.
 """
 
+import copy
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -41,8 +49,12 @@ from soda.errors import SodaError
 
 log = logging.getLogger(__name__)
 _SET_BY_US: set = set()  # OMP_NUM_THREADS values this module set (so it may set them again)
-_EXECUTOR_INIT_KEYS = ("submitit_folder", "max_num_timeout")
-_OUR_KEYS = ("threads_per_task",)  # handled here, not by submitit
+_EXECUTOR_INIT_KEYS = ("submitit_folder", "max_num_timeout", "python")
+_OUR_KEYS = ("threads_per_task", "dry_run")  # handled here, not by submitit
+# What a SLURM job's preflight line prints when it fails, first (the launcher finds it in the job's log).
+PREFLIGHT = "soda preflight"
+# What a job imports as it unpickles the launcher and runs the task (the project, submitit, this package).
+PREFLIGHT_IMPORTS = "soda, submitit, hydra_plugins.soda_launchers"
 _WARNED: set = set()  # warnings given once per process (warn_about_file_stores)
 POLL_S = 1.0  # how often `launch` looks for jobs that ended
 # How a job that handed back no result was stopped from outside (Ctrl-C, SIGTERM, a preemption's
@@ -77,23 +89,11 @@ class _TrackedLaunch:
         return settings
 
     def _submit_and_wait(self, job_overrides, initial_job_idx):
-        import submitit
-
         from hydra_plugins.soda_launchers import inflight
 
-        init = {f"{self._EXECUTOR}_{key}": self.params[key] for key in _EXECUTOR_INIT_KEYS[1:] if key in self.params}
-        executor = submitit.AutoExecutor(folder=self.params["submitit_folder"], cluster=self._EXECUTOR, **init)
+        executor = make_executor(self._EXECUTOR, self.params)
         if self._EXECUTOR == "local":
             _quiet_controllers(executor)
-        base_keys = set(BaseQueueConf.__dataclass_fields__)
-        executor.update_parameters(
-            **{
-                (key if key in base_keys else f"{self._EXECUTOR}_{key}"): value
-                for key, value in self.params.items()
-                if key not in _EXECUTOR_INIT_KEYS + _OUR_KEYS
-            }
-        )
-        if self._EXECUTOR == "local":
             self._share_cores(len(job_overrides))
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -126,16 +126,24 @@ class _TrackedLaunch:
         waiting = dict(enumerate(jobs))
         while waiting:
             for index, job in list(waiting.items()):
-                if not job.done():
+                done = job.done()
+                # A job its preflight stopped ended, whatever the scheduler says (sacct lags, or
+                # answers nothing on a cluster without accounting: submitit would wait forever).
+                preflight = None if done else _preflight_failure(job)
+                if not done and preflight is None:
                     continue
                 del waiting[index]
-                try:
-                    results[index] = job.results()[0]
-                    ended = None if quiet else _ending(job, results[index])
-                except (FailedJobError, UncompletedJobError) as error:
-                    # submitit's message quotes task 0's streams, often empty when another rank failed.
-                    failures.append(_job_failure(job, error))
-                    ended = None if quiet else _crash(job, error)
+                if preflight is not None:
+                    failures.append(f"job {job.job_id}: {preflight[0]}")
+                    ended = None if quiet else ("failed", *preflight)
+                else:
+                    try:
+                        results[index] = job.results()[0]
+                        ended = None if quiet else _ending(job, results[index])
+                    except (FailedJobError, UncompletedJobError) as error:
+                        # submitit's message quotes task 0's streams, often empty when another rank failed.
+                        failures.append(_job_failure(job, error))
+                        ended = None if quiet else _crash(job, error)
                 if ended is not None:
                     ending, detail, log_path = ended
                     endings.append(ending)
@@ -157,6 +165,64 @@ class _TrackedLaunch:
         if failures:
             raise LauncherError(failures[0])
         return results
+
+
+def make_executor(kind: str, params: dict):
+    """submitit's executor (kind "local" or "slurm") with the launcher's settings (hydra.launcher.*,
+    resolved): what a launch submits through, and what the dry run asks for the scripts it would
+    submit. A SLURM job runs the preflight line after the `setup` lines. Creates nothing on disk."""
+    import submitit
+
+    init = {f"{kind}_{key}": params[key] for key in _EXECUTOR_INIT_KEYS[1:] if key in params}
+    executor = submitit.AutoExecutor(folder=params["submitit_folder"], cluster=kind, **init)
+    base_keys = set(BaseQueueConf.__dataclass_fields__)
+    settings = {
+        (key if key in base_keys else f"{kind}_{key}"): value
+        for key, value in params.items()
+        if key not in _EXECUTOR_INIT_KEYS + _OUR_KEYS
+    }
+    if kind == "slurm":
+        # submitit's python: hydra.launcher.python as given (a shell word), else this interpreter, quoted.
+        settings["slurm_setup"] = [*(params.get("setup") or []), preflight_line(executor._executor.python)]
+    executor.update_parameters(**settings)
+    return executor
+
+
+def preflight_line(python: str) -> str:
+    """The shell line a SLURM job runs before srun: `python` (a shell command, as submitit runs it)
+    must be found and import the project, else the job prints one line (PREFLIGHT, the node, the
+    interpreter as `command -v` finds it, what failed, what to do) to stderr and exits 1. Without it
+    a job whose node lacks the environment ends with submitit's 'has not produced any output'."""
+    imports = shlex.quote(f"import {PREFLIGHT_IMPORTS}")
+    advice = "activate the project's environment in hydra.launcher.setup, or set hydra.launcher.python"
+    return (
+        f"soda_python=({python}); "
+        'if ! soda_found=$(command -v "${soda_python[0]}"); then '
+        'soda_problem="${soda_python[0]} was not found"; '
+        f"elif ! soda_problem=$({python} -c {imports} 2>&1 >/dev/null); then "
+        "soda_problem=\"$soda_found cannot import the project (${soda_problem##*$'\\n'})\"; "
+        "else soda_problem=; fi; "
+        'if [ -n "$soda_problem" ]; then '
+        f'echo "{PREFLIGHT} on $(hostname): the job\'s Python $soda_problem; {advice}" >&2; exit 1; fi'
+    )
+
+
+def submission_script(executor, jobs: int) -> str:
+    """The sbatch script a SLURM executor submits for `jobs` jobs at once: one plain job, or one job
+    array (as submitit's SlurmExecutor submits a map_array of several)."""
+    slurm = copy.copy(executor._executor)
+    if jobs > 1:
+        slurm.parameters = {**slurm.parameters, "map_count": jobs}
+    return slurm._make_submission_file_text(slurm._submitit_command_str, "dry-run")
+
+
+def refuse_a_dry_run(params: dict) -> None:
+    """A launcher never submits with dry_run set: launch.py shows a dry run before any launch."""
+    if params.get("dry_run"):
+        raise LauncherError(
+            "hydra.launcher.dry_run is true, so this launcher submits nothing; for a dry run, give it on a "
+            "multirun's command line: python launch.py -m ... hydra.launcher.dry_run=true"
+        )
 
 
 def _shown_overrides(job_overrides) -> list:
@@ -195,7 +261,10 @@ def _ending(job, result) -> tuple:
 
 def _crash(job, error: Exception) -> tuple:
     """("failed" | "stopped", the exception line of the rank that failed first, that rank's log)
-    for a job that handed back no result."""
+    for a job that handed back no result (or its preflight line, when that stopped it)."""
+    preflight = _preflight_failure(job)
+    if preflight is not None:
+        return "failed", *preflight
     tasks = [job.task(number) for number in range(job.num_tasks)]
     failure = _first_failure([[task.paths.stderr, task.paths.stdout] for task in tasks])
     if failure is not None:
@@ -247,13 +316,34 @@ def _quiet_controllers(executor) -> None:
 
 
 def _job_failure(job, error: Exception) -> str:
-    """One line on a job that ended without a result: the rank that failed first and its log."""
+    """One line on a job that ended without a result: its preflight line when that stopped it, else
+    the rank that failed first and its log."""
+    preflight = _preflight_failure(job)
+    if preflight is not None:
+        return f"job {job.job_id}: {preflight[0]}"
     tasks = [job.task(number) for number in range(job.num_tasks)]
     story = rank_failure([[task.paths.stderr, task.paths.stdout] for task in tasks])
     if story is not None:
         return story if len(tasks) > 1 else story.replace("rank 0 failed", f"job {job.job_id} failed", 1)
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return f"job {job.job_id} ended without a result and no rank logged an error ({first}); logs: {job.paths.folder}"
+
+
+def _preflight_failure(job) -> Optional[tuple]:
+    """(the preflight line, the log holding it) when the job's batch script stopped there, or None.
+    The batch script writes to task 0's logs, and its last line is then the preflight's; only the
+    end of each log is read, as this runs for every waiting job at each poll."""
+    task = job.task(0)
+    for path in (task.paths.stderr, task.paths.stdout):
+        try:
+            with open(path, "rb") as log_file:
+                log_file.seek(max(0, log_file.seek(0, os.SEEK_END) - 4096))
+                lines = log_file.read().decode(errors="replace").splitlines()
+        except OSError:
+            continue
+        if lines and lines[-1].startswith(PREFLIGHT):
+            return lines[-1].strip(), path
+    return None
 
 
 # A rank's error that only says another rank went away (its socket closed, a collective timed out).
@@ -345,31 +435,53 @@ class SodaLocalLauncher(_TrackedLaunch, LocalLauncher):
         """Local jobs share this machine: give each task its share of the cores as its thread
         count (OMP_NUM_THREADS, which the jobs inherit), unless the user chose one. Without it
         every process starts one thread per core and they slow each other down several-fold."""
-        threads = self.params.get("threads_per_task")
-        if threads is None:
-            if "OMP_NUM_THREADS" in os.environ and not _SET_BY_US:
-                return
-            jobs = max(self.jobs_at_once or 1, jobs_in_this_call)
-            tasks = self.params.get("tasks_per_node") or 1
-            threads = max(1, len(os.sched_getaffinity(0)) // (jobs * tasks))
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-        _SET_BY_US.add(str(threads))
+        threads = local_threads(self.params, max(self.jobs_at_once or 1, jobs_in_this_call))
+        if threads is not None:
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+            _SET_BY_US.add(str(threads))
 
     def launch(self, job_overrides, initial_job_idx):
+        refuse_a_dry_run(self.params)
         settings = self._job_settings(job_overrides)
-        _check_ranks(self.params, settings)
-        if (self.params.get("nodes") or 1) != 1:
-            raise LauncherError("hydra/launcher=local runs on this machine: hydra.launcher.nodes must be 1")
+        check_local(self.params, settings)
         return self._submit_and_wait(job_overrides, initial_job_idx)
+
+
+def local_threads(params: dict, jobs_at_once: int) -> Optional[int]:
+    """The thread count of each task of local jobs, `jobs_at_once` of them sharing this machine:
+    hydra.launcher.threads_per_task, else this machine's cores / (jobs x tasks); None when the user
+    set OMP_NUM_THREADS (the jobs inherit it)."""
+    threads = params.get("threads_per_task")
+    if threads is not None:
+        return threads
+    if "OMP_NUM_THREADS" in os.environ and not _SET_BY_US:
+        return None
+    tasks = params.get("tasks_per_node") or 1
+    return max(1, len(os.sched_getaffinity(0)) // (jobs_at_once * tasks))
+
+
+def check_local(params: dict, settings: list) -> None:
+    """What the local launcher refuses before it starts a job."""
+    _check_ranks(params, settings)
+    if (params.get("nodes") or 1) != 1:
+        raise LauncherError("hydra/launcher=local runs on this machine: hydra.launcher.nodes must be 1")
+
+
+def check_slurm(params: dict, settings: list) -> None:
+    """What the SLURM launcher refuses before it submits, but for the partition (partition_check)."""
+    _check_ranks(params, settings)
+    if shutil.which("sbatch") is None:
+        raise LauncherError("hydra/launcher=slurm needs SLURM's sbatch on PATH; run on a cluster login node")
 
 
 class SodaSlurmLauncher(_TrackedLaunch, SlurmLauncher):
     def launch(self, job_overrides, initial_job_idx):
+        refuse_a_dry_run(self.params)
         settings = self._job_settings(job_overrides)
-        _check_ranks(self.params, settings)
-        if shutil.which("sbatch") is None:
-            raise LauncherError("hydra/launcher=slurm needs SLURM's sbatch on PATH; run on a cluster login node")
-        _check_partition(self.params)
+        check_slurm(self.params, settings)
+        problem = partition_check(self.params)
+        if problem is not None:
+            raise LauncherError(problem)
         sweeper = str(OmegaConf.select(self.config, "hydra.sweeper._target_", default=""))
         for job in settings:
             warn_about_file_stores(job.tracking.uri, job.sweep.storage, optuna_sweep="soda_sweeper" in sweeper)
@@ -399,25 +511,24 @@ def warn_about_file_stores(tracking_uri: str, sweep_storage: str, optuna_sweep: 
         log.warning("hydra/launcher=slurm: %s", "; ".join(problems))
 
 
-def _check_partition(params: dict) -> None:
-    """Refuse, before submission, a job the partition (the default one when none is named) can
-    never run: SLURM would accept it and leave it pending forever."""
+def partition_check(params: dict) -> Optional[str]:
+    """What makes the request one the partition (the default one when none is named) can never run,
+    in one line, or None: the launch refuses it before submission, as SLURM would accept it and
+    leave it pending forever."""
     partition = params.get("partition")
     command = ["scontrol", "show", "partition", "--oneliner", *([partition] if partition else [])]
     found = subprocess.run(command, capture_output=True, text=True)
     if found.returncode != 0:
         message = (found.stderr or found.stdout).strip().splitlines()[0]
-        raise LauncherError(f"SLURM: {message} (hydra.launcher.partition={partition}; see `sinfo`)")
+        return f"SLURM: {message} (hydra.launcher.partition={partition}; see `sinfo`)"
     records = scontrol_records(found.stdout)
     if not partition:
         records = [record for record in records if record.get("Default") == "YES"][:1]
     nodes = subprocess.run(["scontrol", "show", "node", "--oneliner"], capture_output=True, text=True)
     if not records or nodes.returncode != 0:
         log.warning("could not read the partition's limits from scontrol; the job is submitted unchecked")
-        return
-    problem = partition_problem(params, records[0], scontrol_records(nodes.stdout))
-    if problem is not None:
-        raise LauncherError(problem)
+        return None
+    return partition_problem(params, records[0], scontrol_records(nodes.stdout))
 
 
 def scontrol_records(text: str) -> list:
@@ -533,6 +644,8 @@ class SodaLocalConf(LocalQueueConf):
     _target_: str = "hydra_plugins.soda_launchers.launchers.SodaLocalLauncher"
     # Threads per task (OMP_NUM_THREADS); null: this machine's cores / (jobs at once x tasks).
     threads_per_task: Optional[int] = None
+    # On the command line: list the jobs and how they would run, start none (soda/dryrun.py).
+    dry_run: bool = False
 
 
 @dataclass
@@ -540,6 +653,10 @@ class SodaSlurmConf(SlurmQueueConf):
     _target_: str = "hydra_plugins.soda_launchers.launchers.SodaSlurmLauncher"
     # If one rank dies, srun stops the others at once instead of leaving them in a collective.
     srun_args: List[str] = field(default_factory=lambda: ["--kill-on-bad-exit=1"])
+    # The job's Python on the node, a shell command; null: the one that submits (sys.executable).
+    python: Optional[str] = None
+    # On the command line: show each job's sbatch script and SLURM's verdict, submit none (soda/dryrun.py).
+    dry_run: bool = False
 
 
 # The launchers' schemas, outside the hydra/launcher group so that they are not offered as its

@@ -1,0 +1,137 @@
+"""`python launch.py -m <overrides> hydra.launcher.dry_run=true`: what a multirun would submit,
+without submitting anything.
+
+Every job is composed and checked as the launch would (soda.config.check_launch, then the
+launcher's own checks). With hydra/launcher=slurm each submission's sbatch script is printed as
+submitit would write it (the launcher's code path, make_executor), followed by SLURM's verdict on
+it from `sbatch --test-only`, which creates no job; then the launcher's check of the request
+against the partition. Under our Optuna sweeper each trial is a submission of its own; under
+Hydra's basic sweeper a batch of jobs is one job array. With hydra/launcher=local the jobs are
+listed with how they would share this machine.
+
+Nothing is written: no sweep directory, no .submitit folder, no MLflow run, no Optuna study.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Sequence
+
+# An override that turns the dry run on (Hydra reads these words as a YAML true).
+_ASKED = re.compile(r"^\+{0,2}hydra\.launcher\.dry_run=(true|yes|on)$", re.IGNORECASE)
+
+
+def main(arguments: Sequence[str]) -> int | None:
+    """The dry run of `python launch.py <arguments>`: its exit status (0 when SLURM would accept
+    every job, 2 with an `error:` line otherwise), or None when the arguments ask for none and the
+    launch goes on. Composition and check errors are raised, as the launch raises them."""
+    if not any(_ASKED.match(argument) for argument in arguments):
+        return None
+    from hydra._internal.utils import get_args_parser
+
+    args = get_args_parser().parse_args(list(arguments))
+    if args.cfg or args.help or args.hydra_help or args.info or args.shell_completion:
+        return None  # those print instead of launching
+    if not args.multirun:
+        return _error(
+            "hydra.launcher.dry_run=true needs -m: a single run runs here, in-process, not through a launcher"
+        )
+    return _dry_run(list(arguments), list(args.overrides))
+
+
+def _dry_run(arguments: list[str], overrides: list[str]) -> int:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.soda_launchers import launchers
+    from soda import config
+
+    jobs = config.check_launch(arguments)
+    # The launcher's settings are the launch's, not a job's: Hydra makes one launcher for the sweep,
+    # from the command line's plain overrides, with launch.py's job name.
+    plain = [o.input_line for o in OverridesParser.create().parse_overrides(overrides) if not o.is_sweep_override()]
+    launch = config.compose_as_launched(arguments, [*plain, "hydra.job.name=launch"])
+    params = {key: value for key, value in OmegaConf.to_container(launch.hydra.launcher, resolve=True).items()}
+    target = str(params.pop("_target_", ""))
+    settings = [config.to_settings(config.without_hydra(config.compose_as_launched(arguments, job))) for job in jobs]
+    sweeper = str(OmegaConf.select(launch, "hydra.sweeper._target_", default=""))
+    shown = launchers._shown_overrides(jobs)
+    print(f"dry run of {len(jobs)} {'trial' if len(jobs) == 1 else 'trials'}: python launch.py {' '.join(arguments)}")
+
+    if "soda_sweeper" in sweeper:  # one launch, so one submission, per trial; sweep.n_jobs in flight
+        submissions = [[number] for number in range(len(jobs))]
+        at_once = settings[0].sweep.n_jobs
+    else:  # Hydra's basic sweeper: its batches (all jobs, unless max_batch_size) are launched at once
+        size = OmegaConf.select(launch, "hydra.sweeper.max_batch_size", default=None) or len(jobs)
+        submissions = [list(range(start, min(start + size, len(jobs)))) for start in range(0, len(jobs), size)]
+        at_once = size
+    if target.endswith("SodaLocalLauncher"):
+        return _local(params, settings, shown, at_once)
+    if target.endswith("SodaSlurmLauncher"):
+        return _slurm(params, settings, shown, submissions, sweeper)
+    return _error(f"hydra.launcher.dry_run=true needs hydra/launcher=local or slurm, not {target}")
+
+
+def _local(params: dict, settings: list, shown: list[str], at_once: int) -> int:
+    from hydra_plugins.soda_launchers import launchers
+
+    launchers.check_local(params, settings)
+    for number, overrides in enumerate(shown):
+        print(f"--- trial {number} of {len(shown)}: {overrides}")
+    at_once = min(at_once, len(shown))
+    tasks = params.get("tasks_per_node") or 1
+    threads = launchers.local_threads(params, at_once)
+    threads_text = "the OMP_NUM_THREADS you set" if threads is None else f"{threads} thread{'s' * (threads != 1)}"
+    print(
+        f"dry run: {len(shown)} trials would run on this machine (hydra/launcher=local), {at_once} at once, "
+        f"each {tasks} {'task' if tasks == 1 else 'tasks'} with {threads_text} (OMP_NUM_THREADS); nothing was started"
+    )
+    return 0
+
+
+def _slurm(params: dict, settings: list, shown: list[str], submissions: list[list[int]], sweeper: str) -> int:
+    from hydra_plugins.soda_launchers import launchers
+
+    launchers.check_slurm(params, settings)
+    for job in settings:
+        launchers.warn_about_file_stores(job.tracking.uri, job.sweep.storage, optuna_sweep="soda_sweeper" in sweeper)
+    executor = launchers.make_executor("slurm", params)
+    total = len(shown)
+    refused: list[tuple[int, str]] = []  # (trials, sbatch's first line) of each refused submission
+    for numbers in submissions:
+        for number in numbers:
+            print(f"--- trial {number} of {total}: {shown[number]}")
+        if len(numbers) > 1:
+            print(f"--- one job array of trials {numbers[0]}-{numbers[-1]}, as Hydra's basic sweeper submits them:")
+        script = launchers.submission_script(executor, len(numbers))
+        print(script.rstrip("\n"))
+        accepted, answer = _test_only(script)
+        print(f"sbatch --test-only {'accepted' if accepted else 'refused'} it: {'; '.join(answer)}")
+        if not accepted:
+            refused.append((len(numbers), answer[0]))
+    problem = launchers.partition_check(params)
+    print(f"the launcher's check of the request against the partition: {problem or 'passed'}")
+    refused_trials = sum(count for count, _ in refused)
+    print(
+        f"dry run: sbatch --test-only accepted {total - refused_trials} of {total} trials in "
+        f"{len(submissions)} {'submission' if len(submissions) == 1 else 'submissions'}; nothing was submitted"
+    )
+    if refused:
+        return _error(f"dry run: sbatch --test-only refused {refused_trials} of {total} trials: {refused[0][1]}")
+    if problem is not None:
+        return _error(f"dry run: the launch would refuse the jobs: {problem}")
+    return 0
+
+
+def _test_only(script: str) -> tuple[bool, list[str]]:
+    """Whether SLURM would accept the sbatch script, and its answer's lines; submits nothing."""
+    answer = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True, timeout=60)
+    lines = [line.strip() for line in (answer.stderr + answer.stdout).splitlines() if line.strip()]
+    return answer.returncode == 0, lines or [f"sbatch exited with status {answer.returncode}"]
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2

@@ -1,0 +1,141 @@
+"""The dry run (soda/dryrun.py): `python launch.py -m ... hydra.launcher.dry_run=true` shows each
+job and, on SLURM, the sbatch script the launch would submit and SLURM's verdict on it (sbatch
+--test-only); it submits nothing and writes nothing. A launcher given dry_run submits nothing."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hydra_plugins.soda_launchers import launchers
+from soda import dryrun
+from tests.helpers import launch
+from tests.support.services import needs_slurm
+
+PREFLIGHT = launchers.preflight_line(shlex.quote(sys.executable))  # launch.py runs under this interpreter
+
+
+def test_a_command_line_without_a_dry_run_goes_on_to_the_launch():
+    assert dryrun.main(["-m", "seed=0,1"]) is None
+    assert dryrun.main(["-m", "seed=0,1", "hydra.launcher.dry_run=false"]) is None
+    assert dryrun.main(["-m", "seed=0,1", "hydra.launcher.dry_run=true", "--cfg", "job"]) is None  # it prints
+
+
+def test_a_dry_run_needs_a_multirun(capsys):
+    assert dryrun.main(["experiment=demo", "hydra.launcher.dry_run=true"]) == 2
+    assert capsys.readouterr().err == (
+        "error: hydra.launcher.dry_run=true needs -m: a single run runs here, in-process, not through a launcher\n"
+    )
+
+
+@pytest.mark.parametrize("launcher", [launchers.SodaLocalLauncher, launchers.SodaSlurmLauncher])
+def test_a_launcher_given_dry_run_submits_nothing(tmp_path, launcher):
+    folder = tmp_path / "sweep" / ".submitit" / "%j"
+    with pytest.raises(launchers.LauncherError, match=r"^hydra.launcher.dry_run is true, so this launcher submits"):
+        launcher(submitit_folder=str(folder), dry_run=True).launch([["seed=0"]], initial_job_idx=0)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.integration
+def test_a_launcher_option_that_sets_dry_run_submits_nothing(tmp_path):
+    # dry_run set by a config file, not the command line: launch.py launches, the launcher refuses.
+    options = tmp_path / "configs" / "hydra" / "launcher"
+    options.mkdir(parents=True)
+    (options / "local_dry.yaml").write_text("defaults:\n  - local\n\ndry_run: true\n")
+    result = launch(
+        ["-m", "experiment=demo", "seed=0,1", "hydra/launcher=local_dry", f"hydra.sweep.dir={tmp_path}/sweep"]
+        + ["--config-dir", str(tmp_path / "configs")],
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1].startswith("error: hydra.launcher.dry_run is true, so this launcher")
+    assert not (tmp_path / "sweep" / ".submitit").exists() and not (tmp_path / "sweep" / "0").exists()
+
+
+def _dry_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """launch.py's dry run of `args`, from an empty folder (which must stay empty)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    result = launch(["-m", "experiment=demo", *args, "hydra.launcher.dry_run=true"], cwd=work, timeout=180)
+    assert not any(work.iterdir()), f"the dry run wrote {sorted(work.rglob('*'))}"
+    return result
+
+
+@pytest.mark.integration
+def test_a_local_dry_run_lists_the_jobs_and_how_they_would_share_this_machine(tmp_path):
+    result = _dry_run(tmp_path, "seed=0,1,2", "hydra/launcher=local", "hydra.launcher.threads_per_task=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert [line for line in lines if line.startswith("---")] == [f"--- trial {n} of 3: seed={n}" for n in range(3)]
+    assert lines[-1] == (
+        "dry run: 3 trials would run on this machine (hydra/launcher=local), 3 at once, each 1 task with 1 thread "
+        "(OMP_NUM_THREADS); nothing was started"
+    )
+
+
+def _our_jobs(tmp_path: Path) -> list[str]:
+    """The jobs SLURM holds that were submitted from under tmp_path."""
+    queue = subprocess.run(["squeue", "-h", "-o", "%i %Z"], capture_output=True, text=True, check=True).stdout
+    return [line for line in queue.splitlines() if str(tmp_path) in line]
+
+
+@pytest.mark.slurm
+@pytest.mark.integration
+@needs_slurm
+def test_a_slurm_dry_run_shows_each_trials_script_and_slurms_verdict_and_submits_nothing(tmp_path):
+    result = _dry_run(tmp_path, "sweep=augment_ablation", "hydra/launcher=slurm")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Our Optuna sweeper submits one trial at a time: a script, and a verdict, per trial.
+    trials = re.split(r"^--- ", result.stdout, flags=re.MULTILINE)[1:]
+    assert len(trials) == 12
+    for number, trial in enumerate(trials):
+        header, *script = trial.splitlines()
+        assert re.fullmatch(rf"trial {number} of 12: augmentation/view@augmentation\.target=\w+ .*seed=[01]", header)
+        assert script[0] == "#!/bin/bash" and "#SBATCH --time=1440" in script and PREFLIGHT in script
+        (verdict,) = [line for line in script if line.startswith("sbatch --test-only")]
+        assert re.fullmatch(
+            r"sbatch --test-only accepted it: sbatch: Job \d+ to start at .* in partition debug", verdict
+        )
+    summary = result.stdout.splitlines()[-2:]
+    assert summary == [
+        "the launcher's check of the request against the partition: passed",
+        "dry run: sbatch --test-only accepted 12 of 12 trials in 12 submissions; nothing was submitted",
+    ]
+    assert _our_jobs(tmp_path) == []
+
+
+@pytest.mark.slurm
+@pytest.mark.integration
+@needs_slurm
+@pytest.mark.parametrize(
+    "args, sbatch_says, we_say",
+    [
+        (
+            ["hydra.launcher.partition=nope"],
+            "sbatch: error: invalid partition specified: nope",
+            "SLURM: Partition nope not found (hydra.launcher.partition=nope; see `sinfo`)",
+        ),
+        (
+            # scripts/slurm-up.sh's `short` partition has MaxTime=10 (and EnforcePartLimits=ALL).
+            ["hydra.launcher.partition=short", "hydra.launcher.timeout_min=20"],
+            "allocation failure: Requested time limit is invalid (missing or exceeds some limit)",
+            "hydra.launcher.timeout_min=20 is above partition short's MaxTime of 00:10:00 (10 minutes; see sinfo)",
+        ),
+    ],
+)
+def test_a_slurm_dry_run_reports_what_sbatch_refuses(tmp_path, args, sbatch_says, we_say):
+    result = _dry_run(tmp_path, "seed=0,1,2", "hydra/launcher=slurm", *args)
+    assert result.returncode == 2, result.stderr[-3000:]
+    # Hydra's basic sweeper submits its jobs as one job array: one script, one verdict.
+    assert result.stdout.count("#!/bin/bash") == 1 and "#SBATCH --array=0-2%3" in result.stdout
+    assert f"sbatch --test-only refused it: {sbatch_says}" in result.stdout
+    assert f"the launcher's check of the request against the partition: {we_say}\n" in result.stdout
+    # The error quotes SLURM's own answer, not only our scontrol-based check.
+    assert result.stderr.splitlines()[-1] == f"error: dry run: sbatch --test-only refused 3 of 3 trials: {sbatch_says}"
+    assert _our_jobs(tmp_path) == []
