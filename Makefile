@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo sweep-demo test test-fast test-all lint format summary bench gpu-check gpu-carry faults table mlflow-ui mlflow-server optuna-dashboard \
-	slurm-up slurm-down postgres-up postgres-down clean
+	slurm-up slurm-down postgres-up postgres-down site clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F '\t' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -22,8 +22,8 @@ install: $(STAMP) ## Create .venv and install the project (editable) with dev to
 demo: install ## Train the demo run: synthetic shapes, tiny model, CPU, offline, a few minutes
 	$(PY) launch.py experiment=demo
 
-sweep-demo: install ## The augmentation ablation on the demo: a grid of 12 small trials, 2 at a time, on this CPU
-	$(PY) launch.py -m sweep=augment_ablation experiment=demo schedule.epochs=2 eval.every=2 eval.at_start=false
+sweep-demo: install ## The augmentation ablation on the demo: a grid of 12 small trials, 2 at a time, on this CPU (no site profile needed)
+	$(PY) launch.py -m sweep=augment_ablation experiment=demo hydra/launcher=local sweep.n_jobs=2 schedule.epochs=2 eval.every=2 eval.at_start=false
 
 test: install ## The whole suite but slow and GPU tests (CPU, about 30 minutes; needs make slurm-up, postgres-up)
 	$(PY) -m pytest -m "not slow and not cuda"
@@ -92,6 +92,11 @@ postgres-up: ## Install (if needed) and start a local PostgreSQL on 127.0.0.1:54
 
 postgres-down: ## Stop the local PostgreSQL
 	bash scripts/postgres-up.sh down
+
+# The site profile launches read after conf/ (every run on this machine or cluster shares it):
+# written from sbatch, scontrol and sacctmgr's answers and the environment, commented, for you to complete.
+site: install ## Write this machine's site profile, conf/site/default.yaml, from SLURM and the environment [SITE=path FORCE=1]
+	$(PY) -m soda.site_init $(if $(SITE),--output '$(SITE)') $(if $(filter 1 yes true,$(FORCE)),--force)
 
 clean: ## Remove caches (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache

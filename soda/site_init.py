@@ -1,0 +1,598 @@
+"""`make site`: write a starting site profile from what this machine says about itself.
+
+    python -m soda.site_init                       # conf/site/default.yaml of the repository
+    python -m soda.site_init --output ~/soda-site.yaml --force
+
+A site profile is one YAML file per machine or cluster, outside the tracked config (conf/site/ is
+git-ignored): the launcher, partition, account, interpreter and stores that every run there
+shares. Launches compose it after conf/'s groups, before the experiment= and sweep= files and the
+command line (soda/site.py); $SODA_SITE names another file, SODA_SITE=none skips it.
+
+Every value written says in its comment where it came from (which command, which variable), and
+what could not be found is written as null or left commented out with the reason, never guessed:
+the file is a start the user reads and completes. Each command gets TIMEOUT_S seconds, so a hung
+slurmctld costs seconds, not the whole command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+from hydra_plugins.soda_launchers.launchers import gres_gpus, scontrol_records, slurm_minutes
+from soda import site
+from soda.files import write_atomically
+from soda.tracking import redact
+
+DEFAULT_OUTPUT = site.DEFAULT_PROFILE
+TIMEOUT_S = 10.0  # per command: a controller that does not answer must not hang `make site`
+WIDTH = 100  # of the comment lines
+DAY_MIN = 1440  # conf/hydra/launcher/slurm.yaml's timeout_min, the most a profile asks for
+
+
+# ---------------------------------------------------------------------------------------------
+# Asking the machine.
+
+
+@dataclass
+class Reply:
+    """One command's answer: its stdout, or why there is none."""
+
+    command: str  # as a user would type it
+    output: str | None  # stdout when it exited 0
+    problem: str | None = None  # e.g. "not on PATH", "timed out after 10 s", "exit 1: <its error>"
+
+
+def ask(*command: str, timeout: float | None = None) -> Reply:
+    """Run `command` with a time limit. The command runs in its own process group, killed whole
+    on timeout: a wrapper script's children would otherwise keep its pipes open, and us waiting."""
+    timeout = TIMEOUT_S if timeout is None else timeout
+    shown = shlex.join(command)
+    if shutil.which(command[0]) is None:
+        return Reply(shown, None, f"{command[0]} is not on PATH")
+    try:
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+    except OSError as error:
+        return Reply(shown, None, f"could not start: {error.strerror or error}")
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        return Reply(shown, None, f"timed out after {timeout:g} s")
+    if process.returncode != 0:
+        said = (stderr.strip() or stdout.strip()).splitlines()
+        return Reply(shown, None, f"exit {process.returncode}: {said[0] if said else 'no message'}")
+    return Reply(shown, stdout)
+
+
+@dataclass
+class Partition:
+    """A partition and the nodes it holds, as `scontrol show partition / node` describe them."""
+
+    name: str
+    default: bool  # Default=YES: where a job that names no partition goes
+    state: str  # UP, DOWN, DRAIN, INACTIVE
+    max_time: str  # as SLURM writes it: UNLIMITED, 2-00:00:00
+    nodes: int
+    cpus: int | None  # per node, of its most common node; None when the nodes were not read
+    mem_mb: int | None  # RealMemory of that node
+    gpus: int | None  # GPUs (Gres) of that node
+    like_it: int = 0  # how many of the nodes are like that node (the rest differ)
+    gres: str = ""  # that node's Gres, as scontrol writes it
+    max_cpus_per_node: str = "UNLIMITED"
+    def_mem: str = "UNLIMITED"  # DefMemPerNode: what a job without --mem gets
+
+    @property
+    def usable_cpus(self) -> int | None:
+        cap = self.max_cpus_per_node
+        return min(self.cpus, int(cap)) if self.cpus is not None and cap.isdigit() else self.cpus
+
+
+def read_partitions(partition_text: str, node_text: str | None) -> list[Partition]:
+    """The partitions of `scontrol show partition --oneliner`, each with the shape (CPUs, memory,
+    GPUs) of most of its nodes from `scontrol show node --oneliner` (None: no node records)."""
+    nodes = scontrol_records(node_text or "")
+    partitions = []
+    for record in scontrol_records(partition_text):
+        name = record.get("PartitionName", "?")
+        members = [node for node in nodes if name in node.get("Partitions", "").split(",")]
+        shapes = {id(node): _shape(node) for node in members}
+        counts = Counter(shapes.values())
+        # The most common node, and of equally common ones the biggest: what a job is sized for.
+        shape, like_it = max(counts.items(), key=lambda item: (item[1], item[0]), default=((None,) * 3, 0))
+        gpus, cpus, mem_mb = shape
+        gres = next((node.get("Gres", "") for node in members if shapes[id(node)] == shape), "")
+        partitions.append(
+            Partition(
+                name=name,
+                default=record.get("Default") == "YES",
+                state=record.get("State", "?"),
+                max_time=record.get("MaxTime", "UNLIMITED"),
+                nodes=len(members) or int(record.get("TotalNodes") or 0),
+                cpus=cpus,
+                mem_mb=mem_mb,
+                gpus=gpus,
+                like_it=like_it,
+                gres=gres,
+                max_cpus_per_node=record.get("MaxCPUsPerNode", "UNLIMITED"),
+                def_mem=record.get("DefMemPerNode", "UNLIMITED"),
+            )
+        )
+    return partitions
+
+
+def _shape(node: dict) -> tuple:
+    """(GPUs, CPUs, memory in MB) of a `scontrol show node` record."""
+    cpus = node.get("CPUEfctv") or node.get("CPUTot") or 0  # CPUEfctv: without the CPUs slurmd keeps
+    return gres_gpus(node.get("Gres", "")), int(cpus), int(node.get("RealMemory") or 0)
+
+
+def config_values(text: str) -> dict:
+    """`scontrol show config`'s `Key = Value` lines as a dict."""
+    pairs = (line.split("=", 1) for line in text.splitlines() if " = " in line)
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+@dataclass
+class Machine:
+    """What `make site` found: the command answers and the environment the profile is made from."""
+
+    host: str
+    when: str
+    sbatch: Reply
+    config: Reply | None = None  # scontrol show config
+    partitions: Reply | None = None
+    nodes: Reply | None = None
+    account: Reply | None = None  # sacctmgr's default account of `user`
+    user: str = ""
+    venv: Path | None = None  # the virtualenv this command runs in
+    python: str = sys.executable
+    environment: dict = field(default_factory=dict)  # the variables a profile value may come from
+
+    @property
+    def slurm(self) -> bool:
+        return self.sbatch.output is not None
+
+    @property
+    def cluster_config(self) -> dict:
+        return config_values(self.config.output) if self.config and self.config.output else {}
+
+    @property
+    def partition_list(self) -> list[Partition]:
+        if not self.partitions or self.partitions.output is None:
+            return []
+        return read_partitions(self.partitions.output, self.nodes.output if self.nodes else None)
+
+    def replies(self) -> list[Reply]:
+        return [r for r in (self.sbatch, self.config, self.partitions, self.nodes, self.account) if r is not None]
+
+
+ENVIRONMENT = ("SODA_DATA", "SODA_TRACKING_URI", "MLFLOW_TRACKING_URI", "SODA_SWEEP_STORAGE")
+
+
+def survey() -> Machine:
+    """Ask this machine: SLURM's commands (only when sbatch answers), the virtualenv, the
+    environment variables a profile value may come from."""
+    machine = Machine(
+        host=socket.gethostname(),
+        when=datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        sbatch=ask("sbatch", "--version"),
+        venv=Path(sys.prefix) if sys.prefix != sys.base_prefix else None,
+        python=sys.executable,
+        environment={name: os.environ[name] for name in ENVIRONMENT if os.environ.get(name)},
+    )
+    if machine.slurm:
+        machine.config = ask("scontrol", "show", "config")
+        machine.partitions = ask("scontrol", "show", "partition", "--oneliner")
+        machine.nodes = ask("scontrol", "show", "node", "--oneliner")
+        machine.user = os.environ.get("USER") or getpass.getuser()  # $USER is unset under some shells (root, cron)
+        machine.account = ask("sacctmgr", "-nP", "show", "user", machine.user, "format=DefaultAccount")
+    return machine
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the profile.
+
+
+def scalar(value) -> str:
+    """`value` as a YAML scalar that loads back as itself: plain when it can be, else quoted
+    (a string like `yes`, `1440` or `a: b` would load as something else)."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return json.dumps(value)
+    text = str(value)
+    try:
+        plain = yaml.safe_load(text) == text and " #" not in text and "\n" not in text
+    except yaml.YAMLError:
+        plain = False
+    return text if plain else json.dumps(text)
+
+
+class Writer:
+    """The profile's lines. A value line's comment goes on its right, aligned with those of the
+    lines around it (a block: the lines between two blank lines)."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str | None]] = []  # (text, comment on its right)
+
+    def comment(self, text: str, indent: int = 0, wrap: bool = True) -> None:
+        """Comment lines, each of `text`'s lines wrapped at WIDTH (a reason quoting an error can be
+        long), but for `wrap=False` (YAML shown as an example, a table)."""
+        for line in text.splitlines() or [""]:
+            wrapped = textwrap.wrap(line, WIDTH - indent - 2, break_on_hyphens=False) if wrap else [line]
+            wrapped = wrapped or [""]
+            # A wrapped line of an indented list goes on further in; prose straight below.
+            leading = len(line) - len(line.lstrip())
+            continued = " " * (leading + 2) if leading else ""
+            for number, part in enumerate(wrapped):
+                part = part if number == 0 else continued + part
+                self.lines.append((" " * indent + ("# " + part).rstrip(), None))
+
+    def line(self, text: str, comment: str | None = None, indent: int = 0) -> None:
+        self.lines.append((" " * indent + text, comment))
+
+    def blank(self) -> None:
+        self.lines.append(("", None))
+
+    def text(self) -> str:
+        out, block = [], []
+
+        def flush() -> None:
+            width = max((len(text) for text, comment in block if comment), default=0)
+            out.extend(f"{text:<{width}}  # {comment}" if comment else text for text, comment in block)
+            block.clear()
+
+        for text, comment in self.lines:
+            if not text.strip():
+                flush()
+                out.append(text)
+            else:
+                block.append((text, comment))
+        flush()
+        return "\n".join(out) + "\n"
+
+
+def render(machine: Machine) -> str:
+    """The profile's text: valid YAML whose every value names its source in a comment."""
+    out = Writer()
+    _header(out, machine)
+    out.blank()
+    out.line("defaults:")
+    _launcher_choice(out, machine)
+    tracking_env = _tracking_source(machine)
+    if tracking_env and _is_server(machine.environment[tracking_env]):
+        out.line("- override /tracking: server", f"an MLflow server: ${tracking_env} is http(s)", indent=2)
+    else:
+        out.comment(
+            "- override /tracking: server  # a shared MLflow server (set tracking.uri below)", indent=2, wrap=False
+        )
+    out.blank()
+    if machine.slurm:
+        _slurm_launcher(out, machine)
+    else:
+        _commented_slurm_launcher(out)
+    out.blank()
+    _stores(out, machine)
+    return out.text()
+
+
+def _header(out: Writer, machine: Machine) -> None:
+    asked = "\n".join(f"  {reply.command}" for reply in machine.replies())
+    asked += "" if machine.slurm else " (no SLURM: nothing else asked)"
+    variables = ", ".join(f"${name}" for name in ENVIRONMENT)
+    out.line("# @package _global_")
+    out.comment(
+        f"The site profile of {machine.host}: how SODA's jobs run on this machine or cluster (launcher, "
+        "partition, account, interpreter), where runs are tracked, sweeps stored and datasets read.\n"
+        f"Written by `make site` (python -m soda.site_init) on {machine.when} on {machine.host}, from:\n"
+        f"{asked}\n"
+        f"  the virtualenv of the command ({machine.python}) and {variables}\n"
+        "Each value's comment names its source; what could not be found is null or commented out.\n"
+        "\n"
+        "Composed after conf/ (config.yaml and its groups), before the experiment= and sweep= files and "
+        "the command line, which override it (a launcher named on the command line starts from conf/'s "
+        "settings, not these). Read from $SODA_SITE (a path), else conf/site/default.yaml "
+        "(git-ignored: it describes this machine, not the experiment).\n"
+        "  check it:                python launch.py -m sweep=augment_ablation hydra.launcher.dry_run=true\n"
+        "  one command without it:  SODA_SITE=none python launch.py ...\n"
+        "  write it again:          make site FORCE=1"
+    )
+
+
+def _launcher_choice(out: Writer, machine: Machine) -> None:
+    if machine.slurm:
+        cluster = machine.cluster_config.get("ClusterName")
+        where = (
+            f"cluster {cluster}, scontrol show config"
+            if cluster
+            else f"the cluster's name is unknown: {machine.config.command} {_why(machine.config)}"
+        )
+        out.comment(
+            f"SLURM answers here (sbatch --version: {machine.sbatch.output.strip()}; {where}): a multirun "
+            "becomes a job array, each job on the partition below.",
+            indent=2,
+        )
+        out.line("- override /hydra/launcher: slurm", indent=2)
+        return
+    if machine.sbatch.problem and machine.sbatch.problem.endswith("not on PATH"):
+        out.comment("sbatch was not found on PATH, so jobs run on this machine (submitit's local executor).", indent=2)
+    else:
+        out.comment(f"sbatch is on PATH but `sbatch --version` failed ({machine.sbatch.problem}),", indent=2)
+        out.comment("so jobs run on this machine; fix SLURM and run `make site FORCE=1` again.", indent=2)
+    out.line("- override /hydra/launcher: local", indent=2)
+
+
+def _slurm_launcher(out: Writer, machine: Machine) -> None:
+    """hydra.launcher for SLURM, sized for a node of the default partition."""
+    partitions = machine.partition_list
+    chosen = next((p for p in partitions if p.default), partitions[0] if partitions else None)
+    out.line("hydra:")
+    out.line("launcher:", indent=2)
+
+    # The partition, with the others to choose from.
+    if chosen is None:
+        out.comment(f"{machine.partitions.command} {_why(machine.partitions)}: set the partition and sizes.", 4)
+        out.line("partition: null", "unknown: scontrol listed no partitions (above)", 4)
+    else:
+        out.comment("The partitions (scontrol show partition / node; * = the default):", 4)
+        for p in partitions:
+            out.comment(f"  {_partition_line(p)}", 4, wrap=False)
+        why = "the default partition (Default=YES)" if chosen.default else "none is the default: the first listed"
+        out.line(f"partition: {scalar(chosen.name)}", why, 4)
+    account = _account(machine)
+    if account is None and machine.account.problem:
+        out.comment(f"{machine.account.command}: {machine.account.problem}{_accounting_off(machine)}.", 4)
+    out.line(f"account: {scalar(account)}", _account_comment(machine), 4)
+    out.line("qos: null", "null: the account's default QOS", 4)
+
+    # The job's size: one DDP rank per GPU, sharing the node's CPUs.
+    if chosen is None or chosen.cpus is None:
+        if chosen is not None:
+            out.comment(f"{machine.nodes.command} {_why(machine.nodes)}: set the sizes of a job.", 4)
+        unknown = "unknown: scontrol described no nodes (above); set it"
+        out.line("gpus_per_node: null", unknown, 4)
+        out.line("tasks_per_node: 1", "one DDP rank per GPU: must equal gpus_per_node", 4)
+        out.line("cpus_per_task: null", unknown, 4)
+        out.line("mem_gb: null", "null: the partition's default memory per node (DefMemPerNode)", 4)
+    else:
+        gpus, cpus = chosen.gpus, chosen.usable_cpus
+        tasks = gpus or 1
+        cap = f" (MaxCPUsPerNode={chosen.max_cpus_per_node} of its {chosen.cpus})" if cpus != chosen.cpus else ""
+        out.comment(
+            f"Sized for a node of {chosen.name}: {cpus} CPUs{cap}, {chosen.mem_mb // 1024} GB "
+            f"(RealMemory={chosen.mem_mb} MB), {_plural(gpus, 'GPU') if gpus else 'no GPUs'} (Gres={chosen.gres})"
+            + ("." if chosen.like_it == chosen.nodes else f"; {chosen.like_it} of its {chosen.nodes} nodes are so."),
+            4,
+        )
+        out.line(f"gpus_per_node: {scalar(gpus or None)}", f"the node's GPUs{'' if gpus else ': none'}", 4)
+        out.line(f"tasks_per_node: {tasks}", "one DDP rank per GPU: must equal gpus_per_node", 4)
+        out.line(
+            f"cpus_per_task: {max(1, cpus // tasks)}",
+            f"the node's {cpus} CPUs / {_plural(tasks, 'task')}: one job per node at a time",
+            4,
+        )
+        out.line("mem_gb: null", f"null: DefMemPerNode ({chosen.def_mem}); the node has {chosen.mem_mb // 1024} GB", 4)
+    if chosen is None:
+        out.line(f"timeout_min: {DAY_MIN}", "a day; the partition's MaxTime is unknown", 4)
+    else:
+        limit = slurm_minutes(chosen.max_time)
+        timeout = DAY_MIN if limit is None else min(int(limit), DAY_MIN)
+        why = f"a day, within {chosen.name}'s MaxTime" if timeout == DAY_MIN else f"{chosen.name}'s MaxTime"
+        out.line(f"timeout_min: {timeout}", f"{why} ({chosen.max_time})", 4)
+
+    # The interpreter on the nodes.
+    if machine.venv is not None:
+        out.comment(
+            f"This command ran in the virtualenv {machine.venv}: each job activates it (the nodes must "
+            "see that path) and runs its python.",
+            4,
+        )
+        out.line("python: python", "the one setup puts on PATH", 4)
+        out.line("setup:", "shell lines before the job", 4)
+        out.line(f"- {scalar('source ' + shlex.quote(str(machine.venv / 'bin' / 'activate')))}", indent=6)
+    else:
+        out.comment(f"No virtualenv: each job runs {machine.python}; the nodes must see it at that path.", 4)
+        out.line("python: null", "null: the submitting interpreter", 4)
+        out.line("setup: []", 'shell lines before the job, e.g. ["module load cuda"]', 4)
+    out.line("additional_parameters: {}", "any other sbatch option, e.g. {mail-type: END}", 4)
+
+
+def _commented_slurm_launcher(out: Writer) -> None:
+    out.comment("On a SLURM cluster (`override /hydra/launcher: slurm` above; `make site` fills these there):")
+    out.comment(
+        "hydra:\n"
+        "  launcher:\n"
+        "    partition: gpu\n"
+        "    account: null\n"
+        "    gpus_per_node: 4\n"
+        "    tasks_per_node: 4      # one DDP rank per GPU: must equal gpus_per_node\n"
+        "    cpus_per_task: 8\n"
+        "    mem_gb: null\n"
+        "    timeout_min: 1440\n"
+        "    python: null           # null: the submitting interpreter; python: the one setup puts on PATH\n"
+        "    setup:\n"
+        "      - source /path/to/.venv/bin/activate\n"
+        "    additional_parameters: {}",
+        wrap=False,
+    )
+
+
+def _stores(out: Writer, machine: Machine) -> None:
+    """data_root, tracking and sweep: from the environment when set there, else commented examples."""
+    env = machine.environment
+    if "SODA_DATA" in env:
+        out.line(f"data_root: {scalar(env['SODA_DATA'])}", "from $SODA_DATA; datasets live in <data_root>/<name>")
+    else:
+        out.comment(
+            "data_root: /shared/datasets  # datasets live in <data_root>/<name>; default $SODA_DATA, else ./data",
+            wrap=False,
+        )
+    out.blank()
+    tracking_env = _tracking_source(machine)
+    if tracking_env:
+        out.line("tracking:")
+        out.line(f"uri: {scalar(env[tracking_env])}", f"from ${tracking_env}", indent=2)
+    else:
+        out.comment("An MLflow server shared by all jobs (with `override /tracking: server` above):")
+        out.comment("tracking:\n  uri: http://host:5000", wrap=False)
+    out.blank()
+    if "SODA_SWEEP_STORAGE" in env:
+        out.line("sweep:")
+        out.line(f"storage: {scalar(env['SODA_SWEEP_STORAGE'])}", "from $SODA_SWEEP_STORAGE: the Optuna storage", 2)
+        out.comment("n_jobs: 12  # trials in flight at once", indent=2, wrap=False)
+    else:
+        out.comment("Optuna's storage, a database every trial can reach, and the trials in flight at once:")
+        out.comment("sweep:\n  storage: postgresql://user@host:5432/optuna\n  n_jobs: 12", wrap=False)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _partition_line(p: Partition) -> str:
+    name = f"{p.name}{'*' if p.default else ''}"
+    if p.cpus is None:
+        shape = "nodes unknown"
+    else:
+        gpus = _plural(p.gpus, "GPU") if p.gpus else "no GPUs"
+        shape = f"{p.cpus} CPUs, {p.mem_mb // 1024} GB, {gpus}"
+        shape += f" ({p.like_it} of them)" if p.like_it != p.nodes else ""
+    nodes = _plural(p.nodes, "node")
+    return f"{name:<12} {p.state.lower():<5} MaxTime {p.max_time:<11} {nodes}: {shape}"
+
+
+def _account(machine: Machine) -> str | None:
+    reply = machine.account
+    if reply is None or reply.output is None:
+        return None
+    return reply.output.strip().splitlines()[0].strip() if reply.output.strip() else None
+
+
+def _account_comment(machine: Machine) -> str:
+    if _account(machine) is not None:
+        return f"{machine.user}'s default account (sacctmgr)"
+    if machine.account.output is not None:
+        return f"could not tell: sacctmgr knows no default account of {machine.user}; set it if jobs need one"
+    return "could not tell (above); set it if jobs need one"
+
+
+def _accounting_off(machine: Machine) -> str:
+    """Why sacctmgr cannot answer, when scontrol says: no accounting database."""
+    storage = machine.cluster_config.get("AccountingStorageType", "")
+    return f"; accounting is off (AccountingStorageType={storage})" if storage.endswith("/none") else ""
+
+
+def _tracking_source(machine: Machine) -> str | None:
+    return next((n for n in ("SODA_TRACKING_URI", "MLFLOW_TRACKING_URI") if n in machine.environment), None)
+
+
+def _is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def _why(reply: Reply | None) -> str:
+    return f"gave no answer ({reply.problem})" if reply is not None and reply.problem else "gave no answer"
+
+
+# ---------------------------------------------------------------------------------------------
+# What the user reads.
+
+
+def summary(machine: Machine, output: Path) -> str:
+    """A few lines: what was found, what was written where, what to check."""
+    lines, check = [], []
+    if machine.slurm:
+        cluster = machine.cluster_config.get("ClusterName", "(name unknown)")
+        partitions = machine.partition_list
+        lines.append(f"SLURM: cluster {cluster}, {machine.sbatch.output.strip()}; partitions (* = default):")
+        lines += [f"  {_partition_line(p)}" for p in partitions]
+        if not partitions:
+            lines.append(f"  none read: {machine.partitions.command} {_why(machine.partitions)}")
+            check.append("partition, gpus_per_node, cpus_per_task (scontrol gave no partitions)")
+        elif machine.nodes.output is None:
+            check.append(f"gpus_per_node, cpus_per_task ({machine.nodes.command} {_why(machine.nodes)})")
+        account = _account(machine)
+        if account:
+            lines.append(f"account: {account} ({_account_comment(machine)})")
+        elif machine.account.problem:
+            lines.append(
+                f"account: null; {machine.account.command}: {machine.account.problem}{_accounting_off(machine)}"
+            )
+        else:
+            lines.append(f"account: null; {_account_comment(machine)}")
+        if account is None:
+            check.append("account (sacctmgr gave none): fill it in if your cluster needs one")
+    else:
+        lines.append(f"no SLURM (sbatch: {machine.sbatch.problem}): jobs run on this machine (hydra/launcher=local)")
+    if machine.slurm:
+        lines.append(
+            f"python: the virtualenv {machine.venv}, activated by setup (the nodes must see it)"
+            if machine.venv
+            else f"python: {machine.python} (no virtualenv; the nodes must see it at that path)"
+        )
+    env = machine.environment
+    found = [f"{name}={redact(env[name])}" for name in ENVIRONMENT if name in env]
+    lines.append(f"from the environment: {', '.join(found)}" if found else "from the environment: nothing")
+    missing = [
+        key
+        for key, known in (
+            ("data_root", "SODA_DATA" in env),
+            ("tracking.uri", _tracking_source(machine) is not None),
+            ("sweep.storage", "SODA_SWEEP_STORAGE" in env),
+        )
+        if not known
+    ]
+    if missing:
+        check.append(f"{', '.join(missing)}: commented-out examples; fill in the shared ones")
+    lines.append(f"wrote {output}")
+    lines += [f"check: {item}" for item in check]
+    lines.append("then: python launch.py -m sweep=augment_ablation hydra.launcher.dry_run=true")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m soda.site_init", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--output", type=Path, default=DEFAULT_OUTPUT, help=f"where to write (default: {DEFAULT_OUTPUT})"
+    )
+    parser.add_argument("--force", action="store_true", help="replace the file when it exists")
+    args = parser.parse_args(argv)
+    output = args.output.expanduser().absolute()
+    if output.exists() and not args.force:
+        print(f"error: {output} exists; keep it, or replace it with --force (make site FORCE=1)", file=sys.stderr)
+        return 2
+    machine = survey()
+    text = render(machine)
+    secret = any(redact(value) != value for name, value in os.environ.items() if name in ENVIRONMENT)
+    try:
+        write_atomically(output, lambda handle: handle.write(text.encode()))
+        if secret:  # a store URL with its password: the profile is its owner's alone
+            output.chmod(0o600)
+    except OSError as error:
+        print(f"error: cannot write {output}: {error.strerror or error}", file=sys.stderr)
+        return 2
+    print(summary(machine, output))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
