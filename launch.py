@@ -108,11 +108,11 @@ if __name__ == "__main__":
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
         _check_a_shown_config()
-        dry_run = dryrun.main(sys.argv[1:])  # hydra.launcher.dry_run=true: show, check, submit nothing
-        if dry_run is not None:
-            sys.exit(dry_run)
         if not _show_hydra_config():
             _say_where_the_jobs_run()
+            dry_run = dryrun.main(sys.argv[1:])  # hydra.launcher.dry_run=true: show, check, submit nothing
+            if dry_run is not None:
+                sys.exit(dry_run)
             main()
     except SodaError as error:
         print(f"error: {_one_line(error)}", file=sys.stderr)

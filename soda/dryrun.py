@@ -14,6 +14,7 @@ Nothing is written: no sweep directory, no .submitit folder, no MLflow run, no O
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import sys
@@ -34,6 +35,9 @@ def main(arguments: Sequence[str]) -> int | None:
     args = get_args_parser().parse_args(list(arguments))
     if args.cfg or args.help or args.hydra_help or args.info or args.shell_completion:
         return None  # those print instead of launching
+    # The launchers' warnings (a file store on a cluster, say): as one line each, the way a launch
+    # shows them, not through Python's bare fallback handler.
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
     if not args.multirun:
         return _error(
             "hydra.launcher.dry_run=true needs -m: a single run runs here, in-process, not through a launcher"
