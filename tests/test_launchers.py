@@ -11,6 +11,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -579,3 +580,45 @@ def test_setup_lines_run_before_the_job_and_can_activate_its_environment(tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     assert marker.read_text() == "setup-ran\n"
     assert progress.read_result(tmp_path / "sweep" / "0")["epoch"] == 1
+
+
+@pytest.mark.slurm
+@needs_slurm
+def test_a_slurm_job_cancelled_from_outside_ends_the_launch_without_accounting(tmp_path):
+    """The test cluster has no accounting: submitit, which sees a job end by its result file or by
+    sacct, would wait forever for a job cancelled before it wrote one. scontrol tells the launch."""
+    command = [
+        sys.executable,
+        str(Path(launchers.__file__).resolve().parents[2] / "launch.py"),
+        "-m",
+        "experiment=demo",
+        *SMOKE,
+        "schedule.epochs=500",  # runs until cancelled
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"tracking.artifact_location={tmp_path}/artifacts",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        "hydra/launcher=slurm",
+        "hydra.launcher.cpus_per_task=1",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        job = None
+        for _ in range(120):
+            running = subprocess.run(["squeue", "-h", "-o", "%i %T %o"], capture_output=True, text=True).stdout
+            job = next((line.split()[0] for line in running.splitlines() if str(tmp_path) in line), None)
+            if job is not None and " RUNNING " in running:
+                break
+            time.sleep(0.5)
+        assert job is not None, "the job was never seen running"
+        subprocess.run(["scancel", job], check=True)
+        cancelled = time.monotonic()
+        stdout, stderr = process.communicate(timeout=90)
+        waited = time.monotonic() - cancelled
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 2, stderr[-3000:]
+    assert waited < 60  # two looks at scontrol, SCONTROL_EVERY_S apart
+    assert re.search(
+        rf"\t#0 [^\n]*: stopped after \w+: job {job} ended \(CANCELLED\) without a result", stdout + stderr
+    )

@@ -61,10 +61,27 @@ POLL_S = 1.0  # how often `launch` looks for jobs that ended
 # exit, a cancel), by the exception line of its log or by its scheduler state.
 _STOPPED_LINE = re.compile(r"^(KeyboardInterrupt|(soda\.errors\.)?Terminated|SystemExit: preempted)\b")
 _STOPPED_STATES = ("CANCELLED", "INTERRUPTED", "PREEMPTED", "NODE_FAIL", "DEADLINE")
+# A SLURM job in one of these states has ended (its result file, if any, is written).
+_ENDED_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+SCONTROL_EVERY_S = 10.0  # how often `launch` asks scontrol about a SLURM job submitit has not seen end
 
 
 class LauncherError(SodaError):
     pass
+
+
+def _sacct_warning_once(record: logging.LogRecord) -> bool:
+    """submitit warns at every status poll when sacct fails (a cluster without accounting); say it once."""
+    if "Bypassing sacct error" not in record.getMessage():
+        return True
+    # One record kept, however often this module is loaded (Hydra's plugin scan, an import) and so
+    # however many copies of this filter the logger holds.
+    said = logging.getLogger("submitit").__dict__.setdefault("_soda_said", {})
+    return said.setdefault("sacct", id(record)) == id(record)
+
+
+if _sacct_warning_once not in logging.getLogger("submitit").filters:
+    logging.getLogger("submitit").addFilter(_sacct_warning_once)
 
 
 class _TrackedLaunch:
@@ -124,6 +141,8 @@ class _TrackedLaunch:
         started = time.monotonic()
         results, endings, failures = [None] * len(jobs), [], []
         waiting = dict(enumerate(jobs))
+        asked: dict = {}  # job index -> when scontrol was last asked about it
+        seen_ended: dict = {}  # job index -> whether scontrol said it ended at the last look
         while waiting:
             for index, job in list(waiting.items()):
                 done = job.done()
@@ -131,13 +150,26 @@ class _TrackedLaunch:
                 # answers nothing on a cluster without accounting: submitit would wait forever).
                 preflight = None if done else _preflight_failure(job)
                 if not done and preflight is None:
-                    continue
+                    # submitit sees a job end by its result file, or by sacct: one that ended without
+                    # a result (cancelled, killed) on a cluster whose sacct does not answer would be
+                    # waited for forever. Ask scontrol now and then.
+                    if time.monotonic() - asked.get(index, started) < SCONTROL_EVERY_S:
+                        continue
+                    asked[index] = time.monotonic()
+                    ended_before, seen_ended[index] = seen_ended.get(index, False), _ended_per_scontrol(job) is not None
+                    # Ended at two looks in a row: a result file written at the end has had
+                    # SCONTROL_EVERY_S to appear on this host (network file systems lag).
+                    if not (ended_before and seen_ended[index]):
+                        continue
                 del waiting[index]
                 if preflight is not None:
                     failures.append(f"job {job.job_id}: {preflight[0]}")
                     ended = None if quiet else ("failed", *preflight)
                 else:
                     try:
+                        if not done:  # scontrol saw it end; submitit's results() would wait on
+                            state = job._soda_final_state
+                            raise UncompletedJobError(f"job {job.job_id} ended ({state}) without a result")
                         results[index] = job.results()[0]
                         ended = None if quiet else _ending(job, results[index])
                     except (FailedJobError, UncompletedJobError) as error:
@@ -272,10 +304,12 @@ def _crash(job, error: Exception) -> tuple:
         line = line if len(tasks) == 1 else f"{line} ({who})"
     else:
         line, log_path = (str(error).strip().splitlines() or [type(error).__name__])[0], tasks[0].paths.stdout
-    try:
-        state = str(job.state).split()[0].upper()
-    except Exception:  # a scheduler that cannot be asked now: the log decides
-        state = ""
+    state = getattr(job, "_soda_final_state", None)  # scontrol's, when sacct could not tell
+    if state is None:
+        try:
+            state = str(job.state).split()[0].upper()
+        except Exception:  # a scheduler that cannot be asked now: the log decides
+            state = ""
     stopped = bool(_STOPPED_LINE.search(line)) or state in _STOPPED_STATES
     return ("stopped" if stopped else "failed"), line, log_path
 
@@ -327,6 +361,30 @@ def _job_failure(job, error: Exception) -> str:
         return story if len(tasks) > 1 else story.replace("rank 0 failed", f"job {job.job_id} failed", 1)
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return f"job {job.job_id} ended without a result and no rank logged an error ({first}); logs: {job.paths.folder}"
+
+
+def _ended_per_scontrol(job) -> Optional[str]:
+    """A SLURM job's final state as scontrol shows it (kept as job._soda_final_state), or None
+    while it has not ended, for a local job, or when scontrol cannot tell. A job the controller
+    has already forgotten (MinJobAge) has ended: "ENDED"."""
+    from submitit.slurm.slurm import SlurmJob
+
+    if not isinstance(job, SlurmJob):
+        return None
+    try:
+        shown = subprocess.run(
+            ["scontrol", "show", "job", str(job.job_id), "--oneliner"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if shown.returncode != 0:
+        state = "ENDED" if "Invalid job id" in shown.stderr else None
+    else:
+        found = re.search(r"\bJobState=(\w+)", shown.stdout)
+        state = found[1] if found and found[1] in _ENDED_STATES else None
+    if state is not None:
+        job._soda_final_state = state
+    return state
 
 
 def _preflight_failure(job) -> Optional[tuple]:
