@@ -509,39 +509,17 @@ def compose_as_launched(arguments: Sequence[str], overrides: Sequence[str] | Non
 def sweep_jobs(params: dict[str, Any], arguments: Sequence[str]) -> list[list[str]]:
     """Each job of a sweep as its overrides: every combination of the values of the sweep's
     params (hydra.sweeper.params, from a sweep file) and of the sweep overrides among `arguments`
-    (`seed=0,1,2`, `choice(...)`, `range(...)`). An interval(...) has no finite set of points: it
-    contributes its lower end. As in the sweepers, a plain value on the command line pins a
-    parameter the params vary, and a sweep on the command line replaces it."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+    (`seed=0,1,2`, `choice(...)`, `range(...)`), parsed as the sweeper parses them (its
+    search_space: a plain value on the command line pins a parameter the params vary, and a sweep
+    there replaces it). An interval(...) has no finite set of points: it contributes its lower end."""
+    from hydra_plugins.soda_sweeper.search_space import override_value, parse_space
 
-    lines = [f"{key}={_override_text(value)}" for key, value in params.items()] + list(arguments)
-    axes: dict[str, list[str]] = {}
-    fixed: list[str] = []
-    for override in OverridesParser.create().parse_overrides(lines):
-        key = override.get_key_element()
-        axes.pop(key, None)
-        if not override.is_sweep_override():
-            fixed.append(override.input_line)
-        elif isinstance(override.value(), ChoiceSweep | RangeSweep):
-            axes[key] = list(override.sweep_string_iterator())
-        elif isinstance(override.value(), IntervalSweep):
-            interval = override.value()
-            axes[key] = [repr(int(interval.start) if "int" in interval.tags else float(interval.start))]
-        else:  # glob(...), whose options only the sweeper lists
-            raise ConfigError(
-                f"{override.input_line}: a sweep is checked over choice(...), range(...) or interval(...)"
-            )
+    dimensions, fixed = parse_space(params, list(arguments))
+    axes = {name: dim.grid if dim.grid is not None else [dim.distribution.low] for name, dim in dimensions.items()}
     return [
-        [*fixed, *(f"{k}={v}" for k, v in zip(axes, point, strict=True))] for point in itertools.product(*axes.values())
+        [*fixed, *(f"{name}={override_value(value)}" for name, value in zip(axes, point, strict=True))]
+        for point in itertools.product(*axes.values())
     ]
-
-
-def _override_text(value: Any) -> str:
-    """A sweep file's value as override text (YAML turned `true` into True, `null` into None)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return "null" if value is None else str(value)
 
 
 def check_shown_config(arguments: Sequence[str]) -> tuple[list[str], str | None]:
