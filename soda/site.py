@@ -32,9 +32,8 @@ ENV = "SODA_SITE"
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PROFILE = REPO / "conf" / "site" / "default.yaml"
 LAUNCHER_OPTION = "site"  # hydra/launcher=site: the profile's launcher settings
-DEFAULT_LAUNCHER = (
-    "local"  # conf/launcher_default.yaml's choice, which a profile's settings build on unless it names one
-)
+# conf/launcher_default.yaml's choice, which a profile's launcher settings build on unless it names one.
+DEFAULT_LAUNCHER = "local"
 _LAUNCHER_GROUP = re.compile(r"^(override\s+)?/?hydra/launcher$")
 
 
@@ -170,7 +169,7 @@ def launcher_sources(composed: DictConfig, overrides: Sequence[str], profile: Pr
     elif choice == LAUNCHER_OPTION and profile is not None:
         sources[""] = f"site profile {shown(profile.path)}, on hydra/launcher={base}"
     else:
-        sources[""] = "conf/config.yaml's default" + ("" if profile is None else " (the site profile picks none)")
+        sources[""] = "conf/launcher_default.yaml" + ("" if profile is None else " (the site profile picks none)")
     for key in composed.hydra.launcher:
         if f"hydra.launcher.{key}" in on_command_line:
             sources[key] = "command line"
