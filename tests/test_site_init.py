@@ -285,3 +285,19 @@ def test_the_profile_of_this_cluster_matches_sinfo(tmp_path):
     assert launcher["account"] is None
     assert "accounting is off" in comment_of(text, "account") and "accounting is off" in done.stdout
     assert f"wrote {output}" in done.stdout
+
+    # The README's next line: the dry run of the headline command with that profile, as written.
+    dry = subprocess.run(
+        [sys.executable, "launch.py", "-m", "sweep=augment_ablation", "hydra.launcher.dry_run=true"],
+        cwd=REPO,
+        env={**env, "SODA_SITE": str(output)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert dry.stdout.splitlines()[0] == f"site profile {output}: hydra/launcher=slurm (partition debug)"
+    assert dry.stdout.count("source ") == 12 and dry.stdout.count("#SBATCH --partition=debug") == 12
+    assert dry.stdout.rstrip().endswith(
+        "dry run: sbatch --test-only accepted 12 of 12 trials in 12 submissions; nothing was submitted"
+    )
