@@ -20,6 +20,8 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+from soda.progress import plural
+
 # An override that turns the dry run on (Hydra reads these words as a YAML true).
 _ASKED = re.compile(r"^\+{0,2}hydra\.launcher\.dry_run=(true|yes|on)$", re.IGNORECASE)
 
@@ -57,12 +59,12 @@ def _dry_run(arguments: list[str], overrides: list[str]) -> int:
     # from the command line's plain overrides, with launch.py's job name.
     plain = [o.input_line for o in OverridesParser.create().parse_overrides(overrides) if not o.is_sweep_override()]
     launch = config.compose_as_launched(arguments, [*plain, "hydra.job.name=launch"])
-    params = {key: value for key, value in OmegaConf.to_container(launch.hydra.launcher, resolve=True).items()}
+    params = OmegaConf.to_container(launch.hydra.launcher, resolve=True)
     target = str(params.pop("_target_", ""))
     settings = [config.to_settings(config.without_hydra(config.compose_as_launched(arguments, job))) for job in jobs]
     sweeper = str(OmegaConf.select(launch, "hydra.sweeper._target_", default=""))
     shown = launchers._shown_overrides(jobs)
-    print(f"dry run of {len(jobs)} {'trial' if len(jobs) == 1 else 'trials'}: python launch.py {' '.join(arguments)}")
+    print(f"dry run of {plural(len(jobs), 'trial')}: python launch.py {' '.join(arguments)}")
 
     if "soda_sweeper" in sweeper:  # one launch, so one submission, per trial; sweep.n_jobs in flight
         submissions = [[number] for number in range(len(jobs))]
@@ -90,7 +92,7 @@ def _local(params: dict, settings: list, shown: list[str], at_once: int) -> int:
     threads_text = "the OMP_NUM_THREADS you set" if threads is None else f"{threads} thread{'s' * (threads != 1)}"
     print(
         f"dry run: {len(shown)} trials would run on this machine (hydra/launcher=local), {at_once} at once, "
-        f"each {tasks} {'task' if tasks == 1 else 'tasks'} with {threads_text} (OMP_NUM_THREADS); nothing was started"
+        f"each {plural(tasks, 'task')} with {threads_text} (OMP_NUM_THREADS); nothing was started"
     )
     return 0
 
@@ -120,7 +122,7 @@ def _slurm(params: dict, settings: list, shown: list[str], submissions: list[lis
     refused_trials = sum(count for count, _ in refused)
     print(
         f"dry run: sbatch --test-only accepted {total - refused_trials} of {total} trials in "
-        f"{len(submissions)} {'submission' if len(submissions) == 1 else 'submissions'}; nothing was submitted"
+        f"{plural(len(submissions), 'submission')}; nothing was submitted"
     )
     if refused:
         return _error(f"dry run: sbatch --test-only refused {refused_trials} of {total} trials: {refused[0][1]}")

@@ -22,6 +22,11 @@ RESULT_FILE = "result.json"  # in the run directory, once the run finished
 UPDATE_EVERY_S = 10.0  # within a stage, at most one progress line this often
 
 
+def plural(count: int, noun: str) -> str:
+    """`1 trial`, `12 trials`."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def duration(seconds: float) -> str:
     """A duration as a person reads it: `41s`, `3m12s`, `9h05m`, `2d03h`."""
     if not math.isfinite(seconds):

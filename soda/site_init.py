@@ -37,6 +37,7 @@ import yaml
 from hydra_plugins.soda_launchers.launchers import gres_gpus, scontrol_records, slurm_minutes
 from soda import site
 from soda.files import write_atomically
+from soda.progress import plural
 from soda.tracking import redact
 
 DEFAULT_OUTPUT = site.DEFAULT_PROFILE
@@ -377,7 +378,7 @@ def _slurm_launcher(out: Writer, machine: Machine) -> None:
         cap = f" (MaxCPUsPerNode={chosen.max_cpus_per_node} of its {chosen.cpus})" if cpus != chosen.cpus else ""
         out.comment(
             f"Sized for a node of {chosen.name}: {cpus} CPUs{cap}, {chosen.mem_mb // 1024} GB "
-            f"(RealMemory={chosen.mem_mb} MB), {_plural(gpus, 'GPU') if gpus else 'no GPUs'} (Gres={chosen.gres})"
+            f"(RealMemory={chosen.mem_mb} MB), {plural(gpus, 'GPU') if gpus else 'no GPUs'} (Gres={chosen.gres})"
             + ("." if chosen.like_it == chosen.nodes else f"; {chosen.like_it} of its {chosen.nodes} nodes are so."),
             4,
         )
@@ -385,7 +386,7 @@ def _slurm_launcher(out: Writer, machine: Machine) -> None:
         out.line(f"tasks_per_node: {tasks}", "one DDP rank per GPU: must equal gpus_per_node", 4)
         out.line(
             f"cpus_per_task: {max(1, cpus // tasks)}",
-            f"the node's {cpus} CPUs / {_plural(tasks, 'task')}: one job per node at a time",
+            f"the node's {cpus} CPUs / {plural(tasks, 'task')}: one job per node at a time",
             4,
         )
         out.line("mem_gb: null", f"null: DefMemPerNode ({chosen.def_mem}); the node has {chosen.mem_mb // 1024} GB", 4)
@@ -462,19 +463,15 @@ def _stores(out: Writer, machine: Machine) -> None:
         out.comment("sweep:\n  storage: postgresql://user@host:5432/optuna\n  n_jobs: 12", wrap=False)
 
 
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
-
-
 def _partition_line(p: Partition) -> str:
     name = f"{p.name}{'*' if p.default else ''}"
     if p.cpus is None:
         shape = "nodes unknown"
     else:
-        gpus = _plural(p.gpus, "GPU") if p.gpus else "no GPUs"
+        gpus = plural(p.gpus, "GPU") if p.gpus else "no GPUs"
         shape = f"{p.cpus} CPUs, {p.mem_mb // 1024} GB, {gpus}"
         shape += f" ({p.like_it} of them)" if p.like_it != p.nodes else ""
-    nodes = _plural(p.nodes, "node")
+    nodes = plural(p.nodes, "node")
     return f"{name:<12} {p.state.lower():<5} MaxTime {p.max_time:<11} {nodes}: {shape}"
 
 

@@ -193,7 +193,7 @@ class _TrackedLaunch:
                 time.sleep(POLL_S)
         if not quiet:
             counts = ", ".join(f"{endings.count(e)} {e}" for e in ("finished", "failed", "stopped") if e in endings)
-            log.info("%s: %s; sweep dir %s", _plural(len(jobs), "job"), counts, sweep_dir)
+            log.info("%s: %s; sweep dir %s", progress.plural(len(jobs), "job"), counts, sweep_dir)
         if failures:
             raise LauncherError(failures[0])
         return results
@@ -635,7 +635,9 @@ def partition_problem(params: dict, partition: dict, nodes: list) -> Optional[st
 
     # The partition as a whole.
     if wanted_nodes > count:
-        return f"hydra.launcher.nodes={wanted_nodes} but partition {name} has {_plural(count, 'node')} (see sinfo)"
+        return (
+            f"hydra.launcher.nodes={wanted_nodes} but partition {name} has {progress.plural(count, 'node')} (see sinfo)"
+        )
     max_nodes = partition.get("MaxNodes", "UNLIMITED")
     if max_nodes.isdigit() and wanted_nodes > int(max_nodes):
         return f"hydra.launcher.nodes={wanted_nodes} is above partition {name}'s MaxNodes of {max_nodes} (see sinfo)"
@@ -688,13 +690,9 @@ def partition_problem(params: dict, partition: dict, nodes: list) -> Optional[st
     if members and len(fitting) < wanted_nodes:
         wanted = [f"{gpus} GPUs"] * bool(gpus) + [f"{cpus} CPUs"] + [f"{mem_gb} GB"] * (mem_gb is not None)
         what = ", ".join(wanted[:-1]) + " and " + wanted[-1] if len(wanted) > 1 else wanted[0]
-        has = f"{_plural(len(fitting), 'node')}" if fitting else "no node"
+        has = f"{progress.plural(len(fitting), 'node')}" if fitting else "no node"
         return f"hydra.launcher.nodes={wanted_nodes} but partition {name} has {has} with {what} at once (see sinfo)"
     return None
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 @dataclass
