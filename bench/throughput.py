@@ -87,12 +87,13 @@ PRESETS = {
         "eval_test": 10_000,
     },
 }
-# Dense bf16 peaks, TFLOP/s. The H200's is what an 8192^3 bf16 matrix product reaches on the H200s
-# this project is lent (769-798 measured; the device tool's KINDS.md), the ceiling a training step
-# can be held to; the others are datasheet figures (SXM parts), which such products do not reach.
+# Dense bf16 peaks, TFLOP/s. The H200's and the H100's are what an 8192^3 bf16 matrix product
+# reaches on the cards this project is lent (H200: 769-798, H100: 798 measured; the device tool's
+# KINDS.md), the ceiling a training step can be held to; the others are datasheet figures (SXM
+# parts), which such products do not reach.
 PEAK_TFLOPS = {
     "H200": (790.0, "measured: bf16 matmul on this project's H200s"),
-    "H100": (989.0, "datasheet"),
+    "H100": (798.0, "measured: bf16 matmul on this project's H100"),
     "A100": (312.0, "datasheet"),
     "L40S": (362.0, "datasheet"),
     "A10": (125.0, "datasheet"),
