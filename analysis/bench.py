@@ -170,6 +170,15 @@ def gpu_check_section(record: Mapping[str, Any], source: str) -> list[str]:
         "",
         provenance_line(record, source, "make gpu-check"),
     ]
+    stack = [f"{key} {record[key]}" for key in ("card", "driver", "torchvision", "triton") if record.get(key)]
+    carried = record.get("packages", {}).get("carried")
+    if carried:
+        stack.append(f"{len(carried)} carried packages")
+    calls = record.get("calls", [])
+    if calls:
+        stack.append(f"{len(calls)} call{'s' if len(calls) != 1 else ''}")
+    if stack:
+        lines += ["", "With " + ", ".join(stack) + "."]
     if kind != "cuda":
         lines += ["", "A machine without a GPU runs the check at smoke size: these figures say nothing about a GPU."]
     stages = record.get("stages", {})

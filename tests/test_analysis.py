@@ -765,10 +765,15 @@ def gpu_check_record() -> dict:
         "when": "2026-01-03T00:00:00+00:00",
         "kind": "cuda",
         "device": "NVIDIA H200",
+        "card": "h200",
+        "driver": "580.159.03",
         "torch": "2.0.0",
+        "torchvision": "0.15.0",
         "cuda": "13.0",
         "git_sha": "d" * 40,
         "git_dirty": "false",
+        "packages": {"carried": {"hydra-core": "1.3.8", "optuna": "5.1.0"}, "machine": {"torch": "2.0.0"}},
+        "calls": [{"call": 1}, {"call": 2}],
         "stages": {
             "cuda_tests": {"status": "ok", "seconds": 120.4},
             "throughput": {
@@ -868,6 +873,7 @@ def test_bench_block_shows_a_gpu_checks_stages_figures_and_targets(tmp_path, cap
     assert ["knn_end_above_start", "not measured"] in rows
     assert "From [bench/results/gpu-check-cuda.json](results/gpu-check-cuda.json); measured 2026-01-03" in block
     assert "on NVIDIA H200, torch 2.0.0, CUDA 13.0; git ddddddd. Regenerate with `make gpu-check`" in block
+    assert "With card h200, driver 580.159.03, torchvision 0.15.0, 2 carried packages, 2 calls." in block
     assert "Last line: `gpu-check failed training: only 5 s left`" in block
     assert "No `bench/results/throughput-cpu.json` yet: `make bench` on a machine without a GPU writes it." in block
 
