@@ -12,6 +12,8 @@ here into a wheel). MLflow travels as mlflow-skinny + mlflow-tracing + SQLAlchem
 hold the tracking client and the embedded SQLite store; the full mlflow adds the server and UI.
 The CIFAR-10 JPEG archive (--archive) is copied beside them. bench/gpu-check.sh
 installs the wheels with pip --no-index into a folder of their own and passes the archive on.
+source.json names the commit and the blob id of each of its files, so that the check can say
+whether the tree that reached the device is that commit.
 
 Everything under <into> must stay within the device tool's 64 MiB for a call's files; the size is
 printed and checked.
@@ -68,6 +70,17 @@ DEVICE_HAS = frozenset(
     torchmetrics torchvision tqdm transformers treescope triton typer typing-extensions typing-inspect urllib3
     uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp""".split()
 )
+# The two device calls of docs/performance.md, each with its timeout_s: the stages' budgets
+# (bench/gpu_check.py SIZES) plus the install and start-up. The check's own --deadline comes
+# DEADLINE_MARGIN_S before the tool's limit, so that it cuts a stage and prints its line first.
+CALLS = (("data,cuda_tests,throughput", 390), ("data,training", 330))
+DEADLINE_MARGIN_S = 20
+
+
+def call_command(stages: str, timeout: int) -> str:
+    return f"bash bench/gpu-check.sh --stages {stages} --deadline {timeout - DEADLINE_MARGIN_S}"
+
+
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
 
@@ -127,10 +140,9 @@ def main() -> None:
             sys.exit(f"error: {args.archive} not found; pass --archive PATH (CIFAR-10 JPEG archive) or --no-archive")
         shutil.copy2(args.archive, args.into / args.archive.name)
 
-    # The device gets the working tree without .git: say which commit this carry was made for.
-    from soda.tracking import git_state
-
-    (args.into / "source.json").write_text(json.dumps({**git_state(REPO), "carried": _now()}) + "\n")
+    # The device gets the working tree without .git: the commit, and the blob id of each of its
+    # files, so that the check there can tell whether the tree it got is that commit.
+    (args.into / "source.json").write_text(json.dumps(source_manifest()) + "\n")
 
     files = sorted(p for p in args.into.rglob("*") if p.is_file())
     total = sum(p.stat().st_size for p in files) / 2**20
@@ -142,10 +154,33 @@ def main() -> None:
             f"error: {total:.1f} MiB is too close to the device tool's {LIMIT_MIB} MiB limit (the checkout counts too)"
         )
     into = args.into.resolve()
-    if into.is_relative_to(REPO):
-        print(f"carry it: run(command='make gpu-check', carry=['{into.relative_to(REPO)}'], timeout_s=600)")
+    if into.is_relative_to(REPO):  # the device has no make: the script is called directly
+        carried = into.relative_to(REPO)
+        env = "" if str(carried) == ".carry" else f"SODA_CARRY={carried} "
+        for stages, timeout in CALLS:
+            print(
+                f"then: run(command='{env}{call_command(stages, timeout)}', carry=['{carried}'], timeout_s={timeout})"
+            )
     else:  # outside the checkout (a rehearsal): point bench/gpu-check.sh at it
         print(f"use it: SODA_CARRY={into} bash bench/gpu-check.sh")
+
+
+def source_manifest() -> dict:
+    """HEAD's commit and the blob id of every file in it (what bench/gpu_env.py checks the tree
+    that arrived against), and whether the work tree had uncommitted changes when carried."""
+    from soda.tracking import git_state
+
+    listing = subprocess.run(
+        ["git", "ls-tree", "-r", "-z", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+    files = {}
+    for item in filter(None, listing.split("\0")):
+        meta, path = item.split("\t", 1)
+        _, kind, blob = meta.split()
+        if kind == "blob":
+            files[path] = blob
+    state = git_state(REPO)
+    return {"git_sha": state["git_sha"], "dirty_when_carried": state["git_dirty"], "carried": _now(), "files": files}
 
 
 def _now() -> str:
