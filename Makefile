@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo sweep-demo test test-fast test-all lint format summary bench gpu-check gpu-carry faults table mlflow-ui mlflow-server optuna-dashboard \
+.PHONY: help install demo sweep-demo test test-fast test-all lint format summary bench gpu-check gpu-carry gpu-rehearsal faults table mlflow-ui mlflow-server optuna-dashboard \
 	slurm-up slurm-down postgres-up postgres-down site clean
 
 help: ## List the targets
@@ -51,11 +51,14 @@ summary: install ## Print parameters and training FLOPs of the reference model
 bench: install ## Throughput, fast path vs a straightforward one, side by side (CPU: small sizes, ~4 min; GPU: CIFAR-10 reference)
 	$(PY) bench/throughput.py
 
-gpu-check: ## CUDA tests, throughput and a time-boxed CIFAR-10 run in one go (~9 min on a GPU; a CPU: smoke size) [ARGS=]
+gpu-check: ## CUDA tests, throughput, a time-boxed CIFAR-10 run (GPU: all stages ~9 min, or two calls, docs/performance.md; CPU: smoke size) [ARGS=]
 	bash bench/gpu-check.sh $(ARGS)
 
 gpu-carry: install ## Pack .carry/ for a GPU machine without a registry: wheels for its Python 3.12, the CIFAR-10 archive
 	$(PY) bench/gpu_carry.py
+
+gpu-rehearsal: install ## The two device calls of gpu-check here: the device's torch 2.11, carried wheels, no .git, no network (~2 min) [ARGS=]
+	$(PY) bench/gpu_rehearsal.py $(ARGS)
 
 faults: install ## Fault campaign: kills, SLURM requeues, a crowd of trials, failing trials, bad inputs (needs slurm-up, postgres-up; about 30 min)
 	$(PY) -m pytest tests/system -v

@@ -1,13 +1,20 @@
 """make gpu-check keeps working between the sessions that have a GPU: its CPU-sized run goes
 through every stage (tiny JPEG folder, cuda tests collected, throughput bench, a time-boxed
-launch.py run read back from MLflow) and writes its record and summary line."""
+launch.py run read back from MLflow) and writes its record and summary line; the rehearsal runs
+the documented device calls on the device's torch, offline, on a tree without .git; and what
+protects the device time (fixed budgets, process groups ended whole, a record that survives a
+signal, the tree's commit without git) holds."""
 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from soda import tracking
 
@@ -38,7 +45,12 @@ def test_cpu_sized_gpu_check_runs_every_stage_and_writes_its_record(tmp_path):
     stages = record["stages"]
     assert [stages[name]["status"] for name in ("data", "cuda_tests", "throughput", "training")] == ["ok"] * 4
     assert all(stage["seconds"] > 0 for stage in stages.values())
+    assert all(stages[name]["budget_seconds"] > 0 and stages[name]["call"] == 1 for name in stages)
+    assert record["preflight"]["status"] == "ok" and record["preflight"]["min_torch"] == "2.11"
+    assert record["torchvision"] and record["card"] == "cpu" and record["packages"]["machine"]["torch"]
+    assert [call["stages"] for call in record["calls"]] == [["data", "cuda_tests", "throughput", "training"]]
     assert stages["data"]["images"] == {"train": 400, "test": 200}
+    assert stages["data"]["source"] == "a tiny CIFAR-shaped folder"
     assert stages["cuda_tests"]["collected"] >= 7 and stages["cuda_tests"]["ran"] is False
     assert round(stages["throughput"]["end_to_end_images_per_s"]) == int(match.group(1))
 
@@ -79,6 +91,7 @@ def test_gpu_check_without_the_packages_or_carried_wheels_says_what_to_do(tmp_pa
 def _gpu_check_module():
     import importlib.util
 
+    sys.path.insert(0, str(REPO / "bench"))
     spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -140,15 +153,228 @@ def test_the_gpu_only_parts_read_pytest_reports_and_judge_the_targets(tmp_path):
     )
 
 
-def test_the_training_budget_leaves_room_for_a_compile_the_cache_did_not_save(tmp_path):
+def _check(tmp_path, kind="cuda", budgets=None, deadline=None, export=None):
     gpu_check = _gpu_check_module()
-    check = gpu_check.Check(tmp_path / "record.json", tmp_path, deadline=0.0, kind="cuda")
-    assert gpu_check.training_overhead(check) == 70 + 165  # nothing filled the cache
-    check.record["stages"]["cuda_tests"] = {"status": "ok"}
-    assert gpu_check.training_overhead(check) == 70 + 30  # the CUDA tests compiled the graph
-    check.record["stages"]["throughput"] = {"compile_seconds": 180.0}
-    assert gpu_check.training_overhead(check) == 70 + 180  # the bench saw a miss: so will training
-    assert gpu_check.training_overhead(gpu_check.Check(tmp_path / "r.json", tmp_path, 0.0, "cpu")) == 45
+    budgets = {**gpu_check.SIZES[kind]["budgets"], **(budgets or {})}
+    check = gpu_check.Check(tmp_path / "record.json", tmp_path / "work", kind, budgets, deadline, export)
+    check.record = {"stages": {name: {} for name in gpu_check.STAGES}}
+    return gpu_check, check
+
+
+def test_the_training_budget_comes_from_its_own_share_and_the_cache_on_disk(tmp_path, monkeypatch):
+    """Never from another stage's record: a throughput stage that timed out (or never ran) changes
+    nothing; a cold cache that leaves too little trains eager instead of refusing."""
+    gpu_check, check = _check(tmp_path)
+    cache = tmp_path / "inductor"
+    cache.mkdir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    cold = gpu_check.training_plan(check, None)
+    assert (cold["cache"], cold["compile"], cold["overhead_estimate"]) == ("cold", "none", 70)
+    assert cold["train_seconds"] == 240 - 70 and "trained eager" in cold["why_eager"]
+    check.record["stages"]["throughput"] = {"status": "cut", "compile_seconds": None}
+    (cache / "fxgraph").mkdir()
+    (cache / "fxgraph" / "graph.py").write_text("")
+    warm = gpu_check.training_plan(check, None)
+    assert (warm["cache"], warm["compile"], warm["train_seconds"]) == ("warm", "auto", 240 - 70 - 30)
+    assert gpu_check.training_plan(check, 60.0)["train_seconds"] == 60  # --train-seconds caps it
+    _, roomy = _check(tmp_path, budgets={"training": 400})
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "empty"))
+    compiled = gpu_check.training_plan(roomy, None)  # room for a cold compile: compiled
+    assert (compiled["compile"], compiled["train_seconds"]) == ("auto", 400 - 70 - 165)
+    _, cpu = _check(tmp_path, kind="cpu")
+    assert gpu_check.training_plan(cpu, 8.0) == {
+        "limit": 300.0,
+        "compile": "auto",
+        "cache": None,
+        "overhead_estimate": 45.0,
+        "train_seconds": 8.0,
+    }
+    # The call's deadline cuts a stage's share only when it is nearer.
+    _, late = _check(tmp_path, deadline=time.time() + 100)
+    limit, by = late.timeout("training")
+    assert 85 <= limit <= 90 and by == "the call's --deadline"
+    assert late.timeout("data") == (60.0, "its 60 s budget")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.parametrize("ends", ["cut at its budget", "leaves a grandchild behind"])
+def test_a_stages_whole_process_group_is_ended(tmp_path, ends):
+    """A cut stage, and one that exits leaving a grandchild (a DDP rank, a pytest worker), leave
+    nothing running that could hold the GPU for the next stage."""
+    gpu_check, check = _check(tmp_path, budgets={"data": 2})
+    check.work.mkdir()
+    pids = tmp_path / "pids"
+    waits = "sleep 300" if ends == "cut at its budget" else "true"
+    script = f"sleep 300 & echo $! > {pids}; {waits}"
+    began = time.time()
+    if ends == "cut at its budget":
+        with pytest.raises(gpu_check.Cut, match=r"cut at its 2 s budget; its process group was ended"):
+            gpu_check.run_logged(check, "data", ["bash", "-c", script])
+    else:
+        assert gpu_check.run_logged(check, "data", ["bash", "-c", script]) == 0
+    assert check.record["stages"]["data"]["group_ended"] == "SIGTERM"
+    grandchild = int(pids.read_text())
+    for _ in range(50):
+        if not _alive(grandchild):
+            break
+        time.sleep(0.1)
+    assert not _alive(grandchild) and time.time() - began < 20
+
+
+def test_a_call_ended_by_a_signal_records_the_cut_stage_and_prints_its_line(tmp_path):
+    """SIGTERM (the device tool's limit) during a stage: the stage's processes are ended, the
+    record says which stage was cut and why, its log is already in $OUT, the line comes last."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out)}
+    command = [sys.executable, "bench/gpu_check.py", "--smoke", "--work", str(tmp_path / "work")]
+    process = subprocess.Popen(
+        [*command, "--stages", "data,throughput"], cwd=REPO, stdout=subprocess.PIPE, text=True, env=env
+    )
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith("## throughput"):
+            break
+    time.sleep(3)
+    process.send_signal(signal.SIGTERM)
+    rest, _ = process.communicate(timeout=60)
+    last = rest.strip().splitlines()[-1]
+    assert process.returncode == 128 + signal.SIGTERM, "".join(seen) + rest
+    assert last == "gpu-check failed throughput: the call was ended (SIGTERM) during this stage"
+    record = json.loads((out / "gpu-check.json").read_text())
+    assert record["summary"] == last and record["calls"][-1]["ended_by"] == "SIGTERM"
+    stages = record["stages"]
+    assert stages["data"]["status"] == "ok" and stages["throughput"]["status"] == "cut"
+    assert stages["throughput"]["group_ended"] in ("SIGTERM", "SIGKILL")
+    assert stages["cuda_tests"] == {"status": "not run"} and stages["training"] == {"status": "not run"}
+    assert (out / "gpu-check-throughput.log").is_file() and (out / "gpu-check-data.log").is_file()
+
+    # The next call continues the record: what was done stays, the cut stage runs again.
+    again = subprocess.run(
+        [*command, "--stages", "cuda_tests"], cwd=REPO, capture_output=True, text=True, env=env, timeout=300
+    )
+    record = json.loads((out / "gpu-check.json").read_text())
+    assert [call["stages"] for call in record["calls"]] == [["data", "throughput"], ["cuda_tests"]]
+    assert record["stages"]["cuda_tests"]["status"] == "ok" and record["stages"]["cuda_tests"]["call"] == 2
+    assert again.stdout.strip().splitlines()[-1] == last  # still failed: the cut stage has not run again
+
+
+def test_a_call_killed_without_a_word_is_recorded_as_cut_by_the_next(tmp_path):
+    gpu_check, check = _check(tmp_path, kind="cpu")
+    check.work.mkdir()
+    check.begin(time.time(), ["data"])
+    check.record["stages"]["data"] = {"status": "running", "call": 1}
+    check.save()  # then SIGKILL: nothing more was written
+    _, later = _check(tmp_path, kind="cpu")
+    later.begin(time.time(), ["training"])
+    assert later.call_index == 2
+    assert later.record["stages"]["data"]["status"] == "cut"
+    assert "killed during this stage" in later.record["stages"]["data"]["reason"]
+    (check.work / "record.json").write_text(json.dumps({**later.record, "git_sha": "0" * 40}))
+    _, other = _check(tmp_path, kind="cpu")
+    other.begin(time.time(), ["data"])  # another commit: a record of its own
+    assert other.call_index == 1 and other.record["stages"] == {}
+
+
+def test_the_tree_sent_without_git_is_checked_against_the_carried_commit(tmp_path):
+    gpu_env = _gpu_env_module()
+    tree, carry = tmp_path / "tree", tmp_path / "tree" / ".carry"
+    (tree / "soda").mkdir(parents=True)
+    carry.mkdir()
+    (tree / "soda" / "a.py").write_text("a = 1\n")
+    (tree / "b.txt").write_bytes(b"\x00binary\n")
+    (tree / "link").symlink_to("soda")
+    hashed = subprocess.run(
+        ["git", "hash-object", "soda/a.py", "b.txt"], cwd=tree, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert [gpu_env.blob_id(tree / "soda" / "a.py"), gpu_env.blob_id(tree / "b.txt")] == hashed
+    files = {"soda/a.py": hashed[0], "b.txt": hashed[1], "link": gpu_env.blob_id(tree / "link")}
+    manifest = {"git_sha": "c" * 40, "carried": "2026-12-06T00:00:00+00:00", "files": files}
+    (carry / "source.json").write_text(json.dumps(manifest))
+    state = gpu_env.source_state(carry, tree)
+    assert (state["git_sha"], state["git_dirty"]) == ("c" * 40, "false") and "checked file by file" in state[
+        "git_source"
+    ]
+    (tree / "soda" / "a.py").write_text("a = 2\n")
+    (tree / "b.txt").unlink()
+    state = gpu_env.source_state(carry, tree)
+    assert (state["git_dirty"], state["git_changed"]) == ("true", ["b.txt", "soda/a.py"])
+    assert state["git_note"] == f"2 of 3 files differ from commit {'c' * 7}"
+    (carry / "source.json").unlink()
+    assert gpu_env.source_state(carry, tree)["git_source"] is None
+
+
+def test_gpu_carrys_manifest_names_heads_blobs():
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_carry
+
+    manifest = gpu_carry.source_manifest()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    blob = subprocess.run(
+        ["git", "rev-parse", "HEAD:launch.py"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    assert manifest["git_sha"] == head and manifest["files"]["launch.py"] == blob
+    assert "conf/sweep" in manifest["files"] and ".venv" not in "".join(manifest["files"])
+
+
+def test_the_preflight_names_an_unsupported_torch_in_one_line(monkeypatch):
+    import torch
+
+    gpu_env = _gpu_env_module()
+    assert gpu_env.torch_problem() is None and gpu_env.import_problem() is None
+    monkeypatch.setattr(torch, "__version__", "2.9.1+cu128")
+    assert gpu_env.torch_problem() == "torch 2.9.1+cu128 is older than 2.11, the oldest the project supports"
+    monkeypatch.setattr(torch, "__version__", "2.11.0")
+    monkeypatch.delattr(torch, "_foreach_lerp_")
+    assert gpu_env.torch_problem() == "torch 2.11.0 lacks torch._foreach_lerp_, which the project uses"
+    assert [gpu_env.card(name) for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA A100-SXM4-80GB")] == [
+        "h100",
+        "h200",
+        "a100",
+    ]
+
+
+def test_the_docs_give_the_device_calls_gpu_carry_prints():
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_carry
+
+    doc = (REPO / "docs" / "performance.md").read_text()
+    for stages, timeout in gpu_carry.CALLS:
+        assert f"command='{gpu_carry.call_command(stages, timeout)}', carry=['.carry'], timeout_s={timeout})" in doc
+
+
+def test_the_rehearsal_runs_the_documented_calls_offline_on_the_devices_torch(tmp_path):
+    """make gpu-rehearsal: torch 2.11 (the device's) and the device's packages only, the carried
+    wheels, a tree without .git, no network; both calls, and their records checked."""
+    result = subprocess.run(
+        [sys.executable, "bench/gpu_rehearsal.py", "--work", str(tmp_path), "--keep"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    last = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-2000:]
+    assert result.returncode == 0 and last.startswith("gpu-rehearsal ok torch=2.11.0"), result.stdout + result.stderr
+    record = json.loads((tmp_path / "out2" / "gpu-check.json").read_text())
+    assert [record["stages"][name]["call"] for name in ("cuda_tests", "throughput", "training")] == [1, 1, 2]
+    assert record["stages"]["data"]["call"] == 2 and record["stages"]["data"]["decode_cache"] == "reused"
+    assert record["packages"]["carried"]["hydra-core"] and record["packages"]["machine"]["torch"] == "2.11.0"
+    assert record["git_source"].startswith("source.json of make gpu-carry")
+    assert not (tmp_path / "tree" / ".git").exists()
+
+
+def _gpu_env_module():
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_env
+
+    return gpu_env
 
 
 def test_the_training_record_is_read_back_by_the_record_contract(tmp_path):
