@@ -51,7 +51,7 @@ summary: install ## Print parameters and training FLOPs of the reference model
 bench: install ## Throughput, fast path vs a straightforward one, side by side (CPU: small sizes, ~4 min; GPU: CIFAR-10 reference)
 	$(PY) bench/throughput.py
 
-gpu-check: ## CUDA tests, throughput, a time-boxed CIFAR-10 run (GPU: all stages ~9 min, or two calls, docs/performance.md; CPU: smoke size) [ARGS=]
+gpu-check: ## CUDA tests, throughput, a time-boxed CIFAR-10 run (GPU: all stages in 570 s of budgets, or two calls, docs/performance.md; CPU: smoke size) [ARGS=]
 	bash bench/gpu-check.sh $(ARGS)
 
 gpu-carry: install ## Pack .carry/ for a GPU machine without a registry: wheels for its Python 3.12, the CIFAR-10 archive

@@ -18,8 +18,6 @@ python=${SODA_PYTHON:-}
 if [[ -z "$python" ]]; then
     if [[ -x .venv/bin/python ]]; then python=.venv/bin/python; else python=python3; fi
 fi
-# No telemetry from MLflow: the device machine has no network, and the check measures the project.
-export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 needed='import hydra, omegaconf, mlflow, optuna, submitit, ema_pytorch, hydra_plugins.hydra_submitit_launcher'
 if ! "$python" -c "$needed" 2>/dev/null; then

@@ -1,9 +1,9 @@
 """The GPU questions in one or two short device calls: are the CUDA paths right, how fast is
 training, and does the latent start to carry information? (`make gpu-check`, docs/performance.md)
 
-    bash bench/gpu-check.sh --stages data,cuda_tests,throughput   # call 1 (~5 min on an H100)
-    bash bench/gpu-check.sh --stages data,training                # call 2, at once (~4.5 min)
-    bash bench/gpu-check.sh                                       # all stages in one call (~9 min)
+    bash bench/gpu-check.sh --stages data,cuda_tests,throughput   # call 1 (budgets: 330 s)
+    bash bench/gpu-check.sh --stages data,training                # call 2, at once (budgets: 300 s)
+    bash bench/gpu-check.sh                                       # all stages in one call (570 s)
     python bench/gpu_check.py --smoke                             # any machine: tiny model, tiny data
 
 Stages, in this order, each cut to a fixed budget of its own (SIZES; --budget STAGE=SECONDS) and
