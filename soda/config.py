@@ -28,6 +28,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from soda import tracking
+from soda.data.shapes import FACTORS as SHAPE_FACTORS
 from soda.errors import ConfigError, first_line
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -300,9 +301,10 @@ class Config:
     def __post_init__(self):
         _check(self.device in DEVICES, f"device={self.device!r}; allowed: {', '.join(DEVICES)}")
         names = [self.objective] if isinstance(self.objective, str) else list(self.objective or [])
+        factors = [tracking.factor_metric(name) for name in SHAPE_FACTORS] if self.dataset.name == "shapes" else []
         _check(
-            bool(names) and all(name in METRICS for name in names),
-            f"objective={self.objective!r} must be one of {', '.join(METRICS)}, or a list of them",
+            bool(names) and all(name in METRICS or name in factors for name in names),
+            f"objective={self.objective!r} must be one of {', '.join([*METRICS, *factors])}, or a list of them",
         )
         if not isinstance(self.objective, str):
             self.objective = names

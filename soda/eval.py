@@ -294,3 +294,63 @@ def latent_gap(errors: dict[int, dict[str, float]]) -> float:
     own = sum(e["own"] for e in errors.values())
     shuffled = sum(e["shuffled"] for e in errors.values())
     return shuffled / own - 1
+
+
+def ridge_fit(features: torch.Tensor, targets: torch.Tensor, ridge: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Closed-form ridge regression of `targets` [N, k] on `features` [N, d], both standardised
+    with the training rows' mean and standard deviation; `ridge` times N is the penalty on the
+    weights (not on the bias). Returns a predictor of targets from new features."""
+    features, targets = features.double(), targets.double()
+    mean, std = features.mean(0), features.std(0, correction=0).clamp_min(1e-8)
+    x = (features - mean) / std
+    target_mean = targets.mean(0)
+    gram = x.T @ x + ridge * x.shape[0] * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    weights = torch.linalg.solve(gram, x.T @ (targets - target_mean))
+    return lambda new: ((new.double() - mean) / std) @ weights + target_mean
+
+
+def factor_probes(
+    train_features: torch.Tensor,
+    train_factors: dict[str, torch.Tensor],
+    test_features: torch.Tensor,
+    test_factors: dict[str, torch.Tensor],
+    ridge: float = 1e-2,
+) -> dict[str, float]:
+    """How well a linear read-out of the features predicts each factor of variation on held-out
+    images: {name: score}. A discrete factor (int64 [N]) is fitted as one-hot targets and scored
+    by accuracy (the largest output); a continuous one (float [N] or [N, k]) is scored by R^2, over
+    its standardised dimensions together: 1 - squared error / the test set's variance, so 0 is no
+    better than predicting the mean and 1 is exact. Rows where a factor is NaN (undefined, such
+    as a disk's rotation) are left out of that factor. Deterministic: no training loop."""
+    scores: dict[str, float] = {}
+    for name, train_values in train_factors.items():
+        if name not in test_factors:
+            raise ValueError(f"factor {name!r} is in the training set's factors but not the test set's")
+        for split, features, values in (
+            ("train", train_features, train_values),
+            ("test", test_features, test_factors[name]),
+        ):
+            if features.dim() != 2 or values.shape[0] != features.shape[0]:
+                raise ValueError(
+                    f"{split} factor {name!r} has {values.shape[0]} rows for features of shape "
+                    f"{tuple(features.shape)}; they must be [count, dim] and [count, ...]"
+                )
+        test_values = test_factors[name].to(test_features.device)
+        train_values = train_values.to(train_features.device)
+        if not train_values.dtype.is_floating_point:
+            classes = int(max(train_values.max(), test_values.max())) + 1
+            predict = ridge_fit(train_features, F.one_hot(train_values, classes).double(), ridge)
+            scores[name] = (predict(test_features).argmax(1) == test_values).double().mean().item()
+            continue
+        train_values = train_values.reshape(train_values.shape[0], -1).double()
+        test_values = test_values.reshape(test_values.shape[0], -1).double()
+        train_rows, test_rows = ~train_values.isnan().any(1), ~test_values.isnan().any(1)
+        if train_rows.sum() < 2 or test_rows.sum() < 2:
+            raise ValueError(f"factor {name!r} is defined for fewer than 2 images of a split")
+        scale = train_values[train_rows].std(0).clamp_min(1e-8)
+        predict = ridge_fit(train_features[train_rows], train_values[train_rows] / scale, ridge)
+        truth = test_values[test_rows] / scale
+        error = ((predict(test_features[test_rows]) - truth) ** 2).sum()
+        variance = ((truth - truth.mean(0)) ** 2).sum().clamp_min(1e-12)
+        scores[name] = (1 - error / variance).item()
+    return scores

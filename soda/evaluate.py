@@ -29,7 +29,7 @@ from torchvision.utils import save_image
 from soda import progress, tracking
 from soda.data import LabelledImages, ViewAugmentation
 from soda.errors import SodaError
-from soda.eval import evaluate_probes, latent_errors, latent_gap
+from soda.eval import evaluate_probes, extract_features, factor_probes, latent_errors, latent_gap
 from soda.models import SODA
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,8 @@ class Evaluator:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed * 7_919 + epoch)
             metrics = self.probes(ema_model, linear=last or self.linear_probe == "every")
+            if self.train_set.factors and self.test_set.factors:
+                metrics.update(self.factor_probes(ema_model))
             if self.latent_gap_images > 0:
                 metrics.update(self.latent_gaps(ema_model))
             if self.num_reconstructions > 0:
@@ -109,18 +111,33 @@ class Evaluator:
         gaps = {tracking.latent_gap_at(step): latent_gap({step: errors[step]}) for step in errors}
         return {tracking.LATENT_GAP: latent_gap(errors), **gaps}
 
-    def probes(self, ema_model: SODA, linear: bool = True) -> dict[str, float]:
+    def _encoder(self, ema_model: SODA):
         def encode(images: torch.Tensor) -> torch.Tensor:
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                 return ema_model.encode(images.to(self.device).float() / 255, normalize=True)
 
-        def batches(data: LabelledImages, augment: ViewAugmentation | None = None):
-            for start in range(0, len(data), self.batch_size):
-                images = data.images[start : start + self.batch_size].to(self.device)
-                if augment is not None:
-                    images = (augment(images) * 255).round().to(torch.uint8)
-                yield images, data.labels[start : start + self.batch_size]
+        return encode
 
+    def _batches(self, data: LabelledImages, augment: ViewAugmentation | None = None):
+        for start in range(0, len(data), self.batch_size):
+            images = data.images[start : start + self.batch_size].to(self.device)
+            if augment is not None:
+                images = (augment(images) * 255).round().to(torch.uint8)
+            yield images, data.labels[start : start + self.batch_size]
+
+    def factor_probes(self, ema_model: SODA) -> dict[str, float]:
+        """eval/factor/<name>: each factor of variation the data set records, read linearly from
+        the same features as the probes (soda.eval.factor_probes). The features are extracted once
+        more here; for `shapes` that is a fraction of the evaluation."""
+        encode = self._encoder(ema_model)
+        progress.stage("factor probe features", len(self.train_set) + len(self.test_set), "images")
+        train, _ = extract_features(encode, self._batches(self.train_set), self.device)
+        test, _ = extract_features(encode, self._batches(self.test_set), self.device)
+        scores = factor_probes(train, self.train_set.factors, test, self.test_set.factors)
+        return {tracking.factor_metric(name): score for name, score in scores.items()}
+
+    def probes(self, ema_model: SODA, linear: bool = True) -> dict[str, float]:
+        encode, batches = self._encoder(ema_model), self._batches
         augmented = [batches(self.train_set, self.probe_augmentation) for _ in range(self.probe_augmented_copies)]
         result = evaluate_probes(
             encode,

@@ -35,12 +35,24 @@ LINEAR_ACC = "eval/linear_acc"
 RECON_MSE = "eval/recon_mse"
 LATENT_GAP = "eval/latent_gap"
 EVAL_SECONDS = "eval/seconds"
+# Factor probes, where the data set knows its factors of variation (`shapes`): eval/factor/<name>,
+# accuracy for a discrete factor, R^2 for a continuous one (soda.eval.factor_probes).
+FACTOR_PREFIX = "eval/factor/"
 # What a sweep may optimise (`objective`).
 OBJECTIVES = (KNN_ACC, LINEAR_ACC, RECON_MSE, LATENT_GAP)
 # Metrics of training: per log point (step = optimiser step) ...
 TRAIN_LOSS = "train/loss"
 TRAIN_LR = "train/lr"
 FIRST_STEP_SECONDS = "train/first_step_seconds"
+# Diagnostics, at log points only (soda.loop.Trainer): does the encoder get gradient, does the
+# latent vary between images, does the decoder's modulation depend on it?
+ENCODER_GRAD_NORM = "train/encoder_grad_norm"  # before clipping
+DECODER_GRAD_NORM = "train/decoder_grad_norm"
+LATENT_NORM = "train/latent_norm"  # mean L2 norm of the batch's latents
+LATENT_STD = "train/latent_std"  # per-dimension standard deviation over the batch, averaged
+LATENT_RANK = "train/latent_effective_rank"  # exp(entropy of the centred batch's singular values)
+MODULATION_STD = "train/modulation_std"  # how much the latent's scale and shift differ between images
+DIAGNOSTICS = (ENCODER_GRAD_NORM, DECODER_GRAD_NORM, LATENT_NORM, LATENT_STD, LATENT_RANK, MODULATION_STD)
 # ... per epoch (step = epoch) ...
 EPOCH_SECONDS = "train/epoch_seconds"
 IMAGES_PER_SECOND = "train/images_per_second"
@@ -52,6 +64,11 @@ TRAIN_SECONDS = "train/seconds"
 def latent_gap_at(timestep: int) -> str:
     """The latent gap measured at one timestep."""
     return f"{LATENT_GAP}_t{timestep}"
+
+
+def factor_metric(factor: str) -> str:
+    """The factor probe's score of one factor of variation."""
+    return f"{FACTOR_PREFIX}{factor}"
 
 
 # Tags. A sweep's trials carry TRIAL and STUDY and point at the sweep's run with PARENT_RUN;

@@ -6,6 +6,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from soda.eval import (
     evaluate_probes,
+    factor_probes,
     knn_accuracy,
     knn_predict,
     latent_errors,
@@ -198,3 +199,59 @@ def test_latent_errors_need_two_images_and_known_timesteps():
         latent_errors(_OracleModel(), torch.rand(1, 3, 4, 4), [500])
     with pytest.raises(ValueError, match="timestep 1000 is outside"):
         latent_errors(_OracleModel(), torch.rand(2, 3, 4, 4), [1000])
+
+
+def _factors(count, seed):
+    g = torch.Generator().manual_seed(seed)
+    position = torch.rand(count, 2, generator=g)
+    shape = torch.randint(0, 3, (count,), generator=g)
+    hidden = torch.rand(count, 1, generator=g)  # never shown to the features
+    angle = torch.rand(count, generator=g) * 6.28
+    rotation = torch.stack([angle.cos(), angle.sin()], dim=1)
+    rotation[shape == 0] = float("nan")  # undefined for one class, as a disk's
+    return {"position": position, "shape": shape, "hidden": hidden, "rotation": rotation}
+
+
+def _features(factors, seed, noise=0.05):
+    g = torch.Generator().manual_seed(seed)
+    count = factors["shape"].shape[0]
+    angle = factors["rotation"].nan_to_num(0.0)
+    encoded = [factors["position"] * 3 - 1, F.one_hot(factors["shape"], 3).float(), angle]
+    return torch.cat([*encoded, torch.randn(count, 5, generator=g)], dim=1) + noise * torch.randn(
+        count, 12, generator=g
+    )
+
+
+def test_factor_probes_read_what_the_features_encode_and_nothing_else():
+    train, test = _factors(800, 0), _factors(400, 1)
+    scores = factor_probes(_features(train, 2), train, _features(test, 3), test)
+    assert scores["shape"] == 1.0  # discrete: accuracy
+    assert scores["position"] > 0.97 and scores["rotation"] > 0.97  # continuous: R^2, NaN rows left out
+    assert abs(scores["hidden"]) < 0.05  # a factor the features do not carry: R^2 near 0
+
+
+def test_factor_probe_r2_matches_scikit_learns_ridge():
+    from sklearn.linear_model import Ridge
+    from sklearn.metrics import r2_score
+    from sklearn.preprocessing import StandardScaler
+
+    train, test = _factors(500, 4), _factors(300, 5)
+    x_train, x_test = _features(train, 6, noise=0.5), _features(test, 7, noise=0.5)
+    scores = factor_probes(x_train, {"position": train["position"]}, x_test, {"position": test["position"]}, ridge=0.1)
+    scaler = StandardScaler().fit(x_train.double().numpy())
+    scale = train["position"].double().std(0).numpy()
+    model = Ridge(alpha=0.1 * 500).fit(
+        scaler.transform(x_train.double().numpy()), train["position"].double().numpy() / scale
+    )
+    predicted = model.predict(scaler.transform(x_test.double().numpy()))
+    truth = test["position"].double().numpy() / scale
+    expected = r2_score(truth, predicted, multioutput="variance_weighted")
+    assert scores["position"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_factor_probes_refuse_mismatched_factors():
+    train, test = _factors(50, 0), _factors(40, 1)
+    with pytest.raises(ValueError, match="not the test set's"):
+        factor_probes(torch.randn(50, 4), train, torch.randn(40, 4), {"shape": test["shape"]})
+    with pytest.raises(ValueError, match="rows"):
+        factor_probes(torch.randn(49, 4), train, torch.randn(40, 4), test)

@@ -27,7 +27,7 @@ import stat
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from soda.data.shapes import CLASSES as SHAPE_CLASSES
-from soda.data.shapes import make_shapes
+from soda.data.shapes import make_shapes_with_factors
 from soda.errors import DataError, first_line
 from soda.files import LockContended, OwnerLock, describe, write_atomically
 
@@ -58,6 +58,9 @@ class LabelledImages:
     images: torch.Tensor  # uint8 [N, 3, H, W]
     labels: torch.Tensor  # int64 [N]
     classes: list[str]
+    # How each image was made, where the data set knows (`shapes`): name -> [N] int64 (discrete)
+    # or [N, k] float (continuous); the factor probes read them (soda.eval.factor_probes).
+    factors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -68,7 +71,8 @@ class LabelledImages:
         if limit is None or limit >= len(self):
             return self
         chosen = torch.randperm(len(self), generator=torch.Generator().manual_seed(0))[:limit].sort().values
-        return LabelledImages(self.images[chosen], self.labels[chosen], self.classes)
+        factors = {name: values[chosen] for name, values in self.factors.items()}
+        return LabelledImages(self.images[chosen], self.labels[chosen], self.classes, factors)
 
 
 def load_splits(
@@ -118,8 +122,10 @@ def load_split(
         raise ValueError(f"split={split!r}; allowed: {', '.join(SPLITS)}")
     if name == "shapes":
         # Train and test are drawn from disjoint seeds of the same generator.
-        images, labels = make_shapes(size, image_size, seed=2 * seed + (split == "test"), num_classes=num_classes)
-        return LabelledImages(images, labels, list(SHAPE_CLASSES[:num_classes]))
+        images, labels, factors = make_shapes_with_factors(
+            size, image_size, seed=2 * seed + (split == "test"), num_classes=num_classes
+        )
+        return LabelledImages(images, labels, list(SHAPE_CLASSES[:num_classes]), factors)
     root = Path(root)
     source = _source(name, root, split, image_size, download)
     if source.classes is not None:

@@ -4,6 +4,11 @@ The class is the shape (disk, square, triangle, ring, cross, bar). Everything el
 drawn independently of the class: position, size, rotation, shape colour, a two-colour gradient
 background and pixel noise. An encoder that keys on colour or position is at chance; one that
 sees shape separates the classes. Deterministic for a seed.
+
+The generator also returns how each image was made (`make_shapes_with_factors`): the factors that
+`soda.eval.factor_probes` decodes from a latent, the way representation-learning papers on
+dSprites or 3D Shapes say what a latent encodes. Integer factors are discrete, float ones
+continuous (one row per image, one column per dimension; NaN where a factor is undefined).
 """
 
 from __future__ import annotations
@@ -13,6 +18,17 @@ import math
 import torch
 
 CLASSES = ("disk", "square", "triangle", "ring", "cross", "bar")
+# Rotational symmetry order of each class: a rotation by 2 pi / order leaves it unchanged, so its
+# rotation is defined modulo that; 0 = none (a disk or a ring looks the same at every angle).
+SYMMETRY = {"disk": 0, "square": 4, "triangle": 3, "ring": 0, "cross": 4, "bar": 2}
+FACTORS = {
+    "shape": "the class (discrete)",
+    "position": "the centre, x and y",
+    "size": "the radius",
+    "rotation": "cos and sin of order x angle (the class's symmetry order); undefined for disks and rings",
+    "shape_colour": "the shape's RGB tint",
+    "background_colour": "the background's mean RGB (the two gradient colours averaged)",
+}
 
 
 def _signed_distance(shape: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -38,6 +54,15 @@ def make_shapes(
     count: int, image_size: int, seed: int, num_classes: int = len(CLASSES)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`count` images as uint8 [count, 3, size, size] and their labels, balanced over classes."""
+    images, labels, _ = make_shapes_with_factors(count, image_size, seed, num_classes)
+    return images, labels
+
+
+def make_shapes_with_factors(
+    count: int, image_size: int, seed: int, num_classes: int = len(CLASSES)
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """`make_shapes`' images and labels, and the factors each image was drawn from (`FACTORS`):
+    {"shape": int64 [count], "position": float [count, 2], ...}."""
     if not 2 <= num_classes <= len(CLASSES):
         raise ValueError(f"num_classes={num_classes} for shapes must be between 2 and {len(CLASSES)}")
     g = torch.Generator().manual_seed(seed)
@@ -77,4 +102,16 @@ def make_shapes(
     background = background_a[:, :, None, None] * (1 - ramp[:, None]) + background_b[:, :, None, None] * ramp[:, None]
     images = coverage * foreground[:, :, None, None] + (1 - coverage) * background
     images = images + 0.04 * torch.randn(images.shape, generator=g)
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
+
+    order = torch.tensor([SYMMETRY[shape] for shape in CLASSES[:num_classes]], dtype=torch.float32)[labels]
+    rotation = torch.stack([(order * angle).cos(), (order * angle).sin()], dim=1)
+    rotation[order == 0] = math.nan
+    factors = {
+        "shape": labels.clone(),
+        "position": center,
+        "size": radius[:, None],
+        "rotation": rotation,
+        "shape_colour": foreground,
+        "background_colour": (background_a + background_b) / 2,
+    }
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels, factors

@@ -19,7 +19,7 @@ from torchvision.transforms import RandomResizedCrop
 from soda.config import DatasetConfig
 from soda.data import datasets, load_split, load_splits
 from soda.data.augment import sample_crop_boxes
-from soda.data.shapes import make_shapes
+from soda.data.shapes import CLASSES, FACTORS, make_shapes, make_shapes_with_factors
 from soda.errors import DataError
 from tests.helpers import REPO, file_size_limit, reference_view
 
@@ -177,6 +177,28 @@ def test_shapes_are_deterministic_for_a_seed_and_balanced():
     train = load_split("shapes", "none", "train", 16, 6, seed=0, size=60)
     test = load_split("shapes", "none", "test", 16, 6, seed=0, size=60)
     assert not torch.equal(train.images, test.images)
+
+
+def test_shapes_factors_describe_the_images_they_made():
+    images, labels, factors = make_shapes_with_factors(600, 32, seed=1)
+    assert torch.equal(images, make_shapes(600, 32, seed=1)[0])  # drawing the factors changes nothing
+    assert set(factors) == set(FACTORS) and torch.equal(factors["shape"], labels)
+    assert all(values.shape[0] == 600 for values in factors.values())
+    # Rotation is undefined exactly for the classes that look the same at every angle.
+    symmetric = torch.isin(labels, torch.tensor([CLASSES.index("disk"), CLASSES.index("ring")]))
+    assert torch.equal(factors["rotation"].isnan().any(1), symmetric)
+    # The bright (shape) pixels' centroid follows the position factor, their count the size.
+    bright = (images.float().mean(1) > 255 * 0.5).float()  # shapes are >= 0.6, backgrounds <= 0.4
+    axis = (torch.arange(32) + 0.5) / 32 * 2 - 1
+    area = bright.sum((1, 2))
+    centroid_x = (bright * axis[None, None, :]).sum((1, 2)) / area
+    assert torch.corrcoef(torch.stack([centroid_x, factors["position"][:, 0]]))[0, 1] > 0.9
+    disks = labels == CLASSES.index("disk")
+    assert torch.corrcoef(torch.stack([area[disks], factors["size"][disks, 0]]))[0, 1] > 0.9
+    # A subset keeps each image's factors with it.
+    split = load_split("shapes", "none", "train", 16, 6, seed=0, size=60).subset(25)
+    assert all(values.shape[0] == 25 for values in split.factors.values())
+    assert torch.equal(split.factors["shape"], split.labels)
 
 
 def test_shapes_colour_tint_says_nothing_about_the_class():
