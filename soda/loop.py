@@ -41,6 +41,42 @@ Evaluate = Callable[[SODA, int, bool], dict[str, float]]
 OnEvaluation = Callable[[int, dict[str, float]], bool]
 
 
+@torch.no_grad()
+def training_diagnostics(model: SODA, source_view: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Is the encoder learning, and does the decoder listen to it? Called after backward on a log
+    point's step: the encoder's and decoder's gradient norms, and the latent of this batch's
+    source views as the evaluation sees it (encoder in eval mode, so BatchNorm's running
+    statistics are neither used from the batch nor updated): its mean norm, per-dimension
+    standard deviation, effective rank, and the spread of the modulation it applies in the
+    decoder (soda.models.unet.LatentUNet.modulation_spread). 0-dim device tensors: no host sync."""
+
+    def grad_norm(module: torch.nn.Module) -> torch.Tensor:
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=source_view.device)
+        return torch.nn.utils.get_total_norm(grads).float()
+
+    encoder = model.encoder
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        latent = model.encode(source_view, normalize=False).float()
+    finally:
+        encoder.train(was_training)
+    centred = latent - latent.mean(dim=0)
+    singular = torch.linalg.svdvals(centred)
+    weights = singular / singular.sum().clamp_min(1e-12)
+    entropy = -(weights * weights.clamp_min(1e-12).log()).sum()
+    return {
+        tracking.ENCODER_GRAD_NORM: grad_norm(model.encoder),
+        tracking.DECODER_GRAD_NORM: grad_norm(model.decoder),
+        tracking.LATENT_NORM: latent.norm(dim=1).mean(),
+        tracking.LATENT_STD: latent.std(dim=0).mean(),
+        tracking.LATENT_RANK: entropy.exp(),
+        tracking.MODULATION_STD: model.decoder.modulation_spread(latent),
+    }
+
+
 class Preempted(Exception):
     """Raised by the loop after it saved a checkpoint because SIGUSR1/SIGUSR2 arrived."""
 
@@ -164,6 +200,7 @@ class Trainer:
         self.step_in_epoch = 0  # steps of epoch + 1 already done (a preempted epoch resumes there)
         self.global_step = 0
         self.metrics: dict[str, float] = {}
+        self.diagnostics: dict[str, torch.Tensor] = {}  # of the last log point's step (training_diagnostics)
         # The training clock (train_seconds, eval_every_seconds): seconds spent in training steps,
         # from the end of this process's first step (which compiles), without evaluations; it
         # goes on across a resume.
@@ -352,8 +389,10 @@ class Trainer:
             # watch covers every step since the last point, so the mean below is finite.
             self._raise_if_diverged()
             value = dist.all_mean(running / count).item()
+            diagnosed = dict(zip(self.diagnostics, torch.stack(list(self.diagnostics.values())).tolist(), strict=True))
+            self.diagnostics = {}
             self.tracker.log_metrics(
-                {tracking.TRAIN_LOSS: value, tracking.TRAIN_LR: self._lr_factor() * self.decoder_lr},
+                {tracking.TRAIN_LOSS: value, tracking.TRAIN_LR: self._lr_factor() * self.decoder_lr, **diagnosed},
                 step=self.global_step,
             )
             bar.set_postfix(loss=f"{value:.4f}")
@@ -420,10 +459,18 @@ class Trainer:
             loss = self.loss_fn(source_view, target_view)
         self.scaler.scale(loss).backward()
 
+        # Diagnostics on the steps that end at a log point only, as device tensors read back there
+        # with the loss. Clipping and the diagnostics see the gradients at their true size
+        # (step() knows they were unscaled).
+        diagnose = self.world.is_main and (self.global_step + 1) % self.log_every == 0
+        if diagnose or self.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+        if diagnose:
+            self.diagnostics = training_diagnostics(self.model, source_view)
+
         # Clip and step.
         grad_norm = None
         if self.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
         self.scaler.step(self.optimizer)
         self.scaler.update()

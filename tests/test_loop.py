@@ -228,6 +228,51 @@ def test_the_divergence_watch_leaves_a_healthy_run_bit_for_bit_unchanged(tmp_pat
     assert torch.equal(watched._rng_state()["torch"], unwatched._rng_state()["torch"])
 
 
+def test_log_points_carry_the_learning_diagnostics(tmp_path):
+    recorder = Recorder()
+    trainer = _trainer(
+        tmp_path, lambda model, epoch, last: {tracking.KNN_ACC: 0.5}, tracker=recorder, epochs=1, eval_at_start=False
+    )
+    trainer.fit()
+    logged = [m for _, m in recorder.points if tracking.TRAIN_LOSS in m]
+    assert len(logged) == 3 and all(set(tracking.DIAGNOSTICS) <= set(m) for m in logged)
+    for m in logged:
+        assert m[tracking.ENCODER_GRAD_NORM] > 0 and m[tracking.DECODER_GRAD_NORM] > 0
+        assert m[tracking.LATENT_NORM] > 0 and m[tracking.LATENT_STD] > 0 and m[tracking.MODULATION_STD] > 0
+        assert 1 <= m[tracking.LATENT_RANK] <= trainer.batch_size
+    # The latent diagnostics are of the latent as the evaluation sees it: the encoder in eval mode.
+    images = trainer.train_images[:8].float() / 255
+    trainer.model.eval()
+    latent = trainer.model.encode(images, normalize=False)
+    assert trainer.model.decoder.modulation_spread(latent[:1].expand(8, -1)) == 0  # one latent for all
+    assert trainer.model.decoder.modulation_spread(latent) > 0
+
+
+def test_an_encoder_cut_off_from_the_loss_shows_as_a_zero_gradient_norm(tmp_path):
+    recorder = Recorder()
+    trainer = _trainer(
+        tmp_path, lambda model, epoch, last: {tracking.KNN_ACC: 0.5}, tracker=recorder, epochs=1, eval_at_start=False
+    )
+    encode = trainer.model.encoder.forward
+    trainer.model.encoder.forward = lambda x: encode(x).detach()
+    trainer.fit()
+    norms = [m[tracking.ENCODER_GRAD_NORM] for _, m in recorder.points if tracking.ENCODER_GRAD_NORM in m]
+    assert norms == [0.0, 0.0, 0.0]
+
+
+def test_the_diagnostics_leave_training_bit_for_bit_unchanged(tmp_path):
+    """An eval-mode encoder pass and gradient norms: no random draws, BatchNorm's statistics
+    untouched. A run with a log point at every step ends where one without any does."""
+    evaluate = lambda model, epoch, last: {tracking.KNN_ACC: 0.5}  # noqa: E731
+    diagnosed = _trainer(tmp_path / "diagnosed", evaluate, epochs=2, eval_at_start=False, log_every=1)
+    diagnosed.fit()
+    plain = _trainer(tmp_path / "plain", evaluate, epochs=2, eval_at_start=False, log_every=1000)
+    plain.fit()
+    for module in ("model", "ema"):
+        first, second = getattr(diagnosed, module).state_dict(), getattr(plain, module).state_dict()
+        assert all(torch.equal(first[key], second[key]) for key in first), module
+
+
 @pytest.mark.integration  # a process of its own
 def test_the_loop_module_imports_no_config_or_sweep_library():
     """The loop takes plain values: importing it must not pull in Hydra, OmegaConf or Optuna."""
@@ -260,7 +305,9 @@ def test_each_epoch_line_shows_the_time_left_and_an_evaluation_says_what_it_is_d
 
 
 def test_the_time_left_is_the_recent_pace_over_the_epochs_evaluations_and_checkpoints_to_come(tmp_path):
-    trainer = _trainer(tmp_path, lambda model, epoch, last: {})  # 3 epochs, eval and checkpoint every 2
+    trainer = _trainer(
+        tmp_path, lambda model, epoch, last: {tracking.KNN_ACC: 0.5}
+    )  # 3 epochs, eval and checkpoint every 2
     trainer.recent_seconds = {"epoch": [9.0, 11.0], "eval": [5.0], "save": [1.0]}
     # After epoch 1: two epochs of 10 s, evaluations and checkpoints at epochs 2 and 3.
     assert trainer._eta(1) == "eta 32s"

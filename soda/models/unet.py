@@ -233,6 +233,21 @@ class LatentUNet(nn.Module):
                 x = module(torch.cat((x, skips.pop()), dim=1), time_act, latent_acts)
         return self.out_conv(F.silu(self.out_norm(x)))
 
+    @torch.no_grad()
+    def modulation_spread(self, latent: torch.Tensor) -> torch.Tensor:
+        """How much the modulation that `latent` [batch, latent_dim] applies differs between the
+        images of the batch: the standard deviation over the batch of every block's latent scale
+        and shift, averaged over channels and blocks (a 0-dim tensor on the latent's device; no
+        host sync). 0 when every image gets the same modulation, i.e. the decoder cannot tell
+        the images' latents apart. A training diagnostic; forward() does not use it."""
+        acts = F.silu(latent.float().view(latent.shape[0], self.layer_groups, -1)).unbind(dim=1)
+        spreads = [
+            module.block.latent_proj(acts[module.group]).std(dim=0).mean()
+            for module in self.modules()
+            if isinstance(module, Stage)
+        ]
+        return torch.stack(spreads).mean()
+
 
 def _validate(
     image_size,
