@@ -22,8 +22,8 @@ install: $(STAMP) ## Create .venv and install the project (editable) with dev to
 demo: install ## Train the demo run: synthetic shapes, tiny model, CPU, offline, a few minutes
 	$(PY) launch.py experiment=demo
 
-sweep-demo: install ## The augmentation ablation on the demo: a grid of 12 small trials, 2 at a time, on this CPU (no site profile needed)
-	$(PY) launch.py -m sweep=augment_ablation experiment=demo hydra/launcher=local sweep.n_jobs=2 schedule.epochs=2 eval.every=2 eval.at_start=false
+sweep-demo: install ## What the latent learns at demo size: noise schedule x target view x 2 seeds, 8 trials 2 at a time, on this CPU (sweeps/learning_study.yaml)
+	$(PY) launch.py -m sweep=learning_study experiment=demo hydra/launcher=local sweep.n_jobs=2
 
 test: install ## The whole suite but slow and GPU tests (CPU, about 30 minutes; needs make slurm-up, postgres-up)
 	$(PY) -m pytest -m "not slow and not cuda"

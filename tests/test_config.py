@@ -45,7 +45,11 @@ def test_defaults_are_the_reference():
 def test_demo_is_a_delta_on_the_defaults():
     demo = to_settings(compose_config(["experiment=demo"]))
     assert demo.dataset.name == "shapes" and demo.model.name == "tiny"
-    assert demo.augmentation.name == "seed"  # untouched groups keep the defaults
+    assert demo.eval.name == "reference" and demo.tracking.name == "local"  # untouched groups keep the defaults
+    # The demo is where the latent learns at CPU scale; the reference stays the default.
+    assert demo.augmentation.name == "none" and demo.model.noise_schedule == "inverted_cosine"
+    default = to_settings(compose_config([]))
+    assert default.augmentation.name == "seed" and default.model.noise_schedule == "linear"
 
 
 def test_clean_target_keeps_the_reference_source_and_only_flips_the_target():
