@@ -5,6 +5,7 @@ and the README's results section (what `make table` runs).
     python -m analysis main --experiment soda --format latex
     python -m analysis ablation --experiment soda-demo        # sweep augment_ablation
     python -m analysis main --sweep lr_search --param model.name=tiny --format csv
+    python -m analysis learning --experiment soda-demo       # sweep learning_study: gap, factor probes
     python -m analysis plots --out docs/results
     python -m analysis readme                                 # = make table
     python -m analysis bench                                  # docs/performance.md from bench/results/*.json
@@ -22,12 +23,14 @@ import sys
 from pathlib import Path
 
 from analysis.bench import PERFORMANCE_DOC, RESULTS_DIR, regenerate_bench
+from analysis.learning import LEARNING_STUDY, learning_keys, learning_table
 from analysis.plots import save_plots
 from analysis.readme import regenerate_readme
 from analysis.runs import (
     AnalysisError,
     describe_selection,
     finished_runs,
+    load_history,
     load_runs,
     parse_pairs,
     provenance,
@@ -76,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     ablation = commands.add_parser("ablation", parents=[selection], help="the augmentation ablation's table")
     ablation.add_argument("--study", default=ABLATION_STUDY, help="the ablation's sweep (default: %(default)s)")
     ablation.add_argument("--format", choices=FORMATS, default="text")
+    learning = commands.add_parser(
+        "learning", parents=[selection], help="what the latent learns: latent gap and factor probes per setting"
+    )
+    learning.add_argument("--study", default=LEARNING_STUDY, help="the study's sweep (default: %(default)s)")
+    learning.add_argument("--format", choices=FORMATS, default="text")
     plots = commands.add_parser("plots", parents=[selection], help="write the probe-curve and ablation PNGs")
     plots.add_argument("--study", default=ABLATION_STUDY, help="the ablation's sweep (default: %(default)s)")
     plots.add_argument(
@@ -144,6 +152,12 @@ def run(args: argparse.Namespace) -> None:
         used = select_runs(runs, sweep=args.study)
         require_results(used, uri, describe_selection(args.experiment, args.study, tags, params))
         table = ablation_table(runs, args.study)
+    elif args.command == "learning":
+        used = select_runs(runs, sweep=args.study)
+        finished = finished_runs(used)
+        require_results(used, uri, describe_selection(args.experiment, args.study, tags, params))
+        history = load_history(uri, finished["run_id"], learning_keys(finished)) if not finished.empty else None
+        table = learning_table(runs, history, args.study)
     else:
         main = main_table(runs)
         has_ablation = not finished_runs(select_runs(runs, sweep=args.study)).empty

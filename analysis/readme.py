@@ -13,24 +13,42 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from analysis.plots import save_plots, write_if_changed
+from analysis.learning import (
+    LEARNING_STUDY,
+    diagnostics_figure,
+    learning_figure,
+    learning_keys,
+    learning_table,
+    steps_of,
+)
+from analysis.plots import save_plots, write_if_changed, write_png
 from analysis.runs import (
     AnalysisError,
     describe_selection,
     finished_runs,
+    load_history,
     load_runs,
     provenance,
     require_results,
     select_runs,
 )
 from analysis.tables import ABLATION_STUDY, Table, ablation_table, format_table, main_table
-from soda.tracking import default_tracking_uri
+from soda.tracking import DIAGNOSTICS, IMAGES_SEEN, TRAIN_LOSS, default_tracking_uri
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+# docs/learning.md's block: the learning study's table, regenerated with the README's section.
+LEARNING_PAGE = Path("docs") / "learning.md"  # relative to the README's folder
+LEARNING_START, LEARNING_END = "<!-- learning:start -->", "<!-- learning:end -->"
 PLOT_FOLDER = Path("docs") / "results"  # relative to the README's folder
 EXPLANATION = (
     "k-NN and linear probe: top-1 accuracy (%) of the frozen encoder's features, mean ± standard "
     "deviation over seeds; Runs: the runs behind each row; Params: encoder + decoder, millions."
+)
+LEARNING_EXPLANATION = (
+    "Latent gap t500: how much worse the decoder predicts the noise at t = 500 with another image's latent "
+    "than with its own (0 = the latent is ignored). Factor probes: a ridge read-out of each factor the "
+    "images were drawn from, on held-out images: accuracy for the shape, R² for the rest "
+    "(docs/learning.md). The first row is the same runs' untrained encoder."
 )
 
 
@@ -65,6 +83,8 @@ def results_markdown(
     ablation_used: str = "",
     plots: Mapping[str, str] | None = None,
     selection: str = "",
+    learning: Table | None = None,
+    learning_used: str = "",
 ) -> str:
     """The results section: the main table, which runs made it (`used`, from provenance), what was
     left out, the plots (`plots`: table name -> path relative to the README), then the ablation."""
@@ -91,6 +111,30 @@ def results_markdown(
         ]
         if ablation.name in plots:
             lines += ["", f"![The augmentation ablation]({plots[ablation.name]})"]
+    if learning is not None:
+        lines += [
+            "",
+            f"### What the latent learns (sweep `{learning.name}`)",
+            "",
+            learning_markdown(learning, learning_used, plots),
+        ]
+    return "\n".join(lines)
+
+
+def learning_markdown(learning: Table, used: str, plots: Mapping[str, str]) -> str:
+    """The learning study's table, which runs made it, how to read it, and its two plots."""
+    lines = [
+        format_table(learning, "markdown").rstrip("\n"),
+        "",
+        "From " + "; ".join([used, *learning.notes]) + ".",
+        LEARNING_EXPLANATION,
+    ]
+    for name, alt in (
+        (learning.name, "Latent gap and factor probes against training steps"),
+        (f"{learning.name}_diagnostics", "Training diagnostics against training steps"),
+    ):
+        if name in plots:
+            lines += ["", f"![{alt}]({plots[name]})"]
     return "\n".join(lines)
 
 
@@ -121,10 +165,29 @@ def regenerate_readme(
     ablation = ablation_table(runs, study) if not finished_runs(study_runs).empty else None
     folder = Path(plots_dir) if plots_dir is not None else readme.parent / PLOT_FOLDER
     written = save_plots(uri, main, ablation, folder)
+    learning_runs = select_runs(runs, sweep=LEARNING_STUDY)
+    learning, learned = None, finished_runs(learning_runs)
+    if not learned.empty:
+        history = load_history(uri, learned["run_id"], [*learning_keys(learned), IMAGES_SEEN])
+        learning = learning_table(runs, history)
+        written[learning.name] = folder / f"{learning.name}.png"
+        write_png(learning_figure(steps_of(history, learned), learning), written[learning.name])
+        training = load_history(uri, learned["run_id"], [TRAIN_LOSS, *DIAGNOSTICS])
+        if not training[training["key"] != TRAIN_LOSS].empty:
+            written[f"{learning.name}_diagnostics"] = folder / f"{learning.name}_diagnostics.png"
+            write_png(diagnostics_figure(training, learning), written[f"{learning.name}_diagnostics"])
     links = {name: Path(os.path.relpath(path, readme.parent)).as_posix() for name, path in written.items()}
-    body = results_markdown(main, provenance(runs), ablation, provenance(study_runs), links, selection)
+    body = results_markdown(
+        main, provenance(runs), ablation, provenance(study_runs), links, selection, learning, provenance(learning_runs)
+    )
     # Read again just before writing: keep whatever else changed in the README meanwhile.
     changed = write_if_changed(readme, replace_section(_read(readme), body).encode("utf-8"))
+    page = readme.parent / LEARNING_PAGE
+    if learning is not None and page.is_file():
+        links = {name: Path(os.path.relpath(path, page.parent)).as_posix() for name, path in written.items()}
+        block = learning_markdown(learning, provenance(learning_runs), links)
+        text = replace_section(_read(page), block, LEARNING_START, LEARNING_END, page=str(LEARNING_PAGE))
+        changed = write_if_changed(page, text.encode("utf-8")) or changed
     return Regenerated(readme, changed, len(finished), tuple(written.values()))
 
 

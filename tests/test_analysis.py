@@ -928,3 +928,84 @@ def test_the_repository_performance_page_is_generated_from_the_committed_records
     (tmp_path / "bench").symlink_to(REPO / "bench")
     regenerate_bench(copy, tmp_path / "bench" / "results")
     assert bench_block(copy) == bench_block(page), "docs/performance.md is stale: run make table"
+
+
+# What the latent learns: the learning study's table and plots.
+
+GAP500 = "eval/latent_gap_t500"
+
+
+def learning_store(tmp_path: Path) -> Store:
+    """Sweep learning_study: two noise schedules x two seeds, each with its untrained encoder
+    (epoch 0) and a trained point (epoch 10, 470 steps of batch 64), and training diagnostics."""
+    learning = Store(tmp_path / "learning.db")
+    demo = learning.experiment("soda-demo")
+    learning.run(demo, "parent", {"sweep.study_name": "learning_study"}, tags=parent_tags("learning_study"))
+    trial = 0
+    for schedule, (gap, colour, shape) in {"inverted_cosine": (0.30, 0.85, 0.5), "linear": (0.02, 0.60, 0.6)}.items():
+        for seed in (0, 1):
+            params = {
+                **config("tiny", "shapes", 16, 10, seed, "none", "none", counts=(11_200_000, 190_000)),
+                "model.noise_schedule": schedule,
+                "schedule.batch_size": "64",
+            }
+            history = {
+                GAP500: [(0, 0.0), (10, gap + seed / 100)],
+                "eval/factor/shape_colour": [(0, 0.56 + seed / 50), (10, colour)],
+                "eval/factor/shape": [(0, 0.70), (10, shape)],
+                LINEAR_ACC: [(0, 0.73), (10, 0.5)],
+                KNN_ACC: [(0, 0.74), (10, 0.45)],
+                "train/images_seen": [(0, 0.0), (10, 470 * 64)],
+                TRAIN_LOSS: [(10, 0.3), (470, 0.2)],
+                "train/encoder_grad_norm": [(10, 1.0), (470, 0.5)],
+            }
+            learning.run(demo, schedule, params, history=history, tags=_trial_tags("learning_study", trial, "COMPLETE"))
+            trial += 1
+    return learning
+
+
+def test_learning_table_sets_each_setting_against_the_untrained_encoder(tmp_path):
+    from analysis.learning import learning_keys, learning_table
+
+    learning = learning_store(tmp_path)
+    runs = load_runs(learning.uri)
+    finished = finished_runs(select_runs(runs, sweep="learning_study"))
+    keys = learning_keys(finished)
+    assert keys == [GAP500, "eval/factor/shape", "eval/factor/shape_colour", LINEAR_ACC, KNN_ACC]
+    table = learning_table(runs, load_history(learning.uri, finished["run_id"], keys))
+    cells = table.cells.set_index("Setting")
+    assert list(cells.index) == [
+        "untrained encoder (epoch 0)",
+        "model.noise_schedule=inverted_cosine",
+        "model.noise_schedule=linear",
+    ]
+    untrained = cells.loc["untrained encoder (epoch 0)"]
+    assert untrained["Runs"] == "4" and untrained["shape (acc. %)"] == "70.0 ± 0.0"
+    assert untrained["shape colour (R²)"] == "0.57 ± 0.01"  # 0.56, 0.58, 0.56, 0.58
+    trained = cells.loc["model.noise_schedule=inverted_cosine"]
+    assert trained["Latent gap t500 (%)"] == "30.5 ± 0.7" and trained["shape colour (R²)"] == "0.85 ± 0.00"
+    assert trained["Linear probe (%)"] == "50.0 ± 0.0" and trained["Runs"] == "2"
+    assert "all runs: tiny on shapes 16x16, 10 epochs" in table.notes
+
+
+def test_readme_shows_the_learning_study_and_its_plots(tmp_path, capsys):
+    learning = learning_store(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    page = tmp_path / "docs" / "learning.md"
+    page.parent.mkdir()
+    page.write_text("# Learning\n\n<!-- learning:start -->\nold\n<!-- learning:end -->\n\nAfter.\n")
+    code, out, err = run_cli(capsys, "readme", "--tracking-uri", learning.uri, "--readme", str(readme))
+    assert code == 0, err
+    text = readme.read_text()
+    assert "### What the latent learns (sweep `learning_study`)" in text
+    assert "| untrained encoder (epoch 0)" in text and "model.noise_schedule=linear" in text
+    for name in ("learning_study.png", "learning_study_diagnostics.png"):
+        png = tmp_path / "docs" / "results" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"](docs/results/{name})" in text
+    # The docs page's block holds the same table, its plots linked from docs/.
+    block = page.read_text()
+    assert "| untrained encoder (epoch 0)" in block and "](results/learning_study.png)" in block
+    assert block.startswith("# Learning\n") and block.endswith("<!-- learning:end -->\n\nAfter.\n") and "old" not in block
+    code, out, err = run_cli(capsys, "learning", "--tracking-uri", learning.uri)
+    assert code == 0 and "untrained encoder (epoch 0)" in out and "What the latent learns" in err
