@@ -21,6 +21,7 @@ INTEGRATION_MODULES = {
     "test_gpu_check.py",
     "test_launch_cli.py",
     "test_launchers.py",
+    "test_learning.py",
     "test_rundir.py",
     "test_sweep.py",
     "test_train.py",
