@@ -66,6 +66,8 @@ def _cell(row, metric: str) -> str:
     r2 = metric.startswith(FACTOR_PREFIX) and not metric.endswith("/shape")
     scale, digits = (1, 2) if r2 else (100, 1)
     mean, std = scale * row[f"{metric}.mean"], scale * row[f"{metric}.std"]
+    if abs(mean) < 0.5 * 10**-digits:
+        mean = 0.0  # not "-0.0"
     text = f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 and not math.isnan(std) else "")
     return text + (f" (n={n})" if n < int(row["runs"]) else "")
 
