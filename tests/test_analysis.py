@@ -1006,6 +1006,8 @@ def test_readme_shows_the_learning_study_and_its_plots(tmp_path, capsys):
     # The docs page's block holds the same table, its plots linked from docs/.
     block = page.read_text()
     assert "| untrained encoder (epoch 0)" in block and "](results/learning_study.png)" in block
-    assert block.startswith("# Learning\n") and block.endswith("<!-- learning:end -->\n\nAfter.\n") and "old" not in block
+    assert (
+        block.startswith("# Learning\n") and block.endswith("<!-- learning:end -->\n\nAfter.\n") and "old" not in block
+    )
     code, out, err = run_cli(capsys, "learning", "--tracking-uri", learning.uri)
     assert code == 0 and "untrained encoder (epoch 0)" in out and "What the latent learns" in err
