@@ -389,7 +389,9 @@ class Trainer:
             # watch covers every step since the last point, so the mean below is finite.
             self._raise_if_diverged()
             value = dist.all_mean(running / count).item()
-            diagnosed = dict(zip(self.diagnostics, torch.stack(list(self.diagnostics.values())).tolist(), strict=True))
+            # Only rank 0 diagnoses (the others record nothing).
+            values = torch.stack(list(self.diagnostics.values())).tolist() if self.diagnostics else []
+            diagnosed = dict(zip(self.diagnostics, values, strict=True))
             self.diagnostics = {}
             self.tracker.log_metrics(
                 {tracking.TRAIN_LOSS: value, tracking.TRAIN_LR: self._lr_factor() * self.decoder_lr, **diagnosed},
