@@ -315,7 +315,7 @@ class Trainer:
                 tracking.IMAGES_SEEN: float(self.global_step * self.batch_size),
                 tracking.TRAIN_SECONDS: self.train_seconds,
             }
-            shown = "  ".join(f"{k}={v:.4f}" for k, v in sorted(self.metrics.items()))
+            shown = "  ".join(f"{k}={v:.4f}" for k, v in tracking.shown_order(self.metrics))
             log.info("eval epoch %d: %s  (%.1f s)", epoch, shown, seconds)
             stop = bool(self.on_evaluation(epoch, {**self.metrics, **counters}))
         dist.wait_for_all()

@@ -71,6 +71,12 @@ def factor_metric(factor: str) -> str:
     return f"{FACTOR_PREFIX}{factor}"
 
 
+def shown_order(metrics: dict[str, float]) -> list[tuple[str, float]]:
+    """Metrics as lines show them: sorted by key, the factor probes after the others, so that a
+    line starts with the probes and the latent gap whether or not the data set has factors."""
+    return sorted(metrics.items(), key=lambda item: (item[0].startswith(FACTOR_PREFIX), item[0]))
+
+
 # Tags. A sweep's trials carry TRIAL and STUDY and point at the sweep's run with PARENT_RUN;
 # the sweep's own run carries SWEEP=SWEEP_PARENT.
 RUN_DIR = "run_dir"

@@ -186,7 +186,7 @@ def _run(
             error.filename,
             error.strerror,
         )
-    summary = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+    summary = " ".join(f"{k}={v:.4f}" for k, v in tracking.shown_order(metrics))
     print(f"final {summary} (epoch {trainer.epoch}, mlflow run {tracker.run_id}, {run_dir})", flush=True)
     if isinstance(settings.objective, str):
         return metrics[settings.objective]
