@@ -157,3 +157,13 @@ def test_analysis_recognises_the_tags_sweeps_write():
     assert list(finished_runs(runs)["run_id"]) == ["trial-0", "trial-1", "single"]
     assert exclusion_note(runs) == "excluded: 1 failed, 1 pruned"
     assert select_runs(runs, sweep="lr")["run_id"].tolist() == ["lr-parent", "lr-trial"]
+
+
+def test_lines_show_the_probes_and_the_gap_before_the_factor_probes():
+    metrics = {"eval/factor/size": 0.5, "eval/linear_acc": 0.7, "eval/factor/shape": 0.6, "eval/knn_acc": 0.8}
+    assert [key for key, _ in tracking.shown_order(metrics)] == [
+        "eval/knn_acc",
+        "eval/linear_acc",
+        "eval/factor/shape",
+        "eval/factor/size",
+    ]
