@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import textwrap
+from collections.abc import Iterable
 
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -18,6 +19,7 @@ from matplotlib.figure import Figure
 
 from analysis.runs import AnalysisError, exclusion_note, finished_runs, select_runs
 from analysis.tables import NO_VALUE, Table, common_setup, missing_metric_notes, summarize
+from soda.data.shapes import FACTORS
 from soda.tracking import (
     DIAGNOSTICS,
     FACTOR_PREFIX,
@@ -25,13 +27,13 @@ from soda.tracking import (
     KNN_ACC,
     LINEAR_ACC,
     TRAIN_LOSS,
+    factor_metric,
     latent_gap_at,
 )
 
 LEARNING_STUDY = "learning_study"
 GAP = latent_gap_at(500)  # the issue's yardstick: the decoder's error at t = 500 with another latent
 UNTRAINED = "untrained encoder (epoch 0)"
-FACTOR_ORDER = ("shape", "position", "size", "rotation", "shape_colour", "background_colour")
 DIAGNOSTIC_LABELS = {
     TRAIN_LOSS: "training loss",
     "train/encoder_grad_norm": "encoder gradient norm",
@@ -43,11 +45,11 @@ DIAGNOSTIC_LABELS = {
 }
 
 
-def factor_metrics(runs: pd.DataFrame) -> list[str]:
-    """The factor-probe metrics some run recorded, shape first."""
-    names = {c[len("metrics.") :] for c in runs.columns if c.startswith(f"metrics.{FACTOR_PREFIX}")}
-    order = {f"{FACTOR_PREFIX}{name}": index for index, name in enumerate(FACTOR_ORDER)}
-    return sorted(names, key=lambda name: (order.get(name, len(order)), name))
+def factor_metrics(keys: Iterable[str]) -> list[str]:
+    """The factor-probe metrics among `keys`, in shapes' order of factors (others after, sorted)."""
+    order = {factor_metric(name): index for index, name in enumerate(FACTORS)}
+    found = {key for key in keys if key.startswith(FACTOR_PREFIX)}
+    return sorted(found, key=lambda key: (order.get(key, len(order)), key))
 
 
 def metric_label(metric: str) -> str:
@@ -74,7 +76,8 @@ def _cell(row, metric: str) -> str:
 
 def learning_keys(finished: pd.DataFrame) -> list[str]:
     """The evaluation metrics of the study's table, in its order."""
-    return [GAP, *factor_metrics(finished), LINEAR_ACC, KNN_ACC]
+    recorded = [c[len("metrics.") :] for c in finished.columns if c.startswith("metrics.")]
+    return [GAP, *factor_metrics(recorded), LINEAR_ACC, KNN_ACC]
 
 
 def learning_table(runs: pd.DataFrame, history: pd.DataFrame, study: str = LEARNING_STUDY) -> Table:
@@ -167,7 +170,7 @@ def _panels(
 def learning_figure(points: pd.DataFrame, table: Table) -> Figure:
     """The latent gap (t = 500), each factor probe and the linear probe against optimiser steps, a
     line per setting (± one standard deviation over seeds); step 0 is the untrained encoder."""
-    keys = [m for m in (GAP, *factor_metrics_of(points), LINEAR_ACC) if m in set(points["key"])]
+    keys = [m for m in (GAP, *factor_metrics(set(points["key"])), LINEAR_ACC) if m in set(points["key"])]
     if not keys:
         raise AnalysisError("no latent gap or factor-probe history to plot")
     scale = {GAP: 100, LINEAR_ACC: 100, f"{FACTOR_PREFIX}shape": 100}
@@ -180,11 +183,3 @@ def diagnostics_figure(history: pd.DataFrame, table: Table) -> Figure:
     if not keys:
         raise AnalysisError("no training diagnostics to plot (runs from before they were logged?)")
     return _panels(_curves(history, table), keys, DIAGNOSTIC_LABELS, {})
-
-
-def factor_metrics_of(points: pd.DataFrame) -> list[str]:
-    present = set(points["key"])
-    order = [f"{FACTOR_PREFIX}{name}" for name in FACTOR_ORDER]
-    return [m for m in order if m in present] + sorted(
-        m for m in present if m.startswith(FACTOR_PREFIX) and m not in order
-    )
