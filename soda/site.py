@@ -231,26 +231,39 @@ def launch_note(arguments: Sequence[str]) -> str | None:
     args = _hydra_arguments(arguments)
     if not args.multirun or args.cfg or args.help or args.hydra_help or args.info or args.shell_completion:
         return None
-    if any(_override_key(o) == "hydra/launcher" for o in args.overrides):
-        return None
+    named = [o.split("=", 1)[-1] for o in args.overrides if _override_key(o) == "hydra/launcher"]
+    if named:
+        return (
+            f"hydra/launcher=local: the jobs run on this machine, with {visible_gpus().text}"
+            if named[-1] == "local"
+            else None
+        )
     path = profile_path()
     if path is None:
         why = (
             f"{ENV}=none" if os.environ.get(ENV) is not None else f"no site profile ({ENV} or {shown(DEFAULT_PROFILE)})"
         )
         return (
-            f"{why}: the jobs run on this machine (hydra/launcher={DEFAULT_LAUNCHER}); to send them to SLURM, "
-            "`make site` writes a profile, or add hydra/launcher=slurm"
+            f"{why}: the jobs run on this machine (hydra/launcher={DEFAULT_LAUNCHER}), with {visible_gpus().text}; "
+            "to send them to SLURM, `make site` writes a profile, or add hydra/launcher=slurm"
         )
     profile = read_profile(path)
     if not profile.serves_a_launcher:
-        return f"site profile {shown(path)}: it picks no launcher; the jobs run on this machine (hydra/launcher=local)"
+        return (
+            f"site profile {shown(path)}: it picks no launcher; the jobs run on this machine (hydra/launcher=local), "
+            f"with {visible_gpus().text}"
+        )
     settings = profile.launcher_settings
     shown_settings = ", ".join(
         f"{key} {settings[key]}" for key in ("partition", "account", "gpus_per_node") if settings.get(key) is not None
     )
-    return f"site profile {shown(path)}: hydra/launcher={profile.base_launcher}" + (
-        f" ({shown_settings})" if shown_settings else ""
+    gpus = (
+        f", with {visible_gpus().text}" if profile.base_launcher == "local" and "gpus_per_node" not in settings else ""
+    )
+    return (
+        f"site profile {shown(path)}: hydra/launcher={profile.base_launcher}"
+        + (f" ({shown_settings})" if shown_settings else "")
+        + gpus
     )
 
 
@@ -272,3 +285,78 @@ def name_the_profile(message: str) -> str:
     where = f"the site profile {shown(path)}" if path is not None else "the site profile"
     message = message.replace("In 'site/default'", f"In {where}")
     return message.replace("In 'hydra/launcher/site'", f"In {where} (its launcher: hydra.launcher)")
+
+
+# ---------------------------------------------------------------------------------------------
+# This machine's GPUs, as a local launch hands them to its jobs.
+
+
+@dataclass(frozen=True)
+class VisibleGPUs:
+    """The GPUs a process started here may use: `ids` as CUDA_VISIBLE_DEVICES names them (indices,
+    or GPU-/MIG- UUIDs), and where that came from (`source`, for messages)."""
+
+    ids: tuple[str, ...]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def text(self) -> str:
+        """`2 GPUs (CUDA_VISIBLE_DEVICES=0,1)` or `no GPU (nvidia-smi was not found)`."""
+        if not self.ids:
+            return f"no GPU ({self.source})"
+        count = f"{len(self.ids)} GPU{'s' * (len(self.ids) != 1)}"
+        return f"{count} ({self.source})"
+
+
+def visible_gpus() -> VisibleGPUs:
+    """The GPUs of this machine that its jobs may use, without importing torch: those
+    CUDA_VISIBLE_DEVICES names when it is set (CUDA's rule: the list ends at the first entry
+    that is not a GPU; empty or -1 is none), else those `nvidia-smi` lists."""
+    import shutil
+    import subprocess
+
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        ids = []
+        for entry in (e.strip() for e in listed.split(",")):
+            if not (entry.isdigit() or entry.startswith(("GPU-", "MIG-"))):
+                break
+            ids.append(entry)
+        return VisibleGPUs(tuple(ids), f"CUDA_VISIBLE_DEVICES={listed}")
+    if shutil.which("nvidia-smi") is None:
+        return VisibleGPUs((), "nvidia-smi was not found")
+    try:
+        found = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return VisibleGPUs((), f"nvidia-smi failed: {error}")
+    if found.returncode != 0:
+        why = (found.stderr or found.stdout).strip().splitlines()
+        return VisibleGPUs((), f"nvidia-smi failed: {why[0] if why else f'status {found.returncode}'}")
+    ids = tuple(line.strip() for line in found.stdout.splitlines() if line.strip().isdigit())
+    return VisibleGPUs(ids, "nvidia-smi")
+
+
+# A run is GPU-sized when it trains a model at least this wide (the reference's UNet has 128
+# channels, the demo's 16) for at least this many epochs: days on CPUs, hours on a GPU.
+GPU_SIZED_CHANNELS = 64
+GPU_SIZED_EPOCHS = 50
+
+
+def gpu_sized(settings: Any) -> str | None:
+    """What makes a run (a soda.config.Config) one for GPUs, as a phrase (`model soda_r18_ddpm,
+    800 epochs of cifar10 at batch 512`), or None for a run CPUs can finish."""
+    model, schedule = settings.model, settings.schedule
+    budget = schedule.train_seconds
+    if model.base_channels < GPU_SIZED_CHANNELS or schedule.epochs < GPU_SIZED_EPOCHS:
+        return None
+    if budget is not None and budget <= 3600:
+        return None
+    return (
+        f"model {model.name} ({model.base_channels} channels), {schedule.epochs} epochs of "
+        f"{settings.dataset.name} at batch {schedule.batch_size}"
+    )

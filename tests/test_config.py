@@ -208,7 +208,8 @@ def test_hydra_offers_only_our_launchers_and_its_own():
 def test_launchers_keep_their_typed_schema(launcher, target):
     composed = compose_with_hydra([f"hydra/launcher={launcher}"])
     assert composed.hydra.launcher._target_ == f"hydra_plugins.soda_launchers.launchers.{target}"
-    assert composed.hydra.launcher.tasks_per_node == 1
+    # Local jobs: one rank per GPU the job gets (null until the launcher counts them); SLURM: one.
+    assert composed.hydra.launcher.tasks_per_node == (None if launcher == "local" else 1)
     with pytest.raises(ConfigCompositionException, match="hydra.launcher.gpus_per_node=four") as wrong_type:
         compose_with_hydra([f"hydra/launcher={launcher}", "hydra.launcher.gpus_per_node=four"])
     assert "could not be converted to Integer" in str(wrong_type.value.__cause__)

@@ -92,14 +92,20 @@ def test_a_rank_that_crashes_ends_the_whole_job_promptly(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "args, gpus, message",
     [
-        (["hydra.launcher.gpus_per_node=2", "hydra.launcher.tasks_per_node=1"], "tasks_per_node=1 but gpus_per_node=2"),
-        (["hydra.launcher.tasks_per_node=3"], "schedule.batch_size=32 is not divisible by the 3 ranks"),
+        (
+            ["hydra.launcher.gpus_per_node=2", "hydra.launcher.tasks_per_node=1"],
+            "0,1",
+            "tasks_per_node=1 but gpus_per_node=2",
+        ),
+        (["hydra.launcher.gpus_per_node=2"], "", "hydra.launcher.gpus_per_node=2 but this machine shows no GPU"),
+        (["hydra.launcher.tasks_per_node=3"], "", "schedule.batch_size=32 is not divisible by the 3 ranks"),
     ],
 )
-def test_bad_launcher_settings_are_one_line_before_submission(tmp_path, args, message):
-    result = _multirun(tmp_path, "hydra/launcher=local", *args, timeout=120)
+def test_bad_launcher_settings_are_one_line_before_submission(tmp_path, args, gpus, message):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpus}
+    result = _multirun(tmp_path, "hydra/launcher=local", *args, timeout=120, env=env)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], result.stderr

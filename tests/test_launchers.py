@@ -24,7 +24,7 @@ from hydra_plugins.soda_launchers.launchers import (
     scontrol_records,
     slurm_minutes,
 )
-from soda import progress
+from soda import progress, site
 from tests.helpers import SMOKE, launch
 from tests.support.services import needs_slurm
 
@@ -621,4 +621,84 @@ def test_a_slurm_job_cancelled_from_outside_ends_the_launch_without_accounting(t
     assert waited < 60  # two looks at scontrol, SCONTROL_EVERY_S apart
     assert re.search(
         rf"\t#0 [^\n]*: stopped after \w+: job {job} ended \(CANCELLED\) without a result", stdout + stderr
+    )
+
+
+def _gpus(*ids: str) -> site.VisibleGPUs:
+    return site.VisibleGPUs(tuple(ids), "CUDA_VISIBLE_DEVICES=" + ",".join(ids))
+
+
+@pytest.mark.parametrize(
+    ("params", "at_once", "visible", "gpus", "tasks", "groups"),
+    [
+        ({}, 1, ("0", "1", "2", "3"), 4, 4, [("0", "1", "2", "3")]),  # one job: every GPU, a rank each
+        ({}, 2, ("0", "1", "2", "3"), 2, 2, [("0", "1"), ("2", "3")]),  # two at once: half each
+        ({}, 3, ("4", "6"), 1, 1, [("4",), ("6",)]),  # more jobs than GPUs: one each, shared
+        ({}, 2, (), 0, 1, [()]),  # no GPU: CPUs
+        ({"tasks_per_node": 2}, 1, (), 0, 2, [()]),  # ranks on CPUs, as asked
+        ({"tasks_per_node": 1}, 1, ("0", "1"), 1, 1, [("0",), ("1",)]),  # one rank: one GPU
+        ({"gpus_per_node": 0}, 1, ("0", "1"), 0, 1, [()]),  # CPUs, explicitly
+        ({"gpus_per_node": 1, "tasks_per_node": 1}, 2, ("GPU-a", "GPU-b"), 1, 1, [("GPU-a",), ("GPU-b",)]),
+    ],
+)
+def test_local_jobs_get_the_gpus_the_machine_shows(params, at_once, visible, gpus, tasks, groups):
+    plan = launchers.local_plan({"gpus_per_node": None, "tasks_per_node": None, **params}, at_once, _gpus(*visible))
+    assert (plan.params["gpus_per_node"], plan.params["tasks_per_node"]) == (gpus, tasks)
+    assert list(plan.groups) == groups
+
+
+def test_local_jobs_in_flight_take_the_least_used_gpus():
+    plan = launchers.local_plan({"gpus_per_node": None, "tasks_per_node": None}, 2, _gpus("0", "1", "2", "3"))
+    first, second, third = (launchers.take_gpus(plan) for _ in range(3))
+    assert {first, second} == {("0", "1"), ("2", "3")} and third in (first, second)
+    launchers.release_gpus([first, third])
+    assert launchers.take_gpus(plan) == first  # held by no job now; the other by one
+    launchers.release_gpus([second, first])
+    assert not any(launchers._GPU_USE.values())
+
+
+def test_more_gpus_than_the_machine_shows_is_one_line():
+    with pytest.raises(launchers.LauncherError) as refused:
+        launchers.local_plan({"gpus_per_node": 2, "tasks_per_node": 2}, 1, _gpus("0"))
+    assert str(refused.value) == (
+        "hydra.launcher.gpus_per_node=2 but this machine shows 1 GPU (CUDA_VISIBLE_DEVICES=0); set "
+        "hydra.launcher.gpus_per_node=1 (or null: every GPU it shows)"
+    )
+
+
+def _visible_devices() -> str:
+    return os.environ["CUDA_VISIBLE_DEVICES"]
+
+
+def test_a_local_job_sees_only_the_gpus_it_was_given(tmp_path):
+    # submitit's local executor, as the launcher drives it: the job's CUDA_VISIBLE_DEVICES is its set.
+    plan = launchers.local_plan({"gpus_per_node": 1, "tasks_per_node": None}, 2, _gpus("GPU-a", "GPU-b"))
+    executor = launchers.make_executor("local", {**plan.params, "submitit_folder": str(tmp_path / "%j")})
+    seen = []
+    for group in plan.groups:
+        executor._executor.parameters["visible_gpus"] = group
+        seen.append(executor.submit(_visible_devices).result())
+    assert seen == ["GPU-a", "GPU-b"]
+
+
+@pytest.mark.parametrize(
+    ("listed", "ids"),
+    [("0,1", ("0", "1")), ("", ()), ("-1", ()), ("2,-1,3", ("2",)), ("GPU-5f3a,MIG-1", ("GPU-5f3a", "MIG-1"))],
+)
+def test_visible_gpus_follow_cudas_rule(monkeypatch, listed, ids):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", listed)
+    assert site.visible_gpus().ids == ids
+
+
+def test_visible_gpus_ask_nvidia_smi_without_cuda_visible_devices(monkeypatch, tmp_path):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert site.visible_gpus() == site.VisibleGPUs((), "nvidia-smi was not found")
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\nprintf '0\\n1\\n'\n")
+    smi.chmod(0o755)
+    assert site.visible_gpus() == site.VisibleGPUs(("0", "1"), "nvidia-smi")
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the driver'\nexit 9\n")
+    assert site.visible_gpus().text == (
+        "no GPU (nvidia-smi failed: NVIDIA-SMI has failed because it could not communicate with the driver)"
     )

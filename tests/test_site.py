@@ -169,8 +169,10 @@ def test_a_multirun_first_says_where_its_jobs_run(tmp_path, profile):
     assert "make site" in first
     with_profile = run_launch("-m", "experiment=demo", "schedule.epochs=0", env={"SODA_SITE": str(profile)})
     assert with_profile.stdout.splitlines()[0] == f"site profile {profile}: hydra/launcher=slurm (partition gpu)"
-    # Naming the launcher, or a run that is not a multirun, needs no such line.
-    assert site.launch_note(["-m", "hydra/launcher=local"]) is None and site.launch_note(["seed=1"]) is None
+    # Naming the local launcher still says which GPUs the jobs get; naming another, or a run that
+    # is not a multirun, needs no such line.
+    assert site.launch_note(["-m", "hydra/launcher=local"]).startswith("hydra/launcher=local: the jobs run on this")
+    assert site.launch_note(["-m", "hydra/launcher=slurm"]) is None and site.launch_note(["seed=1"]) is None
 
 
 def test_the_note_without_a_profile_says_how_to_make_one(monkeypatch, tmp_path):

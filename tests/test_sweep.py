@@ -532,16 +532,17 @@ def test_local_jobs_share_the_cores_instead_of_oversubscribing_them(monkeypatch)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(launchers, "_SET_BY_US", set())
     monkeypatch.setattr(launchers.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU: the ranks are the 2 asked for
     launcher = launchers.SodaLocalLauncher(tasks_per_node=2, threads_per_task=None)
     launcher.jobs_at_once = 4  # a sweeper with sweep.n_jobs=4
-    launcher._share_cores(jobs_in_this_call=1)
+    launcher._share_cores(launcher._plan(jobs_in_this_call=1))
     assert os.environ["OMP_NUM_THREADS"] == "2"  # 16 cores / (4 jobs x 2 ranks)
     launcher.jobs_at_once = None
-    launcher._share_cores(jobs_in_this_call=3)  # a plain multirun of 3 points
+    launcher._share_cores(launcher._plan(jobs_in_this_call=3))  # a plain multirun of 3 points
     assert os.environ["OMP_NUM_THREADS"] == "2"  # 16 // 6
     monkeypatch.setenv("OMP_NUM_THREADS", "5")  # the user's choice wins
     monkeypatch.setattr(launchers, "_SET_BY_US", set())
-    launcher._share_cores(jobs_in_this_call=8)
+    launcher._share_cores(launcher._plan(jobs_in_this_call=8))
     assert os.environ["OMP_NUM_THREADS"] == "5"
 
 

@@ -17,6 +17,8 @@ _LOCK = threading.Lock()
 # looks for that folder first. Two threads pickling and submitting at once (a sweeper with
 # n_jobs > 1) delayed the move past the controller's start (seen once in CI).
 SUBMIT_LOCK = threading.Lock()
+# Guards which GPUs the local jobs in flight hold (launchers.take_gpus).
+GPU_LOCK = threading.Lock()
 
 
 def add(jobs, numbers) -> None:

@@ -44,7 +44,7 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, LocalQue
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
 from omegaconf import OmegaConf
 
-from soda import progress
+from soda import progress, site
 from soda.errors import SodaError
 
 log = logging.getLogger(__name__)
@@ -108,10 +108,12 @@ class _TrackedLaunch:
     def _submit_and_wait(self, job_overrides, initial_job_idx):
         from hydra_plugins.soda_launchers import inflight
 
-        executor = make_executor(self._EXECUTOR, self.params)
-        if self._EXECUTOR == "local":
+        local = self._EXECUTOR == "local"
+        plan = self._plan(len(job_overrides)) if local else None
+        executor = make_executor(self._EXECUTOR, plan.params if local else self.params)
+        if local:
             _quiet_controllers(executor)
-            self._share_cores(len(job_overrides))
+            self._share_cores(plan)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         job_params = []
@@ -121,13 +123,23 @@ class _TrackedLaunch:
             job_params.append(
                 (list(overrides), "hydra.sweep.dir", number, f"job_id_for_{number}", Singleton.get_state())
             )
+        taken: list = []  # the GPU sets the local jobs hold
         with inflight.SUBMIT_LOCK:
-            jobs = executor.map_array(self, *zip(*job_params, strict=True))
+            if local:  # one job at a time, each with its own GPUs (submitit's map_array gives all the same)
+                jobs = []
+                for params in job_params:
+                    taken.append(take_gpus(plan))
+                    # Set directly: submitit checks visible_gpus for ints, and CUDA also names GPUs by UUID.
+                    executor._executor.parameters["visible_gpus"] = taken[-1]
+                    jobs.append(executor.submit(self, *params))
+            else:
+                jobs = executor.map_array(self, *zip(*job_params, strict=True))
         inflight.add(jobs, [params[2] for params in job_params])
         try:
             return self._wait(jobs, job_overrides, initial_job_idx, sweep_dir)
         finally:
             inflight.remove(jobs)
+            release_gpus(taken)
 
     def _wait(self, jobs, job_overrides, initial_job_idx: int, sweep_dir: Path) -> list:
         """Each job's JobReturn, once every job ended, with a line on each job as it ends and a
@@ -489,11 +501,14 @@ def _check_ranks(params: dict, settings: list) -> None:
 class SodaLocalLauncher(_TrackedLaunch, LocalLauncher):
     jobs_at_once: int | None = None  # set by a sweeper that keeps several launch() calls in flight
 
-    def _share_cores(self, jobs_in_this_call: int) -> None:
+    def _plan(self, jobs_in_this_call: int) -> "LocalPlan":
+        return local_plan(self.params, max(self.jobs_at_once or 1, jobs_in_this_call), site.visible_gpus())
+
+    def _share_cores(self, plan: "LocalPlan") -> None:
         """Local jobs share this machine: give each task its share of the cores as its thread
         count (OMP_NUM_THREADS, which the jobs inherit), unless the user chose one. Without it
         every process starts one thread per core and they slow each other down several-fold."""
-        threads = local_threads(self.params, max(self.jobs_at_once or 1, jobs_in_this_call))
+        threads = local_threads(plan.params, plan.jobs_at_once)
         if threads is not None:
             os.environ["OMP_NUM_THREADS"] = str(threads)
             _SET_BY_US.add(str(threads))
@@ -501,8 +516,98 @@ class SodaLocalLauncher(_TrackedLaunch, LocalLauncher):
     def launch(self, job_overrides, initial_job_idx):
         refuse_a_dry_run(self.params)
         settings = self._job_settings(job_overrides)
-        check_local(self.params, settings)
+        plan = self._plan(len(job_overrides))
+        check_local(plan.params, settings)
+        if plan.line not in _WARNED:  # said once per process, and again if it changes
+            _WARNED.add(plan.line)
+            log.info("hydra/launcher=local: %s", plan.line)
+        warn_about_cpu_jobs(plan.params.get("gpus_per_node") or 0, plan.why_no_gpu, settings, initial_job_idx)
         return self._submit_and_wait(job_overrides, initial_job_idx)
+
+
+@dataclass(frozen=True)
+class LocalPlan:
+    """How local jobs use this machine's GPUs: `params` are the launcher's with gpus_per_node and
+    tasks_per_node resolved; each job takes one of `groups` (GPU ids, as CUDA_VISIBLE_DEVICES names
+    them), the least used one; `line` says it all."""
+
+    params: dict
+    groups: tuple
+    jobs_at_once: int
+    line: str
+    why_no_gpu: str  # why a job gets no GPU (when it gets none)
+
+
+def local_plan(params: dict, jobs_at_once: int, visible: "site.VisibleGPUs") -> LocalPlan:
+    """The GPUs of local jobs, `jobs_at_once` of them running together. gpus_per_node null (the
+    default): every GPU the machine shows, shared out (one DDP rank each, tasks_per_node null):
+    all of them to one job when one runs at a time, else an equal share to each job, or one GPU
+    each, jobs taking turns on them, when more jobs than GPUs run at once. An explicit
+    gpus_per_node must be there (0 = CPUs, CUDA_VISIBLE_DEVICES empty)."""
+    gpus, tasks = params.get("gpus_per_node"), params.get("tasks_per_node")
+    count = len(visible)
+    if gpus is None:
+        why_no_gpu = f"this machine shows {visible.text}"
+        gpus = 0 if not count else (min(tasks, count) if tasks is not None else max(1, count // jobs_at_once))
+    elif gpus > count:
+        raise LauncherError(
+            f"hydra.launcher.gpus_per_node={gpus} but this machine shows {visible.text}; set "
+            f"hydra.launcher.gpus_per_node={count} (or null: every GPU it shows)"
+        )
+    else:
+        why_no_gpu = "hydra.launcher.gpus_per_node=0"
+    tasks = tasks if tasks is not None else max(gpus, 1)
+    resolved = {**params, "gpus_per_node": gpus, "tasks_per_node": tasks}
+    at_once = f"{jobs_at_once} job{'s' * (jobs_at_once != 1)} at once"
+    ranks = f"{tasks} DDP rank{'s' * (tasks != 1)}"
+    if not gpus:
+        groups = ((),)
+        line = f"{why_no_gpu}: jobs run on CPUs, each {ranks}, {at_once}"
+    else:
+        groups = tuple(visible.ids[start : start + gpus] for start in range(0, count - gpus + 1, gpus))
+        shared = "; more jobs than GPU sets, so some share one" if len(groups) < jobs_at_once else ""
+        line = (
+            f"{visible.text}: each job gets {gpus} GPU{'s' * (gpus != 1)} (CUDA_VISIBLE_DEVICES) and runs "
+            f"{ranks}, {at_once}{shared}"
+        )
+    return LocalPlan(resolved, groups, jobs_at_once, line, why_no_gpu)
+
+
+_GPU_USE: dict = {}  # GPU set -> local jobs holding it now (a sweeper's threads launch at once)
+
+
+def take_gpus(plan: LocalPlan) -> tuple:
+    """The GPU set of `plan` that the fewest running local jobs hold, now held once more."""
+    from hydra_plugins.soda_launchers import inflight
+
+    with inflight.GPU_LOCK:
+        group = min(plan.groups, key=lambda ids: _GPU_USE.get(ids, 0))
+        _GPU_USE[group] = _GPU_USE.get(group, 0) + 1
+    return group
+
+
+def release_gpus(groups: list) -> None:
+    from hydra_plugins.soda_launchers import inflight
+
+    with inflight.GPU_LOCK:
+        for group in groups:
+            _GPU_USE[group] -= 1
+
+
+def warn_about_cpu_jobs(gpus: int, why: str, settings: list, first_number: int = 0) -> None:
+    """Once per process, a warning line when a job that needs GPUs (site.gpu_sized) gets none."""
+    for number, job in enumerate(settings, start=first_number):
+        size = site.gpu_sized(job)
+        if gpus or size is None or "cpu jobs" in _WARNED:
+            continue
+        _WARNED.add("cpu jobs")
+        log.warning(
+            "job #%d trains %s but gets no GPU (%s): on CPUs that takes days; give it GPUs "
+            "(hydra.launcher.gpus_per_node) or a smaller run (experiment=demo)",
+            number,
+            size,
+            why,
+        )
 
 
 def local_threads(params: dict, jobs_at_once: int) -> Optional[int]:
@@ -519,7 +624,7 @@ def local_threads(params: dict, jobs_at_once: int) -> Optional[int]:
 
 
 def check_local(params: dict, settings: list) -> None:
-    """What the local launcher refuses before it starts a job."""
+    """What the local launcher refuses before it starts a job (params with GPUs resolved: local_plan)."""
     _check_ranks(params, settings)
     if (params.get("nodes") or 1) != 1:
         raise LauncherError("hydra/launcher=local runs on this machine: hydra.launcher.nodes must be 1")
@@ -543,6 +648,8 @@ class SodaSlurmLauncher(_TrackedLaunch, SlurmLauncher):
         sweeper = str(OmegaConf.select(self.config, "hydra.sweeper._target_", default=""))
         for job in settings:
             warn_about_file_stores(job.tracking.uri, job.sweep.storage, optuna_sweep="soda_sweeper" in sweeper)
+        gpus = self.params.get("gpus_per_node")
+        warn_about_cpu_jobs(gpus or 0, f"hydra.launcher.gpus_per_node={gpus}", settings, initial_job_idx)
         return self._submit_and_wait(job_overrides, initial_job_idx)
 
 
@@ -698,6 +805,10 @@ def partition_problem(params: dict, partition: dict, nodes: list) -> Optional[st
 @dataclass
 class SodaLocalConf(LocalQueueConf):
     _target_: str = "hydra_plugins.soda_launchers.launchers.SodaLocalLauncher"
+    # GPUs per job; null: this machine's GPUs shared out among the jobs at once (local_plan); 0: CPUs.
+    gpus_per_node: Optional[int] = None
+    # DDP ranks per job; null: one per GPU the job gets, else 1.
+    tasks_per_node: Optional[int] = None
     # Threads per task (OMP_NUM_THREADS); null: this machine's cores / (jobs at once x tasks).
     threads_per_task: Optional[int] = None
     # On the command line: list the jobs and how they would run, start none (soda/dryrun.py).
