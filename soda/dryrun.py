@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from soda.progress import plural
 
@@ -64,65 +65,123 @@ def _dry_run(arguments: list[str], overrides: list[str]) -> int:
     settings = [config.to_settings(config.without_hydra(config.compose_as_launched(arguments, job))) for job in jobs]
     sweeper = str(OmegaConf.select(launch, "hydra.sweeper._target_", default=""))
     shown = launchers._shown_overrides(jobs)
-    print(f"dry run of {plural(len(jobs), 'trial')}: python launch.py {' '.join(arguments)}")
 
     if "soda_sweeper" in sweeper:  # one launch, so one submission, per trial; sweep.n_jobs in flight
-        submissions = [[number] for number in range(len(jobs))]
+        plan = _optuna_plan(launch, overrides, jobs, shown)
         at_once = settings[0].sweep.n_jobs
     else:  # Hydra's basic sweeper: its batches (all jobs, unless max_batch_size) are launched at once
         size = OmegaConf.select(launch, "hydra.sweeper.max_batch_size", default=None) or len(jobs)
-        submissions = [list(range(start, min(start + size, len(jobs)))) for start in range(0, len(jobs), size)]
+        batches = [list(range(start, min(start + size, len(jobs)))) for start in range(0, len(jobs), size)]
+        plan = Plan(f"dry run of {plural(len(jobs), 'trial')}", len(jobs), list(enumerate(shown)), batches, [])
         at_once = size
+    print(f"{plan.title}: python launch.py {' '.join(arguments)}")
+    for line in plan.notes:
+        print(line)
     if target.endswith("SodaLocalLauncher"):
-        return _local(params, settings, shown, at_once)
+        return _local(params, settings, plan, min(at_once, plan.trials))
     if target.endswith("SodaSlurmLauncher"):
-        return _slurm(params, settings, shown, submissions, sweeper)
+        return _slurm(params, settings, plan, sweeper)
     return _error(f"hydra.launcher.dry_run=true needs hydra/launcher=local or slurm, not {target}")
 
 
-def _local(params: dict, settings: list, shown: list[str], at_once: int) -> int:
-    from hydra_plugins.soda_launchers import launchers
+@dataclass
+class Plan:
+    """What a multirun would run: a title, how many trials, the rows to list ((number, overrides);
+    number None for a trial the sampler has not chosen yet), how they are submitted (lists of
+    row indices, one per submission) and lines saying more."""
 
-    launchers.check_local(params, settings)
-    for number, overrides in enumerate(shown):
-        print(f"--- trial {number} of {len(shown)}: {overrides}")
-    at_once = min(at_once, len(shown))
-    tasks = params.get("tasks_per_node") or 1
-    threads = launchers.local_threads(params, at_once)
+    title: str
+    trials: int
+    rows: list[tuple[int | None, str]]
+    submissions: list[list[int]]
+    notes: list[str]
+
+
+def _optuna_plan(launch, overrides: list[str], jobs: list[list[str]], shown: list[str]) -> Plan:
+    """The trials of our Optuna sweeper as it will run them: a grid's cells (the first
+    sweep.n_trials of them), or a sampler's number of trials and the ranges it draws from."""
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.soda_sweeper.sampler import sampler_spec
+    from hydra_plugins.soda_sweeper.search_space import parse_space
+
+    sweeper = OmegaConf.to_container(launch.hydra.sweeper, resolve=True)
+    choices = OmegaConf.select(launch, "hydra.runtime.choices", default={}) or {}
+    spec = sampler_spec(sweeper.get("sampler"), choices.get("hydra/sweeper/sampler"))
+    n_trials, n_jobs = sweeper.get("n_trials"), sweeper.get("n_jobs")
+    study = f"study {sweeper.get('study_name')}" if sweeper.get("study_name") else "a new study"
+    resume = f"{study}: trials it already finished are not run again"
+    if spec.grid:
+        count = min(n_trials or len(jobs), len(jobs))
+        cut = f", the first {count} (sweep.n_trials={n_trials})" if count < len(jobs) else ""
+        title = f"dry run of a grid of {plural(len(jobs), 'cell')}{cut}: {plural(count, 'trial')}, {n_jobs} at a time"
+        rows = list(enumerate(shown[:count]))
+        return Plan(title, count, rows, [[n] for n in range(count)], [resume])
+    dimensions, _ = parse_space(sweeper.get("params") or {}, overrides)
+    title = f"dry run of a {spec.name} search: {plural(n_trials or 0, 'trial')}, {n_jobs} at a time"
+    notes = [f"  {name}: {dimension.spec}" for name, dimension in dimensions.items()]
+    notes.append(
+        f"{resume}; the sampler picks each trial's values when it starts; all {plural(len(jobs), 'composition')} "
+        "of the choices and the intervals' low ends were checked"
+    )
+    return Plan(title, n_trials or 0, [(None, f"{spec.name} picks {', '.join(dimensions)}")], [[0]], notes)
+
+
+def _local(params: dict, settings: list, plan: Plan, at_once: int) -> int:
+    from hydra_plugins.soda_launchers import launchers
+    from soda import site
+
+    gpus = launchers.local_plan(params, at_once, site.visible_gpus())
+    launchers.check_local(gpus.params, settings)
+    launchers.warn_about_cpu_jobs(gpus.params["gpus_per_node"], gpus.why_no_gpu, settings)
+    for number, overrides in plan.rows:
+        print(f"--- {_trial(number, plan.trials)}: {overrides}")
+    threads = launchers.local_threads(gpus.params, at_once)
     threads_text = "the OMP_NUM_THREADS you set" if threads is None else f"{threads} thread{'s' * (threads != 1)}"
+    print(f"{gpus.line}; each rank with {threads_text} (OMP_NUM_THREADS)")
     print(
-        f"dry run: {len(shown)} trials would run on this machine (hydra/launcher=local), {at_once} at once, "
-        f"each {plural(tasks, 'task')} with {threads_text} (OMP_NUM_THREADS); nothing was started"
+        f"dry run: {plural(plan.trials, 'trial')} would run on this machine (hydra/launcher=local); nothing was started"
     )
     return 0
 
 
-def _slurm(params: dict, settings: list, shown: list[str], submissions: list[list[int]], sweeper: str) -> int:
+def _trial(number: int | None, total: int) -> str:
+    return f"trial {number} of {total}" if number is not None else f"each of the {total} trials"
+
+
+def _slurm(params: dict, settings: list, plan: Plan, sweeper: str) -> int:
     from hydra_plugins.soda_launchers import launchers
 
     launchers.check_slurm(params, settings)
     for job in settings:
         launchers.warn_about_file_stores(job.tracking.uri, job.sweep.storage, optuna_sweep="soda_sweeper" in sweeper)
+    gpus = params.get("gpus_per_node")
+    launchers.warn_about_cpu_jobs(gpus or 0, f"hydra.launcher.gpus_per_node={gpus}", settings)
     executor = launchers.make_executor("slurm", params)
-    total = len(shown)
+    total = plan.trials
+    # One row stands for every trial when the sampler has not chosen them: its verdict is theirs.
+    weight = total if plan.rows and plan.rows[0][0] is None else 1
     refused: list[tuple[int, str]] = []  # (trials, sbatch's first line) of each refused submission
-    for numbers in submissions:
-        for number in numbers:
-            print(f"--- trial {number} of {total}: {shown[number]}")
-        if len(numbers) > 1:
-            print(f"--- one job array of trials {numbers[0]}-{numbers[-1]}, as Hydra's basic sweeper submits them:")
-        script = launchers.submission_script(executor, len(numbers))
+    for indices in plan.submissions:
+        for index in indices:
+            number, overrides = plan.rows[index]
+            print(f"--- {_trial(number, total)}: {overrides}")
+        if len(indices) > 1:
+            first, last = plan.rows[indices[0]][0], plan.rows[indices[-1]][0]
+            print(f"--- one job array of jobs {first}-{last}, as Hydra's basic sweeper submits them:")
+        script = launchers.submission_script(executor, len(indices))
         print(script.rstrip("\n"))
         accepted, answer = _test_only(script)
         print(f"sbatch --test-only {'accepted' if accepted else 'refused'} it: {'; '.join(answer)}")
         if not accepted:
-            refused.append((len(numbers), answer[0]))
+            refused.append((len(indices) * weight, answer[0]))
     problem = launchers.partition_check(params)
     print(f"the launcher's check of the request against the partition: {problem or 'passed'}")
     refused_trials = sum(count for count, _ in refused)
+    submissions = total if weight > 1 else len(plan.submissions)
     print(
-        f"dry run: sbatch --test-only accepted {total - refused_trials} of {total} trials in "
-        f"{plural(len(submissions), 'submission')}; nothing was submitted"
+        f"dry run: sbatch --test-only accepted {total - refused_trials} of {plural(total, 'trial')} in "
+        f"{plural(submissions, 'submission')}; nothing was submitted"
     )
     if refused:
         return _error(f"dry run: sbatch --test-only refused {refused_trials} of {total} trials: {refused[0][1]}")

@@ -4,6 +4,7 @@ job and, on SLURM, the sbatch script the launch would submit and SLURM's verdict
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -58,25 +59,112 @@ def test_a_launcher_option_that_sets_dry_run_submits_nothing(tmp_path):
     assert not (tmp_path / "sweep" / ".submitit").exists() and not (tmp_path / "sweep" / "0").exists()
 
 
-def _dry_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def _dry_run(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """launch.py's dry run of `args`, from an empty folder (which must stay empty)."""
     work = tmp_path / "work"
     work.mkdir()
-    result = launch(["-m", "experiment=demo", *args, "hydra.launcher.dry_run=true"], cwd=work, timeout=180)
+    environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    environment = {key: value for key, value in environment.items() if value is not None}
+    result = launch(["-m", *args, "hydra.launcher.dry_run=true"], cwd=work, timeout=180, env=environment)
     assert not any(work.iterdir()), f"the dry run wrote {sorted(work.rglob('*'))}"
     return result
 
 
 @pytest.mark.integration
 def test_a_local_dry_run_lists_the_jobs_and_how_they_would_share_this_machine(tmp_path):
-    result = _dry_run(tmp_path, "seed=0,1,2", "hydra/launcher=local", "hydra.launcher.threads_per_task=1")
+    result = _dry_run(
+        tmp_path, "experiment=demo", "seed=0,1,2", "hydra/launcher=local", "hydra.launcher.threads_per_task=1"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    assert [line for line in lines if line.startswith("---")] == [f"--- trial {n} of 3: seed={n}" for n in range(3)]
-    assert lines[-1] == (
-        "dry run: 3 trials would run on this machine (hydra/launcher=local), 3 at once, each 1 task with 1 thread "
-        "(OMP_NUM_THREADS); nothing was started"
+    assert lines[1] == "dry run of 3 trials: python launch.py -m experiment=demo seed=0,1,2 hydra/launcher=local " + (
+        "hydra.launcher.threads_per_task=1 hydra.launcher.dry_run=true"
     )
+    assert [line for line in lines if line.startswith("---")] == [f"--- trial {n} of 3: seed={n}" for n in range(3)]
+    assert lines[-2:] == [
+        "this machine shows no GPU (CUDA_VISIBLE_DEVICES=): jobs run on CPUs, each 1 DDP rank, 3 jobs at once; "
+        "each rank with 1 thread "
+        "(OMP_NUM_THREADS)",
+        "dry run: 3 trials would run on this machine (hydra/launcher=local); nothing was started",
+    ]
+
+
+def _fake_gpus(tmp_path: Path, count: int) -> dict:
+    """An environment whose nvidia-smi lists `count` GPUs (and no CUDA_VISIBLE_DEVICES)."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    smi = folder / "nvidia-smi"
+    smi.write_text("#!/bin/sh\n" + "".join(f"echo {n}\n" for n in range(count)))
+    smi.chmod(0o755)
+    return {"PATH": f"{folder}:{os.environ['PATH']}", "CUDA_VISIBLE_DEVICES": None, "SODA_SITE": "none"}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("args", "first", "plan"),
+    [
+        (
+            [],
+            "SODA_SITE=none: the jobs run on this machine (hydra/launcher=local), with 4 GPUs (nvidia-smi)",
+            "4 GPUs (nvidia-smi): each job gets 4 GPUs (CUDA_VISIBLE_DEVICES) and runs 4 DDP ranks, 1 job at once",
+        ),
+        (
+            ["sweep.n_jobs=2"],
+            "SODA_SITE=none: the jobs run on this machine (hydra/launcher=local), with 4 GPUs (nvidia-smi)",
+            "4 GPUs (nvidia-smi): each job gets 2 GPUs (CUDA_VISIBLE_DEVICES) and runs 2 DDP ranks, 2 jobs at once",
+        ),
+    ],
+)
+def test_local_jobs_use_the_gpus_the_machine_shows(tmp_path, args, first, plan):
+    result = _dry_run(tmp_path, "sweep=augment_ablation", *args, env=_fake_gpus(tmp_path, 4))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(first) and lines[-2].startswith(plan)
+    assert "no GPU" not in result.stderr
+
+
+@pytest.mark.integration
+def test_a_reference_job_without_a_gpu_is_warned_about_and_too_many_gpus_refused(tmp_path):
+    env = _fake_gpus(tmp_path, 2)
+    cpu = _dry_run(tmp_path, "sweep=augment_ablation", "hydra.launcher.gpus_per_node=0", env=env)
+    assert cpu.returncode == 0, cpu.stderr[-3000:]
+    assert cpu.stderr.splitlines() == [
+        "warning: job #0 trains model soda_r18_ddpm (128 channels), 800 epochs of cifar10 at batch 512 but gets no "
+        "GPU (hydra.launcher.gpus_per_node=0): on CPUs that takes days; give it GPUs (hydra.launcher.gpus_per_node) "
+        "or a smaller run (experiment=demo)"
+    ]
+    (tmp_path / "work").rmdir()
+    many = _dry_run(tmp_path, "sweep=augment_ablation", "hydra.launcher.gpus_per_node=4", env=env)
+    assert many.returncode == 2
+    assert many.stderr.splitlines()[-1] == (
+        "error: hydra.launcher.gpus_per_node=4 but this machine shows 2 GPUs (nvidia-smi); set "
+        "hydra.launcher.gpus_per_node=2 (or null: every GPU it shows)"
+    )
+
+
+@pytest.mark.integration
+def test_a_dry_run_shows_the_trials_as_they_will_run(tmp_path):
+    # A sampler: how many trials, how many at a time, the ranges; not the compositions it checked.
+    search = _dry_run(tmp_path, "sweep=lr_search", "experiment=demo")
+    assert search.returncode == 0, search.stderr[-3000:]
+    lines = search.stdout.splitlines()
+    assert lines[1].startswith("dry run of a tpe search: 16 trials, 2 at a time: python launch.py -m sweep=lr_search")
+    assert lines[2:5] == [
+        "  schedule.decoder_lr: tag(log, interval(1e-4, 3e-3))",
+        "  schedule.encoder_lr_ratio: tag(log, interval(0.1, 4.0))",
+        "  schedule.ema_decay: choice(0.99, 0.999, 0.9999)",
+    ]
+    assert [line for line in lines if line.startswith("---")] == [
+        "--- each of the 16 trials: tpe picks schedule.decoder_lr, schedule.encoder_lr_ratio, schedule.ema_decay"
+    ]
+    assert lines[-1] == "dry run: 16 trials would run on this machine (hydra/launcher=local); nothing was started"
+    # A grid cut by sweep.n_trials: the cells that will run.
+    (tmp_path / "work").rmdir()
+    grid = _dry_run(tmp_path, "sweep=augment_ablation", "experiment=demo", "sweep.n_trials=4")
+    assert grid.returncode == 0, grid.stderr[-3000:]
+    lines = grid.stdout.splitlines()
+    assert lines[1].startswith("dry run of a grid of 12 cells, the first 4 (sweep.n_trials=4): 4 trials, 1 at a time")
+    assert len([line for line in lines if line.startswith("--- trial ")]) == 4
 
 
 def _our_jobs(tmp_path: Path) -> list[str]:
@@ -89,7 +177,7 @@ def _our_jobs(tmp_path: Path) -> list[str]:
 @pytest.mark.integration
 @needs_slurm
 def test_a_slurm_dry_run_shows_each_trials_script_and_slurms_verdict_and_submits_nothing(tmp_path):
-    result = _dry_run(tmp_path, "sweep=augment_ablation", "hydra/launcher=slurm")
+    result = _dry_run(tmp_path, "experiment=demo", "sweep=augment_ablation", "hydra/launcher=slurm")
     assert result.returncode == 0, result.stderr[-3000:]
     # Our Optuna sweeper submits one trial at a time: a script, and a verdict, per trial.
     trials = re.split(r"^--- ", result.stdout, flags=re.MULTILINE)[1:]
@@ -130,7 +218,7 @@ def test_a_slurm_dry_run_shows_each_trials_script_and_slurms_verdict_and_submits
     ],
 )
 def test_a_slurm_dry_run_reports_what_sbatch_refuses(tmp_path, args, sbatch_says, we_say):
-    result = _dry_run(tmp_path, "seed=0,1,2", "hydra/launcher=slurm", *args)
+    result = _dry_run(tmp_path, "experiment=demo", "seed=0,1,2", "hydra/launcher=slurm", *args)
     assert result.returncode == 2, result.stderr[-3000:]
     # Hydra's basic sweeper submits its jobs as one job array: one script, one verdict.
     assert result.stdout.count("#!/bin/bash") == 1 and "#SBATCH --array=0-2%3" in result.stdout
