@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
+import re
 import secrets
 import typing
 from collections.abc import Sequence
@@ -35,7 +36,10 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 PRECISIONS = ("fp32", "fp16", "bf16")
 # torch.compile modes for the training loss; auto = "default" on CUDA, eager elsewhere.
 COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-DATASETS = ("cifar10", "cifar100", "tiny_imagenet", "imagefolder", "shapes")
+# dataset.name: cifar10, cifar100, tiny_imagenet and shapes have loaders of their own; any other
+# name (imagefolder, or one of your own) is read as an image folder. The name is part of the
+# cache's file names, so it must be a plain word.
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 DEVICES = ("auto", "cpu", "cuda")
 LINEAR_PROBE_WHEN = ("every", "last")
 
@@ -85,7 +89,11 @@ class DatasetConfig:
     test_size: int = 0  # shapes only
 
     def __post_init__(self):
-        _check(self.name in DATASETS, f"dataset.name={self.name!r} is not known; allowed: {', '.join(DATASETS)}")
+        _check(
+            DATASET_NAME.fullmatch(self.name) is not None,
+            f"dataset.name={self.name!r} must start with a letter or digit and hold only letters, digits, _ "
+            "and - (it names the cache files)",
+        )
         _check(self.image_size >= 8, f"dataset.image_size={self.image_size} must be at least 8")
         _check(self.num_classes >= 2, f"dataset.num_classes={self.num_classes} must be at least 2")
         _check(len(self.mean) == 3 and len(self.std) == 3, "dataset.mean and dataset.std need 3 values (RGB)")

@@ -52,6 +52,23 @@ def test_demo_is_a_delta_on_the_defaults():
     assert default.augmentation.name == "seed" and default.model.noise_schedule == "linear"
 
 
+def test_a_data_set_of_ones_own_is_any_plain_name():
+    # conf/dataset/stl10.yaml with name: stl10 is an image folder (docs/extending.md).
+    settings = to_settings(compose_config(["dataset=imagefolder", "dataset.name=stl10", "dataset.root=/data/stl10"]))
+    assert settings.dataset.name == "stl10" and settings.dataset.root == "/data/stl10"
+    assert to_settings(compose_config(["dataset=imagefolder", "dataset.name=My_set-2"])).dataset.name == "My_set-2"
+
+
+@pytest.mark.parametrize("name", ["my data", "a/b", "../stl10", "-x", ""])
+def test_a_data_set_name_that_is_not_a_plain_word_is_refused_in_one_line(name):
+    with pytest.raises(ConfigError) as error:
+        config.check_launch(["dataset=imagefolder", f"dataset.name='{name}'"])
+    assert str(error.value) == (
+        f"dataset.name={name!r} must start with a letter or digit and hold only letters, digits, _ and - "
+        "(it names the cache files)"
+    )
+
+
 def test_clean_target_keeps_the_reference_source_and_only_flips_the_target():
     settings = to_settings(compose_config(["augmentation=clean_target"]))
     seed = to_settings(compose_config(["augmentation=seed"]))

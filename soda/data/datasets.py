@@ -41,6 +41,9 @@ from soda.files import LockContended, OwnerLock, describe, write_atomically
 
 log = logging.getLogger(__name__)
 
+# Data sets read by a loader of their own (and from an image folder when root holds train/ or
+# test/); shapes is generated. Any other name is an image folder: root/{train,test}/<class>/*.
+OWN_LOADERS = ("cifar10", "cifar100", "tiny_imagenet")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLITS = ("train", "test")
 CACHE_FOLDER = ".soda-cache"
@@ -189,14 +192,13 @@ def _source(name: str, root: Path, split: str, image_size: int, download: bool) 
     stem = f"{name}-{split}-{image_size}px"
     if name == "tiny_imagenet" and _tiny_imagenet_base(root) is not None:
         return _tiny_imagenet(root, stem, split, image_size, download)
-    # An image folder at the root serves every data set, both splits (a missing one is named).
-    if name == "imagefolder" or (root / "train").is_dir() or (root / "test").is_dir():
+    # An image folder at the root serves every data set, both splits (a missing one is named); a
+    # data set without a loader of its own (imagefolder, or a name of the user's) is only that.
+    if name not in OWN_LOADERS or (root / "train").is_dir() or (root / "test").is_dir():
         return _image_folder(name, root, stem, split, image_size)
     if name in ("cifar10", "cifar100"):
         return _torchvision_cifar(name, root, stem, split, image_size, download)
-    if name == "tiny_imagenet":
-        return _tiny_imagenet(root, stem, split, image_size, download)
-    raise DataError(f"dataset {name!r} has no loader")
+    return _tiny_imagenet(root, stem, split, image_size, download)
 
 
 def _key(image_size: int, classes: list[str], entries: Iterable[tuple[str, int, os.stat_result]]) -> str:
@@ -216,10 +218,23 @@ def _missing(name: str, root: Path, what: str, download: bool = True) -> DataErr
     )
 
 
+def _missing_folder(name: str, root: Path, split: str) -> DataError:
+    """A data set without a loader of its own lacks a split's folder: say where the images go."""
+    where = root.resolve()
+    what = f"no {split}/ folder" if where.is_dir() else "the folder does not exist"
+    return DataError(
+        f"{name} not found under {where} ({name} is read as an image folder; {what}); put its images in "
+        f"{where}/train/<class>/* and {where}/test/<class>/*, or set dataset.root=<the folder that holds "
+        f"train/ and test/> (data_root=<dir> or SODA_DATA=<dir> reads <dir>/{name})"
+    )
+
+
 def _image_folder(name: str, root: Path, stem: str, split: str, image_size: int) -> _Source:
     """root/split/<class>/** (class ids = sorted folder names); every file must be a readable image."""
     folder = root / split
     if not folder.is_dir():
+        if name not in OWN_LOADERS:
+            raise _missing_folder(name, root, split)
         raise _missing(name, root, f"no {split}/ folder")
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
