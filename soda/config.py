@@ -558,4 +558,25 @@ def _hydra_arguments(arguments: Sequence[str]):
     return get_args_parser().parse_args(list(arguments))
 
 
+# A run is GPU-sized when it trains a model at least this wide (the reference's UNet has 128
+# channels, the demo's 16) for at least this many epochs: days on CPUs, hours on a GPU.
+GPU_SIZED_CHANNELS = 64
+GPU_SIZED_EPOCHS = 50
+
+
+def gpu_sized(settings: Any) -> str | None:
+    """What makes a run (a soda.config.Config) one for GPUs, as a phrase (`model soda_r18_ddpm,
+    800 epochs of cifar10 at batch 512`), or None for a run CPUs can finish."""
+    model, schedule = settings.model, settings.schedule
+    budget = schedule.train_seconds
+    if model.base_channels < GPU_SIZED_CHANNELS or schedule.epochs < GPU_SIZED_EPOCHS:
+        return None
+    if budget is not None and budget <= 3600:
+        return None
+    return (
+        f"model {model.name} ({model.base_channels} channels), {schedule.epochs} epochs of "
+        f"{settings.dataset.name} at batch {schedule.batch_size}"
+    )
+
+
 register()

@@ -34,6 +34,7 @@ from soda.tracking import NullTracker
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoints/last.pt"
 PRECISION_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+PACE_STEPS = 10  # steps after the first (or an epoch's, if fewer) that time the pace for Trainer.on_pace
 DIVERGENCE_ADVICE = "lower schedule.decoder_lr, keep schedule.grad_clip, or try schedule.precision=bf16"
 
 # evaluate(ema_model, epoch, last) -> metrics; on_evaluation(epoch, metrics) -> stop the run?
@@ -207,6 +208,9 @@ class Trainer:
         self.train_seconds = 0.0
         self.last_eval_seconds = 0.0
         self.first_step_done = False
+        # Called once, on rank 0, with the seconds of training left at the pace of the first
+        # PACE_STEPS steps after the first (soda.train warns with it when a run landed on CPUs).
+        self.on_pace: Callable[[float], None] | None = None
         self.out_of_time = False
         self.preempt_requested = False
         self.preempt_signal = signal.SIGUSR1
@@ -382,6 +386,9 @@ class Trainer:
                 self._first_step_finished(time.perf_counter() - started)
                 started, first = time.perf_counter(), index + 1
             self.train_seconds = clock_at_start + time.perf_counter() - started
+            timed = index + 1 - first  # steps since the first of the process (or of this epoch)
+            if self.on_pace is not None and timed and (timed >= PACE_STEPS or index + 1 == self.steps_per_epoch):
+                self._report_pace(epoch, index + 1, (time.perf_counter() - started) / timed)
             if self.global_step % self.log_every:
                 continue
 
@@ -425,6 +432,15 @@ class Trainer:
             # A whole epoch's time, also for an epoch that resumed mid-way or began with the first step.
             self.recent_seconds["epoch"].append(seconds * self.steps_per_epoch / steps)
         log.info("epoch %d/%d  %.1f s  %.0f images/s  %s", epoch, self.epochs, seconds, throughput, self._eta(epoch))
+
+    def _report_pace(self, epoch: int, steps_done: int, step_seconds: float) -> None:
+        """Hand on_pace the training time left (at `step_seconds` a step; within the budget), once."""
+        steps_left = (self.epochs - epoch) * self.steps_per_epoch + self.steps_per_epoch - steps_done
+        seconds = steps_left * step_seconds
+        if self.train_budget is not None:
+            seconds = min(seconds, max(0.0, self.train_budget - self.train_seconds))
+        on_pace, self.on_pace = self.on_pace, None
+        on_pace(seconds)
 
     def _first_step_finished(self, seconds: float) -> None:
         """Record how long this process's first step took (compilation, cuDNN autotuning)."""

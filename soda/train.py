@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from soda import dist, progress, tracking
 from soda.checkpoint import load_checkpoint
-from soda.config import Config, ViewConfig, run_directory, to_settings
+from soda.config import Config, ViewConfig, gpu_sized, run_directory, to_settings
 from soda.data import LabelledImages, ViewAugmentation, load_splits
 from soda.errors import ConfigError, RunDirError, Terminated
 from soda.evaluate import Evaluator
@@ -120,6 +121,8 @@ def _run(
     if resume is not None:
         trainer.load_state(resume)
         log.info("resuming from %s at epoch %d, step %d", checkpoint_path, trainer.epoch, trainer.step_in_epoch)
+    if world.is_main and settings.device == "auto" and device.type == "cpu":
+        trainer.on_pace = cpu_pace_warning(gpu_sized(settings))
 
     # From here on the run is recorded: its settings bind the run directory.
     if world.is_main:
@@ -389,6 +392,28 @@ def signature(settings: Config) -> dict:
         "dataset.num_classes": str(d.num_classes),
         "seed": str(settings.seed),
     }
+
+
+CPU_WARNING_S = 3600  # device=auto on CPUs: a run with more training left than this is warned about
+
+
+def cpu_pace_warning(size: str | None) -> Callable[[float], None]:
+    """Trainer.on_pace for a run that device=auto put on CPUs: one warning line with the time its
+    training will take at its first steps' pace, when it is GPU-sized (`size`, config.gpu_sized)
+    or longer than CPU_WARNING_S."""
+
+    def warn(seconds_left: float) -> None:
+        if size is None and seconds_left < CPU_WARNING_S:
+            return
+        log.warning(
+            "device=auto found no GPU (torch.cuda.is_available() is false), so this run%s trains on CPUs: "
+            "about %s more at the pace of its first steps; run it where a GPU is visible, or set device=cpu "
+            "to train here without this warning",
+            f" ({size})" if size else "",
+            progress.duration(seconds_left),
+        )
+
+    return warn
 
 
 def _resolve_device(name: str) -> torch.device:

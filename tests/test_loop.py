@@ -4,6 +4,7 @@ import logging
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -314,3 +315,42 @@ def test_the_time_left_is_the_recent_pace_over_the_epochs_evaluations_and_checkp
     trainer.train_budget, trainer.train_seconds = 20.0, 5.0  # 15 s of training left: the same epochs
     assert trainer._eta(1) == "eta 27s (schedule.train_seconds)"
     assert trainer._eta(3) == "eta 6s"  # the last epoch's evaluation and checkpoint
+
+
+def test_on_pace_hears_once_how_long_the_training_left_takes(tmp_path):
+    heard = []
+    trainer = _trainer(tmp_path, lambda ema_model, epoch, last: {tracking.KNN_ACC: 0.0})
+    trainer.on_pace = heard.append
+    started = time.perf_counter()
+    trainer.fit()
+    took = time.perf_counter() - started
+    # Timed on epoch 1's steps after the first (3 an epoch: 2 timed), for the 6 steps left of 9.
+    (seconds,) = heard
+    assert 0 < seconds < took and trainer.on_pace is None
+
+
+def test_a_run_put_on_cpus_by_device_auto_is_warned_about_when_it_is_long(caplog):
+    from soda.train import CPU_WARNING_S, cpu_pace_warning
+
+    with caplog.at_level("WARNING", logger="soda.train"):
+        cpu_pace_warning(None)(CPU_WARNING_S - 1)  # a short run: nothing to say
+        assert caplog.records == []
+        cpu_pace_warning(None)(2 * 3600 + 5 * 60)
+        cpu_pace_warning("model soda_r18_ddpm (128 channels), 800 epochs of cifar10 at batch 512")(60)
+    assert [record.getMessage() for record in caplog.records] == [
+        "device=auto found no GPU (torch.cuda.is_available() is false), so this run trains on CPUs: about 2h05m "
+        "more at the pace of its first steps; run it where a GPU is visible, or set device=cpu to train here "
+        "without this warning",
+        "device=auto found no GPU (torch.cuda.is_available() is false), so this run (model soda_r18_ddpm (128 "
+        "channels), 800 epochs of cifar10 at batch 512) trains on CPUs: about 1m00s more at the pace of its first "
+        "steps; run it where a GPU is visible, or set device=cpu to train here without this warning",
+    ]
+
+
+def test_gpu_sized_runs_are_the_reference_sized_ones():
+    from soda.config import compose_config, gpu_sized, to_settings
+
+    reference = to_settings(compose_config([]))
+    assert gpu_sized(reference) == "model soda_r18_ddpm (128 channels), 800 epochs of cifar10 at batch 512"
+    assert gpu_sized(to_settings(compose_config(["experiment=demo"]))) is None
+    assert gpu_sized(to_settings(compose_config(["schedule.train_seconds=600"]))) is None

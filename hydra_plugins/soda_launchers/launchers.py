@@ -595,9 +595,11 @@ def release_gpus(groups: list) -> None:
 
 
 def warn_about_cpu_jobs(gpus: int, why: str, settings: list, first_number: int = 0) -> None:
-    """Once per process, a warning line when a job that needs GPUs (site.gpu_sized) gets none."""
+    """Once per process, a warning line when a job that needs GPUs (soda.config.gpu_sized) gets none."""
+    from soda.config import gpu_sized
+
     for number, job in enumerate(settings, start=first_number):
-        size = site.gpu_sized(job)
+        size = gpu_sized(job)
         if gpus or size is None or "cpu jobs" in _WARNED:
             continue
         _WARNED.add("cpu jobs")
