@@ -7,17 +7,22 @@ lists the options conf/ holds.
 Commands are read from code: fenced and indented blocks and inline `code`; a block line may
 continue with `\\`, start with `$ ` or `VAR=value` assignments, and end in a `# comment`. A block
 line right after a command that starts with `error: ` is the output the command must give.
-Commands with a placeholder (`<run dir>`, `...`) cannot be run as written and are left out.
+Commands with a placeholder (`<run dir>`, `...`) cannot be run as written and are left out. A doc
+that tells the reader to save a config file ("Save as `conf/dataset/stl10.yaml`:" and a YAML block)
+has its commands checked with those files added, as --config-dir adds them (docs/extending.md).
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import importlib.util
 import os
 import re
 import shlex
+import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +39,11 @@ FENCE = re.compile(r"^ {0,3}(```+|~~~+)")
 PYTHONS = ("python", "python3", "$(PY)")
 # Relative paths in inline code that name files of the repository (others name outputs).
 SOURCE_PATH = re.compile(r"(?:conf|soda|hydra_plugins)/[\w./-]*")
+# "Save as `conf/dataset/stl10.yaml`:" (or `sweeps/<name>.yaml`), then the file in a YAML block.
+SAVE_AS = re.compile(
+    r"[Ss]ave (?:it )?as `(?P<path>(?:conf|sweeps)/[\w./-]+\.yaml)`:?[^\n]*\n\s*```ya?ml\n(?P<text>.*?)^```",
+    flags=re.S | re.M,
+)
 
 
 @dataclass(frozen=True)
@@ -170,6 +180,27 @@ def all_commands(docs: list[Path] = DOCS) -> list[Command]:
     return [command for doc in docs for snippet in snippets(doc) for command in commands(snippet)]
 
 
+def example_files(doc: Path) -> dict[str, str]:
+    """The config files a doc tells the reader to save, by their path in the repository."""
+    return {match["path"]: match["text"] for match in SAVE_AS.finditer(doc.read_text())}
+
+
+@functools.cache
+def example_config_dir(doc: Path) -> str | None:
+    """A folder holding the doc's example files as --config-dir takes them (conf/dataset/x.yaml
+    as dataset/x.yaml, sweeps/x.yaml as sweep/x.yaml), or None when the doc has none."""
+    files = example_files(doc)
+    if not files:
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="soda-doc-examples-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    for path, text in files.items():
+        relative = Path(path).relative_to("conf") if path.startswith("conf/") else Path("sweep", Path(path).name)
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_text(text)
+    return str(folder)
+
+
 def launch_commands(docs: list[Path] = DOCS) -> list[Command]:
     """Each distinct launch.py command of the docs that can run as written."""
     found: dict[str, Command] = {}
@@ -200,7 +231,9 @@ def _checked(arguments: tuple[str, ...], env: tuple[tuple[str, str], ...]) -> st
 
 def check_command(command: Command) -> None:
     """Fails unless launch.py would accept the command, or refuse it with the error the doc shows."""
-    problem = _checked(tuple(launch_arguments(command) or ()), command.env)
+    examples = example_config_dir(command.doc)
+    arguments = tuple(launch_arguments(command) or ())
+    problem = _checked(("--config-dir", examples, *arguments) if examples else arguments, command.env)
     if command.error is None:
         assert problem is None, f"{command}\n  error: {problem}"
     else:
@@ -426,11 +459,12 @@ def test_source_paths_named_in_inline_code_exist():
     assert all(_ignored_by_git(path) for path in WRITTEN_BY_COMMANDS)
     missing = []
     for doc in DOCS:
+        saved = example_files(doc)  # files the doc tells the reader to write
         for snippet in snippets(doc):
             text = snippet.lines[0]
             if snippet.block or not SOURCE_PATH.fullmatch(text) or re.search(r"[<>*{}]|\.\.\.", text):
                 continue
-            if not (REPO / text).exists() and text not in WRITTEN_BY_COMMANDS:
+            if not (REPO / text).exists() and text not in WRITTEN_BY_COMMANDS and text not in saved:
                 missing.append(f"{_name(doc)}:{snippet.line}: {text}")
     assert not missing, "paths that do not exist:\n" + "\n".join(missing)
 
