@@ -181,7 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0],
         epilog="overrides: eval=<option of conf/eval>, eval.<key>=<value>, device=cpu|cuda|auto",
     )
-    parser.add_argument("run_dir", type=Path, help="a run directory (with .hydra/config.yaml and checkpoints/)")
+    parser.add_argument(
+        "run_dir",
+        type=Path,
+        help="a run directory of launch.py: its config.yaml (.hydra/config.yaml where there is none), "
+        "checkpoints/last.pt, and mlflow_run_id unless --no-record",
+    )
     parser.add_argument("overrides", nargs="*", help="eval=<option>, eval.<key>=<value>, device=...")
     parser.add_argument("--name", default="posthoc", help="metric prefix on the MLflow run (default: posthoc)")
     parser.add_argument("--no-record", action="store_true", help="print only; leave the MLflow record as it is")
