@@ -316,6 +316,58 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
     assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED", "FINISHED", "KILLED"]
 
 
+def test_a_sweep_with_other_fixed_settings_is_not_the_same_study(tmp_path):
+    args = _sweep_args(tmp_path, "sweep=augment_ablation", "sweep.study_name=fixed", "seed=range(0, 1)") + PINNED
+    first = launch(args, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # Its trial's MLflow run says what ran: study, trial number, swept values.
+    parents, children = _runs(f"sqlite:///{tmp_path}/mlflow.db")
+    assert [run.info.run_name for run in parents + children] == ["fixed", "fixed #0: seed=0"]
+    # The same sweep at another size: refused before any job, naming what differs.
+    other = launch([*args, "schedule.epochs=2", "model.latent_dim=32"], timeout=120)
+    assert _one_line_error(other) == (
+        "error: study fixed was run with other fixed settings: model.latent_dim=32 (the study's: 64), "
+        "schedule.epochs=2 (the study's: 1); run it with the same settings to resume it, or give another "
+        "sweep.study_name for a study of its own"
+    )
+    assert len(_study(tmp_path, "fixed").trials) == 1
+    # Where and how it runs may change: another tracking store, the same study, nothing to run.
+    again = launch([*args, f"tracking.uri=sqlite:///{tmp_path}/other.db", "schedule.log_every=5"], timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "study fixed (grid): 1 of 1 trials already finished; 0 grid cells to run" in again.stderr + again.stdout
+
+
+def test_fixed_settings_leave_out_what_the_sweep_varies_and_where_it_runs():
+    from hydra_plugins.soda_sweeper.study import fixed_settings
+
+    config = {
+        "seed": 0,
+        "model": {"name": "tiny", "latent_dim": 64},
+        "augmentation": {"name": "seed", "source": {"name": "reference"}, "target": {"name": "flip"}},
+        "schedule": {"epochs": 20, "log_every": 10},
+        "tracking": {"uri": "sqlite:///x.db"},
+        "dataset": {"name": "shapes", "root": "/data/shapes"},
+    }
+    swept = ["augmentation/view@augmentation.target", "seed", "model.latent_dim"]
+    assert fixed_settings(config, swept) == {
+        "model.name": "tiny",
+        "augmentation.name": "seed",
+        "augmentation.source.name": "reference",
+        "schedule.epochs": "20",
+        "dataset.name": "shapes",
+    }
+
+
+def test_a_sweep_file_run_as_the_demo_is_a_study_of_its_own():
+    from soda.config import compose_config, to_settings
+
+    assert to_settings(compose_config(["sweep=augment_ablation"])).sweep.study_name == "augment_ablation"
+    demo = to_settings(compose_config(["sweep=augment_ablation", "experiment=demo"]))
+    assert demo.sweep.study_name == "augment_ablation-demo"
+    named = to_settings(compose_config(["sweep=lr_search", "experiment=demo", "sweep.study_name=mine"]))
+    assert named.sweep.study_name == "mine"
+
+
 def test_ctrl_c_cancels_the_jobs_in_flight_and_records_them_as_interrupted(tmp_path):
     args = _sweep_args(tmp_path, "sweep=augment_ablation", "sweep.study_name=ctrl_c", "seed=range(0, 2)")
     args += PINNED

@@ -36,7 +36,7 @@ from hydra_plugins.soda_sweeper.parent_run import ParentRun
 from hydra_plugins.soda_sweeper.sampler import SamplerSpec, custom_search_space, make_sampler, sampler_spec
 from hydra_plugins.soda_sweeper.scheduler import Scheduler, SweepState, plan, recover, summary
 from hydra_plugins.soda_sweeper.search_space import check_every_value, grid_cells, parse_space, spec_text
-from hydra_plugins.soda_sweeper.study import best_trial, open_study
+from hydra_plugins.soda_sweeper.study import best_trial, fixed_settings, open_study
 from soda.sweep import SweepError, make_pruner, open_storage
 from soda.tracking import redact
 
@@ -118,7 +118,11 @@ class OptunaSweeper(Sweeper):
         space = {name: d.spec for name, d in dimensions.items()}
         if self.custom_search_space:  # another function makes other trials: part of the space
             space[CUSTOM_SPACE_KEY] = self.custom_search_space
-        study = open_study(self.study_name, storage, self.directions, space, sampler, self.pruner_conf)
+        run_config = OmegaConf.to_container(
+            OmegaConf.masked_copy(self.config, [key for key in self.config if key != "hydra"]), resolve=True
+        )
+        fixed_values = fixed_settings(run_config, dimensions)
+        study = open_study(self.study_name, storage, self.directions, space, sampler, self.pruner_conf, fixed_values)
         parent = self._open_parent_run(study, spec)  # checks the tracking store before any job
         recover(study, storage, parent)
 
