@@ -63,12 +63,12 @@ gpu-rehearsal: install ## The two device calls of gpu-check here: the device's t
 faults: install ## Fault campaign: kills, SLURM requeues, a crowd of trials, failing trials, bad inputs (needs slurm-up, postgres-up; about 30 min)
 	$(PY) -m pytest tests/system -v
 
-# The store and experiment `make table` reads (default: $SODA_TRACKING_URI, else the embedded store, every
+# The store and experiment `make table` reads (default: $SODA_TRACKING_URI, else $MLFLOW_TRACKING_URI, else the embedded store, every
 # experiment), e.g. make table TRACKING_URI=http://127.0.0.1:5000 EXPERIMENT=soda
 # The embedded stores' paths below match soda.tracking's defaults, where runs launched from this folder
 # write: mlflow.db and optuna-journal.log in $SODA_STORE_DIR, else the working directory (the repository root).
 STORE_DIR := $(abspath $(or $(SODA_STORE_DIR),$(CURDIR)))
-TRACKING_URI ?= $(or $(SODA_TRACKING_URI),sqlite:///$(STORE_DIR)/mlflow.db)
+TRACKING_URI ?= $(or $(SODA_TRACKING_URI),$(MLFLOW_TRACKING_URI),sqlite:///$(STORE_DIR)/mlflow.db)
 EXPERIMENT ?=
 
 table: install ## Regenerate README.md's results (tables, docs/results/*.png) from MLflow and docs/performance.md's figures from bench/results/*.json [TRACKING_URI= EXPERIMENT=]

@@ -118,6 +118,26 @@ def trial_tags(study: str, number: int, parent_run_id: str | None = None) -> dic
     return tags
 
 
+def short_value(value: Any) -> str:
+    """A value as a run name shows it: floats to 3 significant digits (0.000316), else as is."""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def trial_run_name(study: str, number: int, params: dict[str, Any]) -> str:
+    """A trial's MLflow run name: its study, number and values, each under the last part of its
+    key (`augment_ablation #3: target=flip source=none seed=1`)."""
+    values = " ".join(f"{re.split(r'[./@]', name)[-1]}={short_value(value)}" for name, value in params.items())
+    return f"{study} #{number}" + (f": {values}" if values else "")
+
+
+def run_name(settings: Any) -> str:
+    """A run's MLflow name when tracking.run_name is null: what ran (`tiny shapes seed=0`), after
+    its study and trial number in a sweep's trial whose sweeper named none."""
+    what = f"{settings.model.name} {settings.dataset.name} seed={settings.seed}"
+    sweep = settings.sweep
+    return what if sweep.trial is None else f"{sweep.study_name} #{sweep.trial}: {what}"
+
+
 def parent_tags(study: str) -> dict[str, str]:
     """The tags of a sweep's own run."""
     return {SWEEP: SWEEP_PARENT, STUDY: str(study)}
@@ -126,6 +146,7 @@ def parent_tags(study: str) -> dict[str, str]:
 # Where records go by default: beside the directory the command runs in, unless the environment
 # says otherwise (the package's own location never decides).
 TRACKING_URI_ENV = "SODA_TRACKING_URI"
+MLFLOW_URI_ENV = "MLFLOW_TRACKING_URI"  # MLflow's own, honoured after ours
 SWEEP_STORAGE_ENV = "SODA_SWEEP_STORAGE"
 STORE_DIR_ENV = "SODA_STORE_DIR"
 
@@ -136,8 +157,11 @@ def store_dir() -> Path:
 
 
 def default_tracking_uri() -> str:
-    """$SODA_TRACKING_URI, else the embedded SQLite store `mlflow.db` in store_dir()."""
-    return os.environ.get(TRACKING_URI_ENV) or f"sqlite:///{store_dir() / 'mlflow.db'}"
+    """$SODA_TRACKING_URI, else MLflow's $MLFLOW_TRACKING_URI, else the embedded SQLite store
+    `mlflow.db` in store_dir(). (tracking.uri on the command line comes before all of them.)"""
+    return (
+        os.environ.get(TRACKING_URI_ENV) or os.environ.get(MLFLOW_URI_ENV) or f"sqlite:///{store_dir() / 'mlflow.db'}"
+    )
 
 
 def default_artifact_location() -> str:

@@ -232,8 +232,8 @@ def _sigterm_raises():
 
 def _tracker(settings: Config) -> Tracker:
     options = {k: v for k, v in asdict(settings.tracking).items() if k != "name"}
-    if settings.sweep.trial is not None and options["run_name"] is None:
-        options["run_name"] = f"{settings.sweep.study_name}-trial-{settings.sweep.trial}"
+    if options["run_name"] is None:
+        options["run_name"] = tracking.run_name(settings)
     return Tracker(**options)
 
 

@@ -10,7 +10,7 @@ from analysis.runs import exclusion_note, finished_runs, select_runs, sweep_pare
 from soda import tracking
 from tests.helpers import compose_config
 
-STORE_ENVS = (tracking.TRACKING_URI_ENV, tracking.SWEEP_STORAGE_ENV, tracking.STORE_DIR_ENV)
+STORE_ENVS = (tracking.TRACKING_URI_ENV, tracking.MLFLOW_URI_ENV, tracking.SWEEP_STORAGE_ENV, tracking.STORE_DIR_ENV)
 
 
 @pytest.fixture
@@ -31,6 +31,15 @@ def test_default_stores_lie_in_the_working_directory(no_store_env, tmp_path):
         assert tracking.default_tracking_uri() == f"sqlite:///{folder.resolve()}/mlflow.db"
         assert tracking.default_sweep_storage() == f"{folder.resolve()}/optuna-journal.log"
         assert tracking.default_artifact_location() == f"{folder.resolve()}/mlartifacts"
+
+
+def test_the_tracking_uri_is_the_command_lines_then_soda_then_mlflows_variable(no_store_env, tmp_path):
+    no_store_env.chdir(tmp_path)
+    no_store_env.setenv(tracking.MLFLOW_URI_ENV, "http://mlflow.example:5000")
+    assert compose_config([]).tracking.uri == "http://mlflow.example:5000"  # tracking=local honours it
+    no_store_env.setenv(tracking.TRACKING_URI_ENV, "sqlite:////tmp/soda.db")
+    assert compose_config([]).tracking.uri == "sqlite:////tmp/soda.db"
+    assert compose_config(["tracking.uri=http://other:5000"]).tracking.uri == "http://other:5000"
 
 
 def test_store_dir_env_moves_both_embedded_stores(no_store_env, tmp_path):
@@ -167,3 +176,16 @@ def test_lines_show_the_probes_and_the_gap_before_the_factor_probes():
         "eval/factor/shape",
         "eval/factor/size",
     ]
+
+
+def test_run_names_say_what_ran():
+    from soda.config import compose_config, to_settings
+
+    assert tracking.run_name(to_settings(compose_config(["experiment=demo", "seed=3"]))) == "tiny shapes seed=3"
+    trial = to_settings(compose_config(["sweep.study_name=ablation", "sweep.trial=4"]))
+    assert tracking.run_name(trial) == "ablation #4: soda_r18_ddpm cifar10 seed=0"
+    params = {"augmentation/view@augmentation.target": "flip", "schedule.decoder_lr": 3.16227766e-4, "seed": 1}
+    assert tracking.trial_run_name("augment_ablation", 3, params) == (
+        "augment_ablation #3: target=flip decoder_lr=0.000316 seed=1"
+    )
+    assert tracking.trial_run_name("s", 0, {}) == "s #0"

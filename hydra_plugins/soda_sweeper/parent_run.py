@@ -116,7 +116,7 @@ class ParentRun:
             if not runs:
                 run = self.client.create_run(
                     self.experiment_id,
-                    run_name=f"{self.study_name}-trial-{number}",
+                    run_name=tracking.trial_run_name(self.study_name, number, params or {}),
                     tags=tracking.trial_tags(self.study_name, number, self.run_id),
                 )
                 for key, value in (params or {}).items():

@@ -41,6 +41,7 @@ from hydra_plugins.soda_sweeper.parent_run import ParentRun
 from hydra_plugins.soda_sweeper.search_space import Dimension, cell_key, override_value
 from hydra_plugins.soda_sweeper.study import best_trial
 from soda.sweep import SweepError
+from soda.tracking import trial_run_name
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +147,14 @@ def summary(study, state: SweepState) -> str:
 def trial_overrides(
     fixed: list[str], params: dict[str, Any], study_name: str, storage: str, number: int, parent_run_id: str
 ) -> list[str]:
-    """A trial's command line: the fixed overrides, its parameters, and where it reports to."""
+    """A trial's command line: the fixed overrides, its parameters, where it reports to, and its
+    MLflow run's name (its study, number and values), unless the command line names the run."""
+    named = any(override.lstrip("+").startswith("tracking.run_name=") for override in fixed)
+    naming = [] if named else [f"tracking.run_name={override_value(trial_run_name(study_name, number, params))}"]
     return [
         *fixed,
         *(f"{name}={override_value(value)}" for name, value in params.items()),
+        *naming,
         f"sweep.study_name={override_value(study_name)}",
         f"sweep.storage={override_value(storage)}",
         f"sweep.trial={number}",
