@@ -326,8 +326,9 @@ def _launcher_choice(out: Writer, machine: Machine) -> None:
             else f"the cluster's name is unknown: {machine.config.command} {_why(machine.config)}"
         )
         out.comment(
-            f"SLURM answers here (sbatch --version: {machine.sbatch.output.strip()}; {where}): a multirun "
-            "becomes a job array, each job on the partition below.",
+            f"SLURM answers here (sbatch --version: {machine.sbatch.output.strip()}; {where}): each trial "
+            "of a sweep (sweeps/) is a job of its own on the partition below, sweep.n_jobs of them at once; "
+            "a plain multirun (seed=0,1,2) is one job array.",
             indent=2,
         )
         out.line("- override /hydra/launcher: slurm", indent=2)
@@ -454,13 +455,33 @@ def _stores(out: Writer, machine: Machine) -> None:
         out.comment("An MLflow server shared by all jobs (with `override /tracking: server` above):")
         out.comment("tracking:\n  uri: http://host:5000", wrap=False)
     out.blank()
-    if "SODA_SWEEP_STORAGE" in env:
+    n_jobs = _trials_at_once(machine)
+    if "SODA_SWEEP_STORAGE" in env or n_jobs is not None:
         out.line("sweep:")
+    if n_jobs is not None:
+        out.line(f"n_jobs: {n_jobs[0]}", n_jobs[1], 2)
+    if "SODA_SWEEP_STORAGE" in env:
         out.line(f"storage: {scalar(env['SODA_SWEEP_STORAGE'])}", "from $SODA_SWEEP_STORAGE: the Optuna storage", 2)
-        out.comment("n_jobs: 12  # trials in flight at once", indent=2, wrap=False)
     else:
-        out.comment("Optuna's storage, a database every trial can reach, and the trials in flight at once:")
-        out.comment("sweep:\n  storage: postgresql://user@host:5432/optuna\n  n_jobs: 12", wrap=False)
+        out.comment("Optuna's storage, a database every trial can reach (the default is a journal file here):")
+        out.comment("  storage: postgresql://user@host:5432/optuna", wrap=False)
+    if n_jobs is None:
+        out.comment("Trials in flight at once (default 1; the local launcher shares this machine's GPUs among them):")
+        out.comment("sweep:\n  n_jobs: 2", wrap=False)
+
+
+def _trials_at_once(machine: Machine) -> tuple[int, str] | None:
+    """sweep.n_jobs on SLURM, and why: one trial per node like the one a job is sized for (a job
+    takes a whole node); None off SLURM or when the nodes are unknown."""
+    partitions = machine.partition_list if machine.slurm else []
+    chosen = next((p for p in partitions if p.default), partitions[0] if partitions else None)
+    if chosen is None or chosen.cpus is None:
+        return None
+    nodes = max(1, chosen.like_it or chosen.nodes)
+    return nodes, (
+        f"trials in flight at once: one per node of {chosen.name} like the one a job is sized for "
+        f"({plural(nodes, 'node')}; a job takes a whole node); SLURM queues the rest"
+    )
 
 
 def _partition_line(p: Partition) -> str:

@@ -133,7 +133,13 @@ def test_a_gpu_cluster_gets_its_default_partition_sized_for_one_rank_per_gpu(mac
         "setup": [f"source {Path(sys.prefix) / 'bin' / 'activate'}"],
         "additional_parameters": {},
     }
-    assert set(profile) == {"defaults", "hydra"}  # nothing in the environment: the rest is commented out
+    # Trials in flight: one per node like the one a job is sized for (gpu has 4), with the reason.
+    assert profile["sweep"] == {"n_jobs": 4}
+    assert comment_of(text, "n_jobs") == (
+        "trials in flight at once: one per node of gpu like the one a job is sized for (4 nodes; a job takes a "
+        "whole node); SLURM queues the rest"
+    )
+    assert set(profile) == {"defaults", "hydra", "sweep"}  # nothing in the environment: the rest is commented out
 
     # Each value names where it came from.
     assert "Default=YES" in comment_of(text, "partition")
