@@ -3,7 +3,7 @@ and the README's results section (what `make table` runs).
 
     python -m analysis main                                   # the main table, every experiment
     python -m analysis main --experiment soda --format latex
-    python -m analysis ablation --experiment soda-demo        # sweep augment_ablation
+    python -m analysis ablation --study augment_ablation-demo # sweep=augment_ablation experiment=demo
     python -m analysis main --sweep lr_search --param model.name=tiny --format csv
     python -m analysis learning --experiment soda-demo       # sweep learning_study: gap, factor probes
     python -m analysis plots --out docs/results
