@@ -79,6 +79,9 @@ def test_the_example_sweep_runs_every_cell_with_the_example_view(config_dir):
     assert len(jobs) == 12
     targets = {job for overrides in jobs for job in overrides if job.startswith("augmentation/view@")}
     assert targets == {"augmentation/view@augmentation.target=reference", "augmentation/view@augmentation.target=crop"}
+    assert (
+        settings(config_dir, *jobs[0]).sweep.study_name == "latent_size-demo"
+    )  # as the doc's analysis command reads it
 
 
 def test_a_data_set_of_ones_own_loads_from_its_image_folder(config_dir, tmp_path):
