@@ -268,7 +268,7 @@ class SweepConfig:
     its MLflow parent run through `trial` and `parent_run_id`, which the sweeper adds."""
 
     study_name: Optional[str] = MISSING  # the Optuna study; same name = resume it
-    study_suffix: str = ""  # an experiment file's: sweep files end their study_name with it (-demo)
+    study_suffix: str = MISSING  # an experiment file's: sweep files end their study_name with it (-demo)
     storage: str = MISSING  # a journal file, or postgresql://... (see soda/sweep.py)
     n_trials: Optional[int] = MISSING  # trials to finish; null = the whole grid
     n_jobs: int = MISSING  # trials in flight at once
