@@ -45,7 +45,10 @@ class OptunaSweeperConf:
     n_jobs: int = MISSING  # trials in flight at once
     max_failure_rate: float = MISSING  # stop when more than this fraction of n_trials failed
     # From the sweep file.
-    direction: Any = "maximize"  # or a list, one per objective
+    # maximize or minimize, or a list (one per objective). The published hydra-optuna-sweeper
+    # defaults to minimize; ours to maximize, as the objectives here are accuracies (every sweep
+    # file states its own).
+    direction: Any = "maximize"
     sampler: Any = None  # hydra/sweeper/sampler=<name>, or {name, seed, options}; null: TPE, Optuna's defaults
     pruner: PrunerConf = field(default_factory=PrunerConf)
     params: Dict[str, Any] = field(default_factory=dict)  # config path -> Hydra sweep syntax
