@@ -181,7 +181,10 @@ def all_commands(docs: list[Path] = DOCS) -> list[Command]:
 
 
 def example_files(doc: Path) -> dict[str, str]:
-    """The config files a doc tells the reader to save, by their path in the repository."""
+    """The config files a doc tells the reader to save, by their path in the repository (none for
+    text that is not a file of the repository, such as launch.py's --help)."""
+    if not doc.is_file():
+        return {}
     return {match["path"]: match["text"] for match in SAVE_AS.finditer(doc.read_text())}
 
 
