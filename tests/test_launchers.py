@@ -702,3 +702,33 @@ def test_visible_gpus_ask_nvidia_smi_without_cuda_visible_devices(monkeypatch, t
     assert site.visible_gpus().text == (
         "no GPU (nvidia-smi failed: NVIDIA-SMI has failed because it could not communicate with the driver)"
     )
+
+
+def test_local_jobs_start_all_or_none_and_give_their_gpus_back():
+    class Job:
+        def __init__(self, params):
+            self.params, self.cancelled = params, False
+
+        def cancel(self, check=True):
+            self.cancelled = True
+
+    class Executor:  # submitit's AutoExecutor as submit_local uses it; the third submission fails
+        def __init__(self):
+            self._executor = type("Local", (), {"parameters": {}})()
+            self.jobs = []
+
+        def submit(self, function, *params):
+            if len(self.jobs) == 2:
+                raise OSError("cannot start the job's controller")
+            self.jobs.append(Job((function, self._executor.parameters["visible_gpus"], *params)))
+            return self.jobs[-1]
+
+    plan = launchers.local_plan({"gpus_per_node": None, "tasks_per_node": None}, 3, _gpus("0", "1", "2"))
+    executor, taken = Executor(), []
+    with pytest.raises(OSError, match="controller"):
+        launchers.submit_local(executor, print, [("a",), ("b",), ("c",)], plan, taken)
+    assert [job.params for job in executor.jobs] == [(print, ("0",), "a"), (print, ("1",), "b")]
+    assert all(job.cancelled for job in executor.jobs)
+    assert taken == [("0",), ("1",), ("2",)]  # the caller gives them back, as _submit_and_wait does
+    launchers.release_gpus(taken)
+    assert not any(launchers._GPU_USE.values())

@@ -123,19 +123,15 @@ class _TrackedLaunch:
             job_params.append(
                 (list(overrides), "hydra.sweep.dir", number, f"job_id_for_{number}", Singleton.get_state())
             )
-        taken: list = []  # the GPU sets the local jobs hold
-        with inflight.SUBMIT_LOCK:
-            if local:  # one job at a time, each with its own GPUs (submitit's map_array gives all the same)
-                jobs = []
-                for params in job_params:
-                    taken.append(take_gpus(plan))
-                    # Set directly: submitit checks visible_gpus for ints, and CUDA also names GPUs by UUID.
-                    executor._executor.parameters["visible_gpus"] = taken[-1]
-                    jobs.append(executor.submit(self, *params))
-            else:
-                jobs = executor.map_array(self, *zip(*job_params, strict=True))
-        inflight.add(jobs, [params[2] for params in job_params])
+        jobs: list = []
+        taken: list = []  # the GPU sets the local jobs hold, given back however the launch ends
         try:
+            with inflight.SUBMIT_LOCK:
+                if local:  # one job at a time, each with its own GPUs (map_array gives all the same)
+                    jobs = submit_local(executor, self, job_params, plan, taken)
+                else:
+                    jobs = executor.map_array(self, *zip(*job_params, strict=True))
+                inflight.add(jobs, [params[2] for params in job_params])
             return self._wait(jobs, job_overrides, initial_job_idx, sweep_dir)
         finally:
             inflight.remove(jobs)
@@ -574,6 +570,24 @@ def local_plan(params: dict, jobs_at_once: int, visible: "site.VisibleGPUs") -> 
 
 
 _GPU_USE: dict = {}  # GPU set -> local jobs holding it now (a sweeper's threads launch at once)
+
+
+def submit_local(executor, function, job_params: list, plan: LocalPlan, taken: list) -> list:
+    """Submit each job (`function(*params)`) on a local executor with a GPU set of its own
+    (take_gpus, appended to `taken` for the caller to give back). All start, or, when one cannot,
+    those already started are stopped and the error raised."""
+    jobs: list = []
+    try:
+        for params in job_params:
+            taken.append(take_gpus(plan))
+            # Set directly: submitit checks visible_gpus for ints, and CUDA also names GPUs by UUID.
+            executor._executor.parameters["visible_gpus"] = taken[-1]
+            jobs.append(executor.submit(function, *params))
+    except BaseException:
+        for job in jobs:
+            job.cancel(check=False)
+        raise
+    return jobs
 
 
 def take_gpus(plan: LocalPlan) -> tuple:
