@@ -207,21 +207,26 @@ def test_augment_ablation_runs_every_cell_with_a_parent_run_and_a_child_per_tria
 
 
 def test_failed_trials_are_recorded_and_max_failure_rate_stops_the_sweep(tmp_path):
-    # batch 4096 > 96 training images: the job itself raises, after launch.
-    space = ["schedule.batch_size=choice(32, 4096)", "seed=range(0, 2)", "sweep.max_failure_rate=0.5", *PINNED]
+    # A data set that is not there: the job itself raises, after launch (the config cannot tell).
+    space = ["dataset.name=choice(shapes, nowhere)", "seed=range(0, 2)", "sweep.max_failure_rate=0.5", *PINNED]
     result = launch(_sweep_args(tmp_path, "sweep=augment_ablation", "sweep.study_name=tolerant", *space), timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     trials = _study(tmp_path, "tolerant").get_trials()
-    states = {(t.params["schedule.batch_size"], t.params["seed"]): t.state.name for t in trials}
-    assert states == {(32, 0): "COMPLETE", (32, 1): "COMPLETE", (4096, 0): "FAIL", (4096, 1): "FAIL"}
+    states = {(t.params["dataset.name"], t.params["seed"]): t.state.name for t in trials}
+    assert states == {
+        ("shapes", 0): "COMPLETE",
+        ("shapes", 1): "COMPLETE",
+        ("nowhere", 0): "FAIL",
+        ("nowhere", 1): "FAIL",
+    }
     failed = [t for t in trials if t.state.name == "FAIL"]
-    assert all("schedule.batch_size=4096 is larger than the training set" in t.user_attrs["error"] for t in failed)
+    assert all("nowhere not found under" in t.user_attrs["error"] for t in failed)
     _, children = _runs(f"sqlite:///{tmp_path}/mlflow.db")
     failed_runs = [c for c in children if c.info.status == "FAILED"]
-    assert len(failed_runs) == 2 and all("batch_size=4096" in c.data.tags["error"] for c in failed_runs)
+    assert len(failed_runs) == 2 and all("nowhere not found" in c.data.tags["error"] for c in failed_runs)
 
     # A stricter sweep stops as soon as more than 25 % of its 4 trials (so 2) have failed.
-    strict = ["schedule.batch_size=choice(4096, 2048, 1024, 32)", "seed=0", "sweep.max_failure_rate=0.25", *PINNED]
+    strict = ["dataset.name=choice(nowhere, nothere, gone, shapes)", "seed=0", "sweep.max_failure_rate=0.25", *PINNED]
     strict += ["sweep.n_jobs=1"]
     result = launch(_sweep_args(tmp_path, "sweep=augment_ablation", "sweep.study_name=strict", *strict), timeout=600)
     line = _one_line_error(result)
@@ -677,3 +682,39 @@ def test_an_unknown_custom_search_space_fails_before_any_trial(tmp_path):
 def test_directions_must_match_the_objectives(tmp_path):
     result = launch(_sweep_args(tmp_path, "sweep=lr_search", "objective=[eval/linear_acc,eval/knn_acc]"), timeout=120)
     assert "1 direction(s) ['maximize'] for 2 objective(s)" in _one_line_error(result)
+
+
+def test_a_search_resumed_with_another_seed_is_refused_unless_asked_and_then_recorded(tmp_path):
+    searchpath = _write_sweep(
+        tmp_path / "conf",
+        "seeded",
+        """
+sweep:
+  study_name: seeded
+  n_trials: 1
+hydra:
+  sweeper:
+    sampler: {name: random, seed: 1}
+    params:
+      schedule.decoder_lr: tag(log, interval(1e-4, 1e-3))
+""",
+    )
+    args = _sweep_args(tmp_path, "sweep=seeded", searchpath, *PINNED)
+    first = launch(args, timeout=600)
+    assert first.returncode == 0, first.stderr[-4000:]
+
+    other = [*args, "hydra.sweeper.sampler.seed=2", "sweep.n_trials=2"]
+    refused = _one_line_error(launch(other, timeout=120))
+    assert refused.startswith(
+        "error: study seeded was run with other sweep settings: hydra.sweeper.sampler.seed=2 (the study's: 1); "
+    ), refused
+    assert "hydra.sweeper.resume_with_changes=true" in refused
+    assert len(_study(tmp_path, "seeded").trials) == 1
+
+    asked = launch([*other, "hydra.sweeper.resume_with_changes=true"], timeout=600)
+    assert asked.returncode == 0, asked.stderr[-4000:]
+    assert [t.state.name for t in _study(tmp_path, "seeded").trials] == ["COMPLETE", "COMPLETE"]
+    [parent], _ = _runs(f"sqlite:///{tmp_path}/mlflow.db")
+    assert parent.data.params["sweep.sampler_seed"] == "1"  # what it started with; the tag says what changed
+    change = parent.data.tags["resume_changes"]
+    assert change.endswith(" hydra.sweeper.sampler.seed: 1 -> 2, sweep.n_trials: 1 -> 2"), change

@@ -30,17 +30,23 @@ class FakeParent:
 
     run_id = "parent-run"
 
-    def __init__(self, results=None):
+    def __init__(self, results=None, trial_errors=None):
         self.results = dict(results or {})
+        self.trial_errors = dict(trial_errors or {})  # {number: the error its own run ended with}
         self.closed: list[tuple[int, str]] = []
+        self.errors: dict[int, str] = {}  # {number: the error close_child gave its run}
         self.ended: list[tuple[int, str]] = []
         self.finished: str | None = None
 
     def trial_result(self, number):
         return self.results.get(number)
 
+    def trial_error(self, number):
+        return self.trial_errors.get(number)
+
     def close_child(self, number, status, error, params=None):
         self.closed.append((number, status))
+        self.errors[number] = error
 
     def trial_ended(self, number, state, values):
         self.ended.append((number, state))

@@ -55,6 +55,14 @@ class OptunaSweeperConf:
     # <module>.<function>(config, trial), called before each trial's overrides are built; what
     # it suggests (trial.suggest_*) becomes overrides too: parameters that depend on others.
     custom_search_space: Optional[str] = None
+    # How long the Optuna storage may stop answering (PostgreSQL stopped, the journal's file system
+    # gone) before the sweep ends with one line; each call is tried again until then. The trials
+    # wait as long. A re-run continues the study once the storage is back.
+    storage_timeout_s: float = 120.0  # soda.sweep.STORAGE_TIMEOUT_S
+    # Continue a study with another sampler, sampler seed or arguments, pruner, or (for a seeded
+    # sampler) sweep.n_jobs than it was run with: refused otherwise, as they change which trials it
+    # runs. The sweep's MLflow run records each change in its tag resume_changes.
+    resume_with_changes: bool = False
 
 
 ConfigStore.instance().store(name=SCHEMA, node=OptunaSweeperConf, provider="soda")

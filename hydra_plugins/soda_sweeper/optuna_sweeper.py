@@ -7,6 +7,8 @@ so a pruner can stop it early; a trial that raises or whose job dies is recorded
 sweep goes on until more than `max_failure_rate` of `n_trials` have failed. Running the same
 command again with the same study name continues the study: finished trials are kept, interrupted
 and failed ones are run again. MLflow gets one parent run per sweep, each trial a child run.
+An Optuna storage that stops answering for `storage_timeout_s` ends the sweep with one line; its
+parent run ends FAILED saying so, and the same command continues the study once it is back.
 
 The `grid` sampler runs every combination of choice/range values once; the others sample
 (`n_trials` required). `custom_search_space`, as in the published hydra-optuna-sweeper, names a
@@ -36,8 +38,15 @@ from hydra_plugins.soda_sweeper.parent_run import ParentRun
 from hydra_plugins.soda_sweeper.sampler import SamplerSpec, custom_search_space, make_sampler, sampler_spec
 from hydra_plugins.soda_sweeper.scheduler import Scheduler, SweepState, plan, recover, summary
 from hydra_plugins.soda_sweeper.search_space import check_every_value, grid_cells, parse_space, spec_text
-from hydra_plugins.soda_sweeper.study import best_trial, fixed_settings, open_study
-from soda.sweep import SweepError, make_pruner, open_storage
+from hydra_plugins.soda_sweeper.study import (
+    SETTINGS_ATTR,
+    best_trial,
+    check_sweep_settings,
+    fixed_settings,
+    open_study,
+    sweep_settings,
+)
+from soda.sweep import STORAGE_TIMEOUT_ATTR, STORAGE_TIMEOUT_S, StorageLost, SweepError, make_pruner, open_storage
 from soda.tracking import redact
 
 log = logging.getLogger(__name__)
@@ -58,6 +67,8 @@ class OptunaSweeper(Sweeper):
         pruner: Any,
         params: Any,
         custom_search_space: str | None = None,
+        storage_timeout_s: float = STORAGE_TIMEOUT_S,
+        resume_with_changes: bool = False,
     ):
         self.study_name = study_name or f"sweep-{datetime.datetime.now():%Y%m%d-%H%M%S}"
         self.named = bool(study_name)
@@ -71,6 +82,8 @@ class OptunaSweeper(Sweeper):
         self.pruner_conf = _plain(pruner)
         self.params = _plain(params)
         self.custom_search_space = str(custom_search_space) if custom_search_space else None
+        self.storage_timeout_s = float(storage_timeout_s)
+        self.resume_with_changes = bool(resume_with_changes)
         self.config: DictConfig | None = None
         self.launcher = None
         self.hydra_context = None
@@ -102,19 +115,18 @@ class OptunaSweeper(Sweeper):
         spec = sampler_spec(self.sampler_conf, self.config.hydra.runtime.choices.get("hydra/sweeper/sampler"))
         self._check_settings(spec.name, spec.grid)
         sampler = make_sampler(spec)
-        extend = custom_search_space(self.custom_search_space)
+        custom_search_space(self.custom_search_space)  # fails now, before anything is stored
 
         # The search space, each of its values composed into a run config before anything is stored.
         dimensions, fixed = parse_space(self.params, arguments)
         if not dimensions:
             raise SweepError("the sweep has no parameters to vary: set hydra.sweeper.params in the sweep file")
-        grid = spec.grid
-        cells = grid_cells(dimensions) if grid else None
+        cells = grid_cells(dimensions) if spec.grid else None
         check_every_value(dimensions, fixed, self._compose)
 
         # The study and its MLflow run, continued when they exist; trials a killed sweep left
         # running are kept when their runs ended complete or pruned, else marked failed, to run again.
-        storage = open_storage(self.storage_spec)
+        storage = open_storage(self.storage_spec, timeout_s=self.storage_timeout_s)
         space = {name: d.spec for name, d in dimensions.items()}
         if self.custom_search_space:  # another function makes other trials: part of the space
             space[CUSTOM_SPACE_KEY] = self.custom_search_space
@@ -123,8 +135,23 @@ class OptunaSweeper(Sweeper):
         )
         fixed_values = fixed_settings(run_config, dimensions)
         study = open_study(self.study_name, storage, self.directions, space, sampler, self.pruner_conf, fixed_values)
+        settings = sweep_settings(spec, self.pruner_conf, self.n_jobs, self.n_trials, self.max_failure_rate)
+        changes = check_sweep_settings(study, settings, self.resume_with_changes)
         parent = self._open_parent_run(study, spec)  # checks the tracking store before any job
+        parent.record_changes(changes)
+        study.set_user_attr(SETTINGS_ATTR, settings)  # once the change is on record
+        study.set_user_attr(STORAGE_TIMEOUT_ATTR, self.storage_timeout_s)  # the trials' patience too
+        try:
+            return self._run(study, storage, parent, spec, dimensions, fixed, cells)
+        except StorageLost as lost:
+            parent.fail(str(lost))
+            raise
+
+    def _run(self, study, storage, parent: ParentRun, spec: SamplerSpec, dimensions, fixed, cells) -> Any:
+        """Recover what an earlier run left, run the rest, record the outcome."""
         recover(study, storage, parent)
+        grid = spec.grid
+        extend = custom_search_space(self.custom_search_space)
 
         # What is left to run, then run it.
         target, done, queue = plan(study.get_trials(deepcopy=False), list(dimensions), cells, self.n_trials)
@@ -178,6 +205,8 @@ class OptunaSweeper(Sweeper):
                 f"{len(self.directions)} direction(s) {self.directions} for {len(objectives)} objective(s) "
                 f"{objectives}: give one direction per objective"
             )
+        if self.storage_timeout_s <= 0:
+            raise SweepError(f"hydra.sweeper.storage_timeout_s={self.storage_timeout_s:g} must be positive")
         if not grid and self.n_trials is None:
             raise SweepError(f"sampler {sampler} needs sweep.n_trials (only a grid has an end)")
         # Trials in flight together must not share this process (Hydra's basic launcher runs a

@@ -10,11 +10,17 @@ A trial's own run is the record of how it ended: a run that ended (FINISHED, FAI
 its status, error and trial_state here (only a failed or killed one that has no trial_state gets
 FAIL), and the sweeper reads a finished or pruned trial's outcome back from it when the job could
 not hand it over (`trial_result`).
+
+A sweep that could not finish records why: its run ends FAILED with the tag `error` (the Optuna
+storage was lost), and the run that continues it moves that to `previous_end`. Sweep settings
+changed on resume (study.check_sweep_settings) are the tag `resume_changes`, one line per resume
+(`<time> key: old -> new, ...`): the params keep the values the sweep started with.
 """
 
 import logging
 import math
 import re
+from datetime import datetime, timezone
 from typing import Any
 
 from hydra_plugins.soda_sweeper.study import best_trial
@@ -27,6 +33,8 @@ PARENT_ATTR = "soda_mlflow_parent"  # study user attribute: the sweep's MLflow r
 RESUMED = tracking.RESUMED
 BEST_TRIAL = "best_trial"
 ENDED_STATUSES = ("FINISHED", "FAILED", "KILLED")  # MLflow statuses of a run that ended
+# previous_end of a sweep run that nobody closed.
+LOST = "lost: the sweeper ended without recording how (SIGKILL, a closed terminal or a lost node)"
 
 
 class ParentRun:
@@ -58,9 +66,16 @@ class ParentRun:
         experiment_id = tracking.get_or_create_experiment(client, experiment, artifact_location)
         run = _existing_run(client, study.user_attrs.get(PARENT_ATTR))
         if run is not None:
-            client.update_run(run.info.run_id, status="RUNNING")
-            client.set_tag(run.info.run_id, RESUMED, "true")
-            return cls(client, experiment_id, study.study_name, run.info.run_id, objectives)
+            run_id = run.info.run_id
+            error = run.data.tags.get(tracking.ERROR)
+            ended = LOST if run.info.status == "RUNNING" else run.info.status.lower()
+            client.update_run(run_id, status="RUNNING")
+            client.set_tag(run_id, RESUMED, "true")
+            # The run is live again: why the sweep before this one ended is history now.
+            client.set_tag(run_id, tracking.PREVIOUS_END, f"{ended}: {error}"[:5000] if error else ended)
+            if error is not None:
+                client.delete_tag(run_id, tracking.ERROR)
+            return cls(client, experiment_id, study.study_name, run_id, objectives)
 
         tags = {**tracking.parent_tags(study.study_name), **tracking.git_state()}
         run = client.create_run(experiment_id, run_name=study.study_name, tags=tags)
@@ -71,6 +86,17 @@ class ParentRun:
             client.log_text(run_id, text, name)
         study.set_user_attr(PARENT_ATTR, run_id)
         return cls(client, experiment_id, study.study_name, run_id, objectives)
+
+    def record_changes(self, changes: dict[str, tuple[str, str]]) -> None:
+        """Sweep settings that changed on resume, {key: (old, new)}, added to the run's
+        resume_changes tag with the time."""
+        if not changes:
+            return
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        added = f"{now} " + ", ".join(f"{key}: {old} -> {new}" for key, (old, new) in changes.items())
+        earlier = self.client.get_run(self.run_id).data.tags.get(tracking.RESUME_CHANGES, "")
+        self.client.set_tag(self.run_id, tracking.RESUME_CHANGES, "\n".join(filter(None, [earlier, added]))[-5000:])
+        log.info("study %s continues with other sweep settings: %s", self.study_name, added)
 
     def trial_ended(self, number: int, state: str, values: list[float] | None) -> None:
         """Count the trial's end (and its objective) as progress, at step = trial number."""
@@ -103,6 +129,19 @@ class ParentRun:
                 return "COMPLETE", values
         if ("KILLED", "PRUNED") in ended:
             return "PRUNED", None
+        return None
+
+    def trial_error(self, number: int) -> str | None:
+        """Why trial `number`'s own run ended, when it ended without finishing (its `error` tag);
+        None when it has none, is still running, or the store cannot be read."""
+        try:
+            runs = self._trial_runs(number)
+        except Exception as problem:
+            log.warning("could not read the MLflow run of trial %d: %s", number, first_line(problem, 500))
+            return None
+        for run in runs:
+            if run.info.status in ("FAILED", "KILLED") and run.data.tags.get(tracking.ERROR):
+                return run.data.tags[tracking.ERROR]
         return None
 
     def close_child(self, number: int, status: str, error: str, params: dict[str, Any] | None = None) -> None:
@@ -156,6 +195,16 @@ class ParentRun:
             for key, value in best.params.items():
                 self.client.set_tag(self.run_id, mlflow_key(f"best_params.{key}"), str(value))
         self.client.set_terminated(self.run_id, status=status)
+
+    def fail(self, error: str) -> None:
+        """End the run FAILED with `error`, when the sweep stops before its study ends and the
+        study's counts cannot be read (its storage was lost). Never raises: the caller is
+        reporting an error already."""
+        try:
+            self.client.set_tag(self.run_id, tracking.ERROR, error[:5000])
+            self.client.set_terminated(self.run_id, status="FAILED")
+        except Exception as problem:
+            log.warning("could not end the sweep's MLflow run %s: %s", self.run_id, first_line(problem, 500))
 
 
 def _existing_run(client, run_id: str | None):

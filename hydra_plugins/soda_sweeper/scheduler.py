@@ -17,6 +17,12 @@ count, it runs again. The sweeper ends with `summary`.
 A custom search space (`hydra.sweeper.custom_search_space`) is called with each trial once the
 sampler has chosen the parameters of `params`; what it suggests becomes overrides of that trial.
 
+The Optuna storage going away (StorageLost: it did not answer for hydra.sweeper.storage_timeout_s)
+stops the sweep as Ctrl-C does, except that nothing more can be told to Optuna: the jobs in flight
+are cancelled and their trials' MLflow runs end KILLED saying the storage was lost (a run that
+ended keeps its own record); the trials stay RUNNING in the study, and `recover`, in the run that
+continues it, records each as its run says.
+
 A trial whose run finished is complete whatever happens to its job or the sweeper afterwards: when
 no result comes back (the job died or was stopped, the sweeper was killed), the trial's own MLflow
 run says whether it ended complete (with its objective's values) or pruned (ParentRun.trial_result).
@@ -40,7 +46,7 @@ from omegaconf import OmegaConf
 from hydra_plugins.soda_sweeper.parent_run import ParentRun
 from hydra_plugins.soda_sweeper.search_space import Dimension, cell_key, override_value
 from hydra_plugins.soda_sweeper.study import best_trial
-from soda.sweep import SweepError
+from soda.sweep import StorageLost, SweepError
 from soda.tracking import trial_run_name
 
 log = logging.getLogger(__name__)
@@ -48,6 +54,7 @@ log = logging.getLogger(__name__)
 ERROR_ATTR = "error"  # trial user attribute: why the trial failed (read by the tests)
 INTERRUPTED = "interrupted: the sweep stopped before the trial finished"
 STOPPED = "interrupted: the sweep was stopped"
+STORAGE_LOST = "interrupted: the sweep lost its Optuna storage"
 FINISHED_OK = ("COMPLETE", "PRUNED")
 # How often the sweeper looks at a stop request while it waits for trials: a signal handler that
 # does not raise cannot end a blocking wait.
@@ -99,8 +106,9 @@ def _retries(trials, names: list[str]) -> list[dict[str, Any]]:
 def recover(study, storage, parent: ParentRun) -> None:
     """Trials left running (or queued) by a sweep that stopped without finishing them. One whose
     own run ended complete or pruned (its job ended; the sweeper was killed before it told
-    Optuna) is recorded as such; the others are marked failed ("interrupted"), and `plan` runs
-    them again. `storage` is the study's opened storage."""
+    Optuna) is recorded as such; the others are marked failed, with the error their run ended with
+    (say, the storage was lost) or else as interrupted, and `plan` runs them again. `storage` is
+    the study's opened storage."""
     from optuna.trial import TrialState
 
     study_id = storage.get_study_id_from_name(study.study_name)
@@ -116,10 +124,11 @@ def recover(study, storage, parent: ParentRun) -> None:
                 parent.trial_ended(trial.number, outcome, values)
                 log.info("trial %d had ended %s before the sweep stopped: kept", trial.number, outcome.lower())
                 continue
-        storage.set_trial_user_attr(trial_id, ERROR_ATTR, INTERRUPTED)
+        error = (trial.state == TrialState.RUNNING and parent.trial_error(trial.number)) or INTERRUPTED
+        storage.set_trial_user_attr(trial_id, ERROR_ATTR, error[:4000])
         study.tell(trial.number, state=TrialState.FAIL)
         parent.close_child(trial.number, "KILLED", INTERRUPTED, trial.params)
-        log.info("trial %d was interrupted earlier: marked failed, it will run again", trial.number)
+        log.info("trial %d was interrupted earlier (%s): marked failed, it will run again", trial.number, error)
 
 
 def summary(study, state: SweepState) -> str:
@@ -208,9 +217,13 @@ class Scheduler:
                         in_flight, timeout=POLL_S, return_when=concurrent.futures.FIRST_COMPLETED
                     )
                     for future in finished:
-                        self._record(in_flight.pop(future), future, state)
+                        self._record(in_flight[future], future, state)
+                        del in_flight[future]  # once recorded: a storage lost meanwhile leaves it in flight
                 if stop.requested and (in_flight or not state.stopping(0)):
                     self._stop(in_flight, pool, state)
+            except StorageLost:
+                self._lost(in_flight, pool)
+                raise
             except KeyboardInterrupt:  # a second Ctrl-C while the first was being handled
                 raise SweepError(
                     f"sweep {self.study.study_name} stopped at once: the trials in flight were not recorded; "
@@ -234,6 +247,8 @@ class Scheduler:
         if self.extend is not None:
             try:
                 self.extend(trial)
+            except StorageLost:
+                raise
             except Exception as error:
                 self._fail(trial, f"custom search space: {type(error).__name__}: {_whole(error)}", state)
                 return None
@@ -363,6 +378,20 @@ class Scheduler:
             f"sweep {self.study.study_name} interrupted: {state.done} of {state.target} trials finished, "
             f"{stopped} stopped; re-run the same command to resume"
         )
+
+    def _lost(self, in_flight: dict, pool: concurrent.futures.ThreadPoolExecutor) -> None:
+        """The storage was lost: cancel the jobs in flight, wait until each has ended, and end the
+        MLflow run of each trial that did not end on its own (see the module docstring)."""
+        from hydra_plugins.soda_launchers import inflight
+
+        job_ids = inflight.cancel_all()
+        pool.shutdown(wait=True, cancel_futures=True)
+        for trial in in_flight.values():
+            if self.parent.trial_result(trial.number) is not None:
+                continue  # its run ended complete or pruned: kept when the sweep continues
+            self.parent.close_child(trial.number, "KILLED", STORAGE_LOST, trial.params)
+            job = f" (job {job_ids[trial.number]})" if trial.number in job_ids else ""
+            log.warning("trial %d%s: stopped, as the Optuna storage was lost; it will run again", trial.number, job)
 
 
 class _StopRequest:
