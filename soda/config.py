@@ -259,6 +259,11 @@ class TrackingConfig:
     run_name: Optional[str] = MISSING
     system_metrics: bool = MISSING  # CPU/GPU/memory sampled by MLflow in the background
     tags: Dict[str, str] = MISSING  # extra tags on the run
+    timeout_s: float = MISSING  # a store that stops answering mid-run ends the run after this long
+    resume_without_record: bool = MISSING  # a re-run whose MLflow run is gone continues in a new one
+
+    def __post_init__(self):
+        _check(self.timeout_s > 0, f"tracking.timeout_s={self.timeout_s} must be positive")
 
 
 @dataclass

@@ -21,6 +21,10 @@ class TrackingError(SodaError):
     pass
 
 
+class TrackingLost(TrackingError):
+    """The tracking store stopped answering during a run for longer than tracking.timeout_s."""
+
+
 class RunDirError(SodaError):
     """The run directory cannot be used: unwritable, in use by another process, or holding a
     run with other settings."""

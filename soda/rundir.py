@@ -40,9 +40,17 @@ RESUMABLE_CHANGES = (
     "eval.every_seconds",
 )
 # Not compared on resume: the sweeper's own settings, which a trial's config carries but which do
-# not shape the run; and data_root, which only dataset.root (compared) reads, and which runs
-# recorded before it existed lack.
-NOT_RUN_SETTINGS = ("sweep.n_jobs", "sweep.n_trials", "sweep.max_failure_rate", "data_root")
+# not shape the run; data_root, which only dataset.root (compared) reads; and how the record
+# copes with a store that goes away. Runs recorded before data_root and the tracking ones existed
+# lack them.
+NOT_RUN_SETTINGS = (
+    "sweep.n_jobs",
+    "sweep.n_trials",
+    "sweep.max_failure_rate",
+    "data_root",
+    "tracking.timeout_s",
+    "tracking.resume_without_record",
+)
 
 
 def resolved_settings(cfg: DictConfig) -> dict:

@@ -8,22 +8,27 @@ replayed epoch leaves no duplicate points.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
 import socket
 import subprocess
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from soda.errors import TrackingError, first_line
+from soda.errors import TrackingError, TrackingLost, first_line
 from soda.faults import mark
 from soda.files import write_atomically
 
 log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run_id"
+# How the last process ended, written into the run directory when it could not say so in the
+# store (the store had stopped answering); the next start records it as PREVIOUS_END.
+END_FILE = "unrecorded-end.json"
 
 # ---------------------------------------------------------------------------------------------
 # The record's contract. Runs write these keys and tags; analysis/, the sweeper, the benchmarks
@@ -83,6 +88,10 @@ RUN_DIR = "run_dir"
 ERROR = "error"  # why the run stopped; never on a FINISHED run
 ENDED = "ended"  # how the run's last process ended: one of ENDINGS
 PREVIOUS_END = "previous_end"  # on a resumed run: how the process before this one ended
+# On a run that continued a run directory whose MLflow run was gone (tracking.resume_without_record):
+# the lost run's id, and the epoch this record starts at (the earlier epochs are not in it).
+LOST_RECORD = "lost_record"
+RECORD_STARTS_AT = "record_starts_at_epoch"
 RESUME_CHANGES = "resume_changes"  # on a resumed run: the resumable settings changed (soda.rundir)
 COMPILE = "compile"
 RESUMED = "resumed"  # "true" once a later process continued the run
@@ -104,6 +113,7 @@ ENDINGS = {
     "terminated": "KILLED",  # SIGTERM
     "preempted": "KILLED",  # SIGUSR1/SIGUSR2 after a checkpoint; SLURM requeues the job
     "pruned": "KILLED",  # a sweep's pruner stopped the trial (TRIAL_STATE=PRUNED)
+    "tracking_lost": "FAILED",  # the store stopped answering (END_FILE; recorded on the next start)
 }
 # A process that ended without recording it (SIGKILL, out of memory, a lost node) leaves its run
 # RUNNING; the next start in its run directory records it as PREVIOUS_END, the sweeper closes it.
@@ -217,11 +227,13 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def quick_http_failures():
-    """MLflow retries an unreachable server for minutes by default; a check should fail now."""
+def quick_http_failures(timeout: float = 10):
+    """MLflow retries an unreachable server for minutes by default (its own budget, which
+    tracking.timeout_s replaces); a check should fail now, and a run's write retries on its own
+    terms (Tracker._write). `timeout`: seconds one request may take."""
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, int(timeout)))
     try:
         yield
     finally:
@@ -310,6 +322,29 @@ def get_or_create_experiment(client, name: str, artifact_location: str | None = 
         return existing.experiment_id
 
 
+def unanswered(error: BaseException) -> bool:
+    """Is `error` the store not answering (a refused or timed-out connection, a server error, a
+    database that cannot be reached or is locked), which a later try may not meet, rather than a
+    request the store refused (a bad value), which every try would meet?"""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error)
+        if isinstance(error, (ConnectionError, TimeoutError)) or type(error).__name__ == "OperationalError":
+            return True
+        if type(error).__module__.startswith(("requests", "urllib3")):
+            return True
+        # MLflow's REST client: "API request to <url> failed with exception ..." (no answer, or
+        # retries spent on 429/5xx) or "... failed with error code 503 != 200" (an answer that is
+        # not JSON: a proxy or a server that is going down).
+        if text.startswith("API request to") and not re.search(r"error code 4\d\d", text):
+            return True
+        if "OperationalError" in text:  # SQLAlchemy's text, kept by MLflow's SQL store
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 class Tracker:
     def __init__(
         self,
@@ -319,6 +354,8 @@ class Tracker:
         run_name: str | None = None,
         system_metrics: bool = True,
         tags: dict[str, str] | None = None,
+        timeout_s: float = 120.0,
+        resume_without_record: bool = False,
     ):
         self.uri = uri
         self.experiment = experiment
@@ -326,8 +363,13 @@ class Tracker:
         self.run_name = run_name
         self.system_metrics = system_metrics
         self.tags = dict(tags or {})
+        self.timeout_s = timeout_s
+        self.resume_without_record = resume_without_record
         self.run_id: str | None = None
         self.resumed = False
+        self.lost: TrackingLost | None = None  # set once the store stopped answering for timeout_s
+        self.lost_reason = ""
+        self.lost_record: str | None = None  # the run directory's MLflow run, when the store lacks it
         self._recorded_steps: dict[str, int] = {}  # key -> last step already in the store
         self.points_logged = 0  # metric points this process sent (a check against what the store holds)
 
@@ -354,10 +396,13 @@ class Tracker:
             f"writable store, or fix its permissions"
         )
 
-    def start(self, run_dir: Path, params: dict[str, str], config_yaml: str, tags: dict[str, str]) -> str:
-        """Start the run, or continue the one this run directory already has."""
+    def start(
+        self, run_dir: Path, params: dict[str, str], config_yaml: str, tags: dict[str, str], epoch: int = 0
+    ) -> str:
+        """Start the run, or continue the one this run directory already has (`epoch`: the epoch
+        this process starts at, from the run directory's checkpoint)."""
         try:
-            return self._start(run_dir, params, config_yaml, tags)
+            return self._start(run_dir, params, config_yaml, tags, epoch)
         except TrackingError:
             raise
         except Exception as error:
@@ -370,21 +415,22 @@ class Tracker:
                     pass
             raise self._unwritable(error) from None
 
-    def _start(self, run_dir: Path, params: dict[str, str], config_yaml: str, tags: dict[str, str]) -> str:
+    def _start(self, run_dir: Path, params: dict[str, str], config_yaml: str, tags: dict[str, str], epoch: int) -> str:
         import mlflow
 
         mlflow.set_tracking_uri(self.uri)
         experiment_id = self._experiment_id(mlflow)
         run_dir = Path(run_dir)
         previous = self._previous_run(mlflow, experiment_id, run_dir)
+        unrecorded_end = _take_end_file(run_dir)
         if previous is not None:
-            ended = self._previous_end(mlflow.get_run(previous))
+            ended = self._previous_end(mlflow.get_run(previous), unrecorded_end)
             run = mlflow.start_run(run_id=previous, log_system_metrics=self.system_metrics)
             self.resumed = True
             self._recorded_steps = self._last_steps(mlflow, previous)
             # The run is live again: how the earlier process ended moves to PREVIOUS_END.
             mlflow.set_tags({RESUMED: "true", PREVIOUS_END: ended[:5000]})
-            _delete_tag(mlflow, previous, ERROR)
+            _delete_tag(mlflow.MlflowClient(self.uri), previous, ERROR)
             log.info("continuing MLflow run %s (its previous process: %s)", previous, ended)
         else:
             # The run directory is a tag from the run's creation on, so a process killed before it
@@ -392,7 +438,7 @@ class Tracker:
             run = mlflow.start_run(
                 experiment_id=experiment_id,
                 run_name=self.run_name,
-                tags={"run_dir": str(run_dir.resolve())},
+                tags={"run_dir": str(run_dir.resolve()), **self._lost_record_tags(unrecorded_end, epoch)},
                 log_system_metrics=self.system_metrics,
             )
             write_atomically(run_dir / RUN_ID_FILE, lambda handle: handle.write(f"{run.info.run_id}\n".encode()))
@@ -416,22 +462,56 @@ class Tracker:
         if previous and self._run_exists(mlflow, previous):
             return previous
         where = str(run_dir.resolve())
-        if "'" in where:
-            return None
-        found = mlflow.search_runs(
-            experiment_ids=[experiment_id],
-            filter_string=f"tags.run_dir = '{where}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-            output_format="list",
+        found = []
+        if "'" not in where:
+            found = mlflow.search_runs(
+                experiment_ids=[experiment_id],
+                filter_string=f"tags.run_dir = '{where}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+                output_format="list",
+            )
+        if found:
+            return found[0].info.run_id
+        if previous:
+            # The run directory has a record that this store lacks: a new run would look like a
+            # whole one while holding only the later epochs.
+            if not self.resume_without_record:
+                raise TrackingError(
+                    f"run directory {run_dir} is recorded as MLflow run {previous}, which {redact(self.uri)} "
+                    f"(experiment {self.experiment}) does not hold (store deleted or replaced?); point tracking.uri "
+                    "at the store that holds it, or re-run with tracking.resume_without_record=true to continue "
+                    "in a new MLflow run tagged as such"
+                )
+            self.lost_record = previous
+        return None
+
+    def _lost_record_tags(self, unrecorded_end: str | None, epoch: int) -> dict[str, str]:
+        """A new run continuing a run directory whose record is gone says so."""
+        if self.lost_record is None:
+            return {}
+        log.warning(
+            "MLflow run %s of this run directory is not in %s: continuing in a new run from epoch %d "
+            "(tracking.resume_without_record=true); the earlier epochs are not in it",
+            self.lost_record,
+            redact(self.uri),
+            epoch,
         )
-        return found[0].info.run_id if found else None
+        self.resumed = True
+        return {
+            RESUMED: "true",
+            LOST_RECORD: f"{self.lost_record} (not in {redact(self.uri)})",
+            RECORD_STARTS_AT: str(epoch),
+            PREVIOUS_END: (unrecorded_end or f"unknown: its record, MLflow run {self.lost_record}, is gone")[:5000],
+        }
 
     @staticmethod
-    def _previous_end(run) -> str:
-        """How the process before this one ended, from its run's record."""
+    def _previous_end(run, unrecorded_end: str | None = None) -> str:
+        """How the process before this one ended, from its run's record (or, when the store was
+        gone as it ended, from the run directory: `unrecorded_end`)."""
         if run.info.status == "RUNNING":
-            return LOST  # nobody recorded an end: killed without a chance to
+            # Nobody recorded an end: the store was gone, or killed without a chance to.
+            return unrecorded_end or LOST
         tags = run.data.tags
         how = tags.get(ENDED, run.info.status.lower())
         return f"{how}: {tags[ERROR]}" if tags.get(ERROR) else how
@@ -443,10 +523,10 @@ class Tracker:
 
         if not changes or self.run_id is None:
             return
-        earlier = mlflow.get_run(self.run_id).data.tags.get(RESUME_CHANGES, "")
+        earlier = self._write(mlflow.get_run, self.run_id).data.tags.get(RESUME_CHANGES, "")
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         added = f"{now} " + ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changes.items())
-        mlflow.set_tag(RESUME_CHANGES, "\n".join(filter(None, [earlier, added]))[-5000:])
+        self._write(mlflow.set_tag, RESUME_CHANGES, "\n".join(filter(None, [earlier, added]))[-5000:])
         log.info("resumed with changed settings: %s", added)
 
     def _experiment_id(self, mlflow) -> str:
@@ -470,39 +550,120 @@ class Tracker:
             if not key.startswith("system/")
         }
 
+    # ----------------------------------------------------------------------------------------
+    # Writes while the run is live. A store that stops answering is retried for timeout_s (not
+    # MLflow's own budget of minutes per request); then the write raises TrackingLost, and the
+    # run ends without waiting on the store again (abandon).
+
+    def _write(self, write, *args, **kwargs):
+        if self.lost is not None:
+            raise self.lost
+        deadline, pause = None, 1.0
+        while True:
+            try:
+                with quick_http_failures(timeout=min(30.0, self.timeout_s)):
+                    result = write(*args, **kwargs)
+            except Exception as error:
+                if not unanswered(error):
+                    raise
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.timeout_s
+                    log.warning(
+                        "MLflow tracking store %s does not answer (%s); retrying for up to %s s (tracking.timeout_s)",
+                        redact(self.uri),
+                        first_line(error),
+                        f"{self.timeout_s:g}",
+                    )
+                if now >= deadline:
+                    self.lost_reason = (
+                        f"MLflow tracking store {redact(self.uri)} stopped answering for {self.timeout_s:g} s "
+                        f"(tracking.timeout_s; last: {first_line(error, limit=120)})"
+                    )
+                    self.lost = TrackingLost(
+                        f"{self.lost_reason}; the last checkpoint is kept: bring the store back and re-run "
+                        f"the same command to continue MLflow run {self.run_id} from it"
+                    )
+                    raise self.lost from None
+                time.sleep(min(pause, deadline - now))
+                pause = min(2 * pause, 15.0)
+                continue
+            if deadline is not None:
+                log.warning("MLflow tracking store %s answers again", redact(self.uri))
+            return result
+
+    def abandon(self, run_dir: Path, where: str) -> None:
+        """The store is gone: leave the run without contacting it again, and say in the run
+        directory how this process ended (END_FILE, `where`: e.g. `in epoch 3`), for the record
+        of the next start."""
+        import mlflow
+
+        write_end_file(run_dir, self.run_id, f"tracking_lost: {self.lost_reason} {where}")
+        # One quick try to say it in the store as well (it may be back); end_run forgets the run
+        # even when the store does not answer, so nothing waits on it again.
+        with quick_http_failures(timeout=2), contextlib.suppress(Exception):
+            client = mlflow.MlflowClient(self.uri)
+            client.set_tag(self.run_id, ERROR, f"{self.lost_reason} {where}"[:5000])
+            client.set_tag(self.run_id, ENDED, "tracking_lost")
+        with quick_http_failures(timeout=2), contextlib.suppress(Exception):
+            mlflow.end_run(status=ENDINGS["tracking_lost"])
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         import mlflow
 
         fresh = {k: float(v) for k, v in metrics.items() if step > self._recorded_steps.get(k, -1)}
         if fresh:
             mark("mlflow.log_metrics")
-            mlflow.log_metrics(fresh, step=step)
+            self._write(mlflow.log_metrics, fresh, step=step)
             self.points_logged += len(fresh)
 
     def log_artifact(self, path: Path, folder: str) -> None:
         import mlflow
 
-        mlflow.log_artifact(str(path), folder)
+        self._write(mlflow.log_artifact, str(path), folder)
 
     def finish(self, ended: str, error: str | None = None, tags: dict[str, str] | None = None) -> None:
         """End the run as `ended` (a key of ENDINGS) says, with its MLflow status and tags."""
         import mlflow
 
-        if mlflow.active_run() is None:
+        active = mlflow.active_run()
+        if active is None:
             return
-        status = ENDINGS[ended]
+        run_id, client, status = active.info.run_id, mlflow.MlflowClient(self.uri), ENDINGS[ended]
+        # Each write on its own (a retried write must not repeat one the store already took).
         if error and status != "FINISHED":
-            mlflow.set_tag(ERROR, error[:5000])
+            self._write(client.set_tag, run_id, ERROR, error[:5000])
         elif status == "FINISHED":
-            _delete_tag(mlflow, mlflow.active_run().info.run_id, ERROR)  # a finished run claims no error
+            self._write(_delete_tag, client, run_id, ERROR)  # a finished run claims no error
         # Points sent by this process (a resumed run's earlier points were sent by earlier ones).
-        mlflow.set_tags({**(tags or {}), ENDED: ended, POINTS_LOGGED: str(self.points_logged)})
-        mlflow.end_run(status=status)
+        for key, value in {**(tags or {}), ENDED: ended, POINTS_LOGGED: str(self.points_logged)}.items():
+            self._write(client.set_tag, run_id, key, value)
+        self._write(client.set_terminated, run_id, status)
+        with quick_http_failures(timeout=5), contextlib.suppress(Exception):
+            mlflow.end_run(status=status)  # MLflow's side: its active run and system metrics stop
 
 
-def _delete_tag(mlflow, run_id: str, key: str) -> None:
-    if key in mlflow.get_run(run_id).data.tags:
-        mlflow.MlflowClient().delete_tag(run_id, key)
+def write_end_file(run_dir: Path, run_id: str | None, ended: str) -> None:
+    """Say in the run directory how this process ended (END_FILE), where the store cannot."""
+    record = json.dumps({"run_id": run_id, "ended": ended}).encode()
+    write_atomically(Path(run_dir) / END_FILE, lambda handle: handle.write(record))
+
+
+def _take_end_file(run_dir: Path) -> str | None:
+    """How the last process in `run_dir` ended when it could not tell the store (END_FILE),
+    removed once read: the record it belongs to is being continued now."""
+    path = Path(run_dir) / END_FILE
+    try:
+        ended = json.loads(path.read_text())["ended"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    path.unlink(missing_ok=True)
+    return str(ended)
+
+
+def _delete_tag(client, run_id: str, key: str) -> None:
+    if key in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, key)
 
 
 class NullTracker:
@@ -516,7 +677,9 @@ class NullTracker:
     def check(self) -> None:
         pass
 
-    def start(self, run_dir: Path, params: dict[str, str], config_yaml: str, tags: dict[str, str]) -> None:
+    def start(
+        self, run_dir: Path, params: dict[str, str], config_yaml: str, tags: dict[str, str], epoch: int = 0
+    ) -> None:
         return None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -529,4 +692,7 @@ class NullTracker:
         pass
 
     def finish(self, ended: str, error: str | None = None, tags: dict[str, str] | None = None) -> None:
+        pass
+
+    def abandon(self, run_dir: Path, where: str) -> None:
         pass

@@ -27,7 +27,7 @@ from soda import dist, progress, tracking
 from soda.checkpoint import load_checkpoint
 from soda.config import Config, ViewConfig, gpu_sized, run_directory, to_settings
 from soda.data import LabelledImages, ViewAugmentation, load_splits
-from soda.errors import ConfigError, RunDirError, Terminated
+from soda.errors import ConfigError, RunDirError, Terminated, TrackingLost
 from soda.evaluate import Evaluator
 from soda.loop import CHECKPOINT, PRECISION_DTYPES, OnEvaluation, Preempted, StopRequested, Trainer
 from soda.models import SODA, build_soda
@@ -127,7 +127,7 @@ def _run(
     # From here on the run is recorded: its settings bind the run directory.
     if world.is_main:
         directory.save_settings(resolved)
-    tracker.start(run_dir, *_record(resolved, settings, model, world))
+    tracker.start(run_dir, *_record(resolved, settings, model, world), epoch=trainer.epoch)
     tracker.record_resume_changes(changes)
 
     # Train, and leave the record saying how it ended (soda.tracking.ENDINGS).
@@ -152,6 +152,14 @@ def _run(
         # Stopped on purpose by the sweep's pruner: not a failure, and not a finished run.
         tracker.finish("pruned", tags={tracking.TRIAL_STATE: "PRUNED", "pruned": str(stopped)})
         raise optuna.TrialPruned(str(stopped)) from None
+    except TrackingLost as lost:
+        # The store is gone: the record cannot say how this ended, so the run directory does.
+        tracker.abandon(run_dir, f"at epoch {trainer.epoch} + {trainer.step_in_epoch} steps")
+        if world.enabled:
+            log.error("error: %s", lost)
+            logging.shutdown()
+            os._exit(1)
+        raise
     except BaseException as error:
         tracker.finish("failed", error=f"{type(error).__name__}: {error}")
         if world.enabled:
@@ -171,7 +179,11 @@ def _run(
         tracking.COMPILE: trainer.compile_state,
         **({tracking.TRIAL_STATE: "COMPLETE"} if settings.sweep.trial is not None else {}),
     }
-    tracker.finish("finished", tags=tags)
+    try:
+        tracker.finish("finished", tags=tags)
+    except TrackingLost:
+        tracker.abandon(run_dir, f"after its last epoch ({trainer.epoch}), while recording the end")
+        raise
     objective = [settings.objective] if isinstance(settings.objective, str) else list(settings.objective)
     result = {
         "epoch": trainer.epoch,

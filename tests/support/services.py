@@ -39,43 +39,67 @@ needs_slurm = pytest.mark.skipif(not slurm_available(), reason="no SLURM cluster
 needs_postgres = pytest.mark.skipif(not postgres_available(), reason="no PostgreSQL (run `make postgres-up`)")
 
 
-@contextlib.contextmanager
-def mlflow_server(folder: Path, workers: int = 4, timeout: float = 180) -> Iterator[str]:
-    """scripts/mlflow-server.sh on a fresh PostgreSQL database of its own, on a free port; yields
-    its URI once it answers, stops it afterwards. Its log is `folder`/server.log."""
-    import psycopg
+class MlflowServer:
+    """scripts/mlflow-server.sh on a PostgreSQL database of its own, on a free port; stop() and
+    start() again keep its database and port (a server that goes away and comes back)."""
 
-    from tests.helpers import free_port
+    def __init__(self, folder: Path, workers: int = 4, timeout: float = 180):
+        import psycopg
 
-    database = f"mlflow_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True) as connection:
-        connection.execute(f"CREATE DATABASE {database}")
-    port = free_port()
-    env = {
-        **os.environ,
-        "SODA_MLFLOW_PORT": str(port),
-        "SODA_MLFLOW_BACKEND": f"{POSTGRES}/{database}",
-        "SODA_MLFLOW_ARTIFACTS": str(folder / "server-artifacts"),
-        "SODA_MLFLOW_WORKERS": str(workers),
-    }
-    log_path = folder / "server.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            ["bash", "scripts/mlflow-server.sh"], cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True
-        )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
+        from tests.helpers import free_port
+
+        database = f"mlflow_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True) as connection:
+            connection.execute(f"CREATE DATABASE {database}")
+        port = free_port()
+        self.env = {
+            **os.environ,
+            "SODA_MLFLOW_PORT": str(port),
+            "SODA_MLFLOW_BACKEND": f"{POSTGRES}/{database}",
+            "SODA_MLFLOW_ARTIFACTS": str(folder / "server-artifacts"),
+            "SODA_MLFLOW_WORKERS": str(workers),
+        }
+        self.log_path = folder / "server.log"
+        self.uri = f"http://127.0.0.1:{port}"
+        self.timeout = timeout
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log_path, "a") as log:
+            self.process = subprocess.Popen(
+                ["bash", "scripts/mlflow-server.sh"],
+                cwd=REPO,
+                env=self.env,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + self.timeout
         while True:
             try:
-                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                    break
+                if urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200:
+                    return
             except OSError:
                 pass
-            assert server.poll() is None, f"the MLflow server exited: {log_path.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"the MLflow server did not answer: {log_path.read_text()[-3000:]}"
+            tail = self.log_path.read_text()[-3000:]
+            assert self.process.poll() is None, f"the MLflow server exited: {tail}"
+            assert time.monotonic() < deadline, f"the MLflow server did not answer: {tail}"
             time.sleep(1)
-        yield uri
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+            self.process.wait(timeout=30)
+        self.process = None
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path, workers: int = 4, timeout: float = 180) -> Iterator[str]:
+    """An MlflowServer on a fresh database; yields its URI once it answers, stops it afterwards.
+    Its log is `folder`/server.log."""
+    server = MlflowServer(folder, workers, timeout)
+    try:
+        server.start()
+        yield server.uri
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        server.stop()

@@ -91,6 +91,10 @@ SUMMARIES = {  # campaign: (what was done, the guarantee its tests check), in th
         "and the re-run retried only those 3",
     ),
     "garbage": (_garbage, "the earlier record intact"),
+    "tracking_outage": (
+        lambda campaign, _: "; ".join(campaign.facts),
+        "one error line, the checkpoint kept, and the re-run continued the same MLflow run, saying how it had ended",
+    ),
 }
 SEVERITY = {"passed": 0, "skipped": 1, "failed": 2}
 

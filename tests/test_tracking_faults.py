@@ -1,0 +1,149 @@
+"""A store that stops answering mid-run, and a run directory whose record is gone
+(soda.tracking.Tracker), on a real embedded store with the failures injected into MLflow's calls.
+The same with a real server killed mid-run: tests/system/test_tracking_outage.py."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import mlflow
+import pytest
+import requests
+from mlflow.exceptions import MlflowException, RestException
+
+from soda import tracking
+from soda.errors import TrackingError, TrackingLost
+
+
+def _tracker(tmp_path, store: str = "mlflow.db", **options) -> tracking.Tracker:
+    return tracking.Tracker(
+        f"sqlite:///{tmp_path / store}",
+        "faults",
+        artifact_location=str(tmp_path / "artifacts"),
+        system_metrics=False,
+        **options,
+    )
+
+
+def _start(tracker: tracking.Tracker, run_dir, epoch: int = 0) -> str:
+    run_dir.mkdir(exist_ok=True)
+    return tracker.start(run_dir, {"seed": "0"}, "seed: 0\n", {}, epoch=epoch)
+
+
+@pytest.mark.parametrize(
+    "error, answered",
+    [
+        (ConnectionError("refused"), False),
+        (requests.exceptions.ConnectionError("Max retries exceeded"), False),
+        (MlflowException("API request to http://h:5000/api/2.0/mlflow/runs/log-batch failed with exception x"), False),
+        (MlflowException("API request to endpoint /runs/log-batch failed with error code 503 != 200"), False),
+        (MlflowException("(psycopg2.OperationalError) connection to server failed"), False),
+        (MlflowException("API request to endpoint /runs/log-batch failed with error code 400 != 200"), True),
+        (RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "bad metric"}), True),
+        (ValueError("a bug"), True),
+    ],
+)
+def test_only_a_store_that_does_not_answer_is_retried(error, answered):
+    assert tracking.unanswered(error) is not answered
+
+
+def test_a_store_that_stops_answering_ends_the_run_after_the_timeout(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    tracker = _tracker(tmp_path, timeout_s=1.5)
+    run_id = _start(tracker, run_dir)
+    tracker.log_metrics({"train/loss": 1.0}, step=1)
+
+    def refused(*args, **kwargs):
+        raise MlflowException("API request to http://127.0.0.1:1/api failed with exception Connection refused")
+
+    monkeypatch.setattr(mlflow, "log_metrics", refused)
+    started = time.monotonic()
+    with pytest.raises(TrackingLost) as lost:
+        tracker.log_metrics({"train/loss": 0.5}, step=2)
+    waited = time.monotonic() - started
+    assert 1.5 <= waited < 5, waited
+    message = str(lost.value)
+    assert "\n" not in message and "stopped answering for 1.5 s" in message and run_id in message
+    with pytest.raises(TrackingLost):  # no second wait: the run is over
+        tracker.log_metrics({"train/loss": 0.4}, step=3)
+    assert time.monotonic() - started < waited + 1
+
+    # The store is still gone as the run ends: the run directory says how the process ended,
+    # and the next start records it and continues.
+    monkeypatch.setattr(mlflow.MlflowClient, "set_tag", refused)
+    monkeypatch.setattr(mlflow.MlflowClient, "set_terminated", refused)
+    tracker.abandon(run_dir, "at epoch 1 + 2 steps")
+    assert json.loads((run_dir / tracking.END_FILE).read_text())["run_id"] == run_id
+    assert mlflow.active_run() is None
+    monkeypatch.undo()
+    assert mlflow.get_run(run_id).info.status == "RUNNING"
+    again = _tracker(tmp_path)
+    assert _start(again, run_dir) == run_id and again.resumed
+    tags = mlflow.get_run(run_id).data.tags
+    assert tags[tracking.PREVIOUS_END].startswith("tracking_lost: MLflow tracking store sqlite:///")
+    assert tags[tracking.PREVIOUS_END].endswith("at epoch 1 + 2 steps")
+    assert not (run_dir / tracking.END_FILE).exists()
+    again.finish("finished")
+
+
+def test_a_store_that_answers_again_within_the_timeout_loses_nothing(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    tracker = _tracker(tmp_path, timeout_s=30)
+    run_id = _start(tracker, run_dir)
+    real, calls = mlflow.log_metrics, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise requests.exceptions.ConnectionError("Connection refused")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_metrics", flaky)
+    tracker.log_metrics({"train/loss": 0.5}, step=2)
+    tracker.finish("finished")
+    assert len(calls) == 3
+    history = mlflow.MlflowClient(tracker.uri).get_metric_history(run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(2, 0.5)]
+    assert mlflow.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_store_that_refuses_a_write_fails_at_once(tmp_path, monkeypatch):
+    tracker = _tracker(tmp_path, timeout_s=60)
+    _start(tracker, tmp_path / "run")
+
+    def refused(*args, **kwargs):
+        raise RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "bad metric"})
+
+    monkeypatch.setattr(mlflow, "log_metrics", refused)
+    started = time.monotonic()
+    with pytest.raises(RestException):
+        tracker.log_metrics({"train/loss": 0.5}, step=2)
+    assert time.monotonic() - started < 1
+    tracker.finish("failed", error="refused")
+
+
+def test_a_run_directory_whose_record_is_gone_is_not_silently_given_a_new_one(tmp_path):
+    run_dir = tmp_path / "run"
+    first = _tracker(tmp_path, "first.db")
+    lost = _start(first, run_dir)
+    first.finish("preempted", error="preempted")
+
+    # Another (or a recreated) store: the run is not in it.
+    with pytest.raises(TrackingError) as refused:
+        _start(_tracker(tmp_path, "second.db"), run_dir, epoch=3)
+    message = str(refused.value)
+    assert "\n" not in message and lost in message and "tracking.resume_without_record=true" in message
+    assert (run_dir / tracking.RUN_ID_FILE).read_text().strip() == lost  # untouched
+    other = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'second.db'}")
+    assert other.search_runs([other.get_experiment_by_name("faults").experiment_id]) == []  # nothing written
+
+    # Asked for: a new run that says what it continues and where its record starts.
+    second = _tracker(tmp_path, "second.db", resume_without_record=True)
+    new = _start(second, run_dir, epoch=3)
+    assert new != lost and second.resumed
+    tags = mlflow.get_run(new).data.tags
+    assert tags[tracking.LOST_RECORD].startswith(lost) and tags[tracking.RECORD_STARTS_AT] == "3"
+    assert tags[tracking.RESUMED] == "true" and lost in tags[tracking.PREVIOUS_END]
+    assert (run_dir / tracking.RUN_ID_FILE).read_text().strip() == new
+    second.finish("finished")
