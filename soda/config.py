@@ -305,6 +305,7 @@ class Config:
     # The metric launch.py returns (what a sweeper optimises); a list for multi-objective sweeps.
     objective: Any = MISSING
     device: str = MISSING  # auto = cuda when available, else cpu
+    peer_timeout_s: Optional[float] = MISSING  # a rank without a heartbeat this long ends the job (soda.heartbeat)
 
     def model_arguments(self) -> dict[str, Any]:
         """soda.models.build_soda's arguments: the model node, plus what the data set decides."""
@@ -314,6 +315,10 @@ class Config:
 
     def __post_init__(self):
         _check(self.device in DEVICES, f"device={self.device!r}; allowed: {', '.join(DEVICES)}")
+        _check(
+            self.peer_timeout_s is None or self.peer_timeout_s >= 2,
+            f"peer_timeout_s={self.peer_timeout_s} must be at least 2 (seconds) or null",
+        )
         names = [self.objective] if isinstance(self.objective, str) else list(self.objective or [])
         factors = [tracking.factor_metric(name) for name in SHAPE_FACTORS] if self.dataset.name == "shapes" else []
         _check(

@@ -50,6 +50,7 @@ NOT_RUN_SETTINGS = (
     "data_root",
     "tracking.timeout_s",
     "tracking.resume_without_record",
+    "peer_timeout_s",
 )
 
 

@@ -608,6 +608,18 @@ class Tracker:
         with quick_http_failures(timeout=2), contextlib.suppress(Exception):
             mlflow.end_run(status=ENDINGS["tracking_lost"])
 
+    def fail_from_another_thread(self, error: str) -> None:
+        """End the run FAILED from a thread other than the one that started it (MLflow's active
+        run is the starting thread's): soda.heartbeat's watch, before the process leaves."""
+        import mlflow
+
+        if self.run_id is None:
+            return
+        client = mlflow.MlflowClient(self.uri)
+        self._write(client.set_tag, self.run_id, ERROR, error[:5000])
+        self._write(client.set_tag, self.run_id, ENDED, "failed")
+        self._write(client.set_terminated, self.run_id, ENDINGS["failed"])
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         import mlflow
 
@@ -695,4 +707,7 @@ class NullTracker:
         pass
 
     def abandon(self, run_dir: Path, where: str) -> None:
+        pass
+
+    def fail_from_another_thread(self, error: str) -> None:
         pass

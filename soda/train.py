@@ -29,6 +29,7 @@ from soda.config import Config, ViewConfig, gpu_sized, run_directory, to_setting
 from soda.data import LabelledImages, ViewAugmentation, load_splits
 from soda.errors import ConfigError, RunDirError, Terminated, TrackingLost
 from soda.evaluate import Evaluator
+from soda.heartbeat import Heartbeat, PeerStalled
 from soda.loop import CHECKPOINT, PRECISION_DTYPES, OnEvaluation, Preempted, StopRequested, Trainer
 from soda.models import SODA, build_soda
 from soda.rundir import RunDirectory, resolved_settings
@@ -62,12 +63,41 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | list[floa
     tracker.check()
     resolved = resolved_settings(cfg)
     changes = _claim(directory, resolved, world, device)
+    heartbeat = _watch_peers(settings, directory.path, world, tracker)
     try:
         with _sigterm_raises():
             return _run(settings, directory, tracker, resolved, changes, device, world)
     finally:
+        if heartbeat is not None:
+            heartbeat.stop()
         if world.is_main:
             directory.release()
+
+
+def _watch_peers(
+    settings: Config, run_dir: Path, world: dist.Distributed, tracker: Tracker | NullTracker
+) -> Heartbeat | None:
+    """In a multi-rank job, a rank that stops beating (soda.heartbeat) ends the job, from this
+    rank's heartbeat thread: its main thread waits in a collective that would not return."""
+    if not world.enabled or settings.peer_timeout_s is None:
+        return None
+
+    def end_the_job(stalled: PeerStalled) -> None:
+        try:
+            raise stalled  # a traceback in this rank's log: the launcher's line names the frozen rank
+        except PeerStalled:
+            log.exception("rank %d ends the job", world.rank)
+        ended = f"failed: PeerStalled: {stalled}"
+        with contextlib.suppress(Exception):
+            tracking.write_end_file(run_dir, tracker.run_id, ended)
+        with contextlib.suppress(Exception):
+            tracker.fail_from_another_thread(f"PeerStalled: {stalled}")
+        heartbeat.kill_if_here(stalled.rank)
+        logging.shutdown()
+        os._exit(1)
+
+    heartbeat = Heartbeat(run_dir, world.rank, world.world_size, settings.peer_timeout_s, end_the_job)
+    return heartbeat.start()
 
 
 def _claim(directory: RunDirectory, resolved: dict, world: dist.Distributed, device: torch.device) -> dict:

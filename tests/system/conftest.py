@@ -95,6 +95,11 @@ SUMMARIES = {  # campaign: (what was done, the guarantee its tests check), in th
         lambda campaign, _: "; ".join(campaign.facts),
         "one error line, the checkpoint kept, and the re-run continued the same MLflow run, saying how it had ended",
     ),
+    "frozen": (
+        lambda campaign, _: "; ".join(campaign.facts),
+        "one error line naming the rank and its host, the frozen process gone, the run FAILED with the reason, "
+        "and the re-run resumed from the checkpoint",
+    ),
 }
 SEVERITY = {"passed": 0, "skipped": 1, "failed": 2}
 
