@@ -41,6 +41,7 @@ RUNNING_KEYS = (
     "schedule.channels_last",
     "schedule.checkpoint_every",
     "schedule.log_every",
+    "peer_timeout_s",
 )
 SHOWN_DIFFERENCES = 4
 
