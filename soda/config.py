@@ -20,7 +20,7 @@ import itertools
 import re
 import secrets
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional  # OmegaConf needs typing's generics
@@ -29,8 +29,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from soda import tracking
+from soda.data import shapes
 from soda.data.shapes import FACTORS as SHAPE_FACTORS
 from soda.errors import ConfigError, first_line
+from soda.models.soda import check_soda_arguments
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -47,6 +49,16 @@ LINEAR_PROBE_WHEN = ("every", "last")
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def _build_check(check: Callable[..., None], *args, **kwargs) -> None:
+    """One of the checks the run's model or data makes when it is built (a pure function raising
+    ValueError: soda.models.check_soda_arguments, ...), made here as a one-line ConfigError, so
+    that `--cfg job`, the dry run and the launchers' pre-check refuse what the run would."""
+    try:
+        check(*args, **kwargs)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 @dataclass
@@ -70,8 +82,8 @@ class ModelConfig:
     timesteps: int = MISSING
     beta_start: float = MISSING
     beta_end: float = MISSING
-    # Model-level validation happens when soda.models.build_soda builds it (before any data), from
-    # these fields under these names: build_soda(**Config.model_arguments()).
+    # The model is built from these fields under these names: build_soda(**Config.model_arguments()).
+    # Config checks them with build_soda's own checks (check_soda_arguments), before any launch.
 
 
 @dataclass
@@ -103,6 +115,16 @@ class DatasetConfig:
             _check(value is None or value >= 1, f"dataset.{key}={value} must be null or a positive count")
         if self.name == "shapes":
             _check(self.train_size >= 1 and self.test_size >= 1, "dataset.train_size and test_size must be positive")
+            _build_check(shapes.check_class_count, self.num_classes, name=lambda key: f"dataset.{key}")
+
+    def known_size(self, split: str) -> tuple[int, str] | None:
+        """How many images a split will hold and the key that says so, where the config alone tells
+        (shapes' sizes, a limit); None when only the data can tell."""
+        known = [(getattr(self, f"{split}_limit"), f"dataset.{split}_limit")]
+        if self.name == "shapes":
+            known.append((getattr(self, f"{split}_size"), f"dataset.{split}_size"))
+        known = [(count, key) for count, key in known if count is not None]
+        return min(known) if known else None
 
 
 @dataclass
@@ -341,6 +363,36 @@ class Config:
             f"eval.latent_gap_timesteps={list(self.eval.latent_gap_timesteps)} must lie in 0..{steps - 1} "
             f"(model.timesteps={steps})",
         )
+        self._check_what_the_run_builds()
+
+    def _check_what_the_run_builds(self) -> None:
+        """The checks the run makes when it builds the model and reads the data, made here so that a
+        job is refused before it is launched, not after."""
+        dataset_keys = {"image_size": "dataset.image_size", "input_mean": "dataset.mean", "input_std": "dataset.std"}
+        _build_check(
+            check_soda_arguments, name=lambda key: dataset_keys.get(key, f"model.{key}"), **self.model_arguments()
+        )
+        steps, sample_steps = self.model.timesteps, self.eval.sample_steps
+        _check(
+            self.eval.num_reconstructions == 0 or sample_steps <= steps,
+            f"eval.sample_steps={sample_steps} must be at most model.timesteps={steps} (DDIM visits at most every "
+            "timestep); lower it, or set eval.num_reconstructions=0",
+        )
+        train, test = self.dataset.known_size("train"), self.dataset.known_size("test")
+        if train is not None:
+            count, key = train
+            batch = self.schedule.batch_size
+            _check(
+                batch <= count,
+                f"schedule.batch_size={batch} is larger than the training set ({key}={count} images); lower it",
+            )
+        if test is not None and self.eval.latent_gap_images > 0:
+            count, key = test
+            _check(
+                count >= 2,
+                f"eval.latent_gap_images={self.eval.latent_gap_images} needs at least 2 test images but {key}={count}; "
+                "raise it, or set eval.latent_gap_images=0",
+            )
 
 
 def register() -> None:

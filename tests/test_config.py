@@ -183,8 +183,11 @@ def test_unknown_keys_are_listed_together():
         ("schedule.epochs=-1", "schedule.epochs=-1 must be at least 1"),
         ("schedule.epochz=3", "epochz"),
         ("schedule.epochs=many", "schedule.epochs"),
-        ("model.latent_dim=100 model.layer_groups=3", "latent_dim=100 does not divide into layer_groups=3"),
-        ("model.noise_schedule=bogus", "model: noise_schedule='bogus' is not known; allowed: linear, cosine"),
+        (
+            "model.latent_dim=100 model.layer_groups=3",
+            "model.latent_dim=100 does not divide into model.layer_groups=3",
+        ),
+        ("model.noise_schedule=bogus", "model.noise_schedule='bogus' is not known; allowed: linear, cosine"),
     ],
 )
 @pytest.mark.integration  # launch.py as a process, once per case
@@ -315,3 +318,45 @@ def test_shown_config_of_a_multirun_is_its_first_job():
     for shown in ("all", "hydra"):  # Hydra's part too: it is the launch's, with -m that of job 0
         with pytest.raises(ConfigError, match="schedule.epochs=-1 must be at least 1"):
             config.check_shown_config(["schedule.epochs=-1", "-c", shown])
+
+
+# What the run checks when it builds the model and the data, checked before any launch: each bad
+# value (with the good one it replaces in a multirun) and what its one line says.
+BUILD_CHECKS = [
+    ("model.layer_groups", "1", "7", "model.layer_groups=7 must be between 1 and the number of levels (4)"),
+    ("dataset.image_size", "32", "20", "dataset.image_size=20 cannot be halved 3 times"),
+    ("model.attention_heads", "1", "3", "model.attention_heads=3 must divide every level's channels"),
+    (
+        "model.norm_groups",
+        "32",
+        "7",
+        "model.base_channels=128 x mult 1 = 128 channels is not divisible by model.norm_groups=7",
+    ),
+    ("dataset.num_classes", "6", "7", "dataset.num_classes=7 but shapes has 6 classes"),
+    ("schedule.batch_size", "32", "4096", "schedule.batch_size=4096 is larger than the training set"),
+]
+SHAPES = ["dataset=shapes"]  # the synthetic set: its class count and size (3000 images) are known
+
+
+@pytest.mark.parametrize("key, good, bad, message", BUILD_CHECKS, ids=[case[0] for case in BUILD_CHECKS])
+def test_what_the_run_checks_as_it_builds_is_refused_before_any_launch(key, good, bad, message):
+    from soda import dryrun
+
+    base = SHAPES if key.startswith(("dataset.num", "schedule")) else []
+    expected = re.escape(message)
+    # --cfg job (launch.py's config.check_shown_config), the dry run, and a multirun's pre-check in
+    # which one job is bad (the launchers check each job with to_settings, as the run does).
+    with pytest.raises(ConfigError, match=expected):
+        config.check_shown_config([*base, f"{key}={bad}", "--cfg", "job"])
+    with pytest.raises(ConfigError, match=expected):
+        dryrun.main(["-m", *base, f"{key}={bad}", "hydra.launcher.dry_run=true"])
+    with pytest.raises(ConfigError, match=rf"^{expected}.* \(in job 1 of 2: .*{re.escape(key)}={bad}\)$") as error:
+        config.check_launch(["-m", *base, f"{key}={good},{bad}"])
+    assert "\n" not in str(error.value)
+    assert config.check_launch(["-m", *base, f"{key}={good}"]) == [[*base, f"{key}={good}"]]  # the good one passes
+
+
+@pytest.mark.parametrize("arguments", [[], ["experiment=demo"], ["model=tiny", "dataset=shapes"]])
+def test_the_reference_and_the_demo_pass_the_build_checks(arguments):
+    settings = to_settings(compose_config(arguments))
+    assert settings.model.layer_groups == 1

@@ -309,20 +309,21 @@ def test_a_slurm_request_the_default_partition_cannot_satisfy_is_refused_before_
     ],
 )
 def test_a_multirun_says_how_each_job_ended_as_it_ends_then_counts_them(tmp_path, launcher):
-    # Job 1's training set is smaller than a batch: it fails as it starts, long before job 0 ends.
-    result = _multirun(tmp_path, *launcher, "dataset.train_size=96,16", timeout=300)
+    # Job 1's data set is not there (which only reading it tells; a value the config can refuse
+    # stops the launch before any job): it fails as it starts, long before job 0 ends.
+    result = _multirun(tmp_path, *launcher, "dataset.name=shapes,nowhere", timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     lines = [line.split("[HYDRA] ", 1)[-1] for line in result.stdout.splitlines()]
-    ended = [line for line in lines if re.match(r"\t#\d dataset\.train_size=\d+: ", line)]
+    ended = [line for line in lines if re.match(r"\t#\d dataset\.name=\w+: ", line)]
     assert len(ended) == 2, result.stdout
     failed = re.fullmatch(
-        r"\t#1 dataset\.train_size=16: failed after \w+: ConfigError: schedule\.batch_size=32 is larger than the "
-        r"training set \(16 images\); lower it; log: (\S+_log\.out)",
+        r"\t#1 dataset\.name=nowhere: failed after \w+: DataError: nowhere not found under \S+ \(nowhere is read as "
+        r"an image folder; .*; log: (\S+_log\.out)",
         ended[0],
     )
     assert failed, ended  # the job that ended first is reported first, not in submission order
     finished = re.fullmatch(
-        r"\t#0 dataset\.train_size=96: finished after \w+: epoch 1, objective eval/linear_acc=([\d.]+), "
+        r"\t#0 dataset\.name=shapes: finished after \w+: epoch 1, objective eval/linear_acc=([\d.]+), "
         r"eval/knn_acc=([\d.]+); log: (\S+_log\.out)",
         ended[1],
     )

@@ -14,6 +14,7 @@ continuous (one row per image, one column per dimension; NaN where a factor is u
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -50,6 +51,16 @@ def _signed_distance(shape: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tens
     raise ValueError(f"unknown shape {shape!r}")
 
 
+def check_class_count(num_classes: int, name: Callable[[str], str] = str) -> None:
+    """A ValueError when the set cannot have `num_classes` classes (`name` gives the argument the
+    name a message uses for it: the config's `dataset.num_classes`)."""
+    if not 2 <= num_classes <= len(CLASSES):
+        raise ValueError(
+            f"{name('num_classes')}={num_classes} but shapes has {len(CLASSES)} classes ({', '.join(CLASSES)}); "
+            f"choose 2 to {len(CLASSES)} (the first that many are used)"
+        )
+
+
 def make_shapes(
     count: int, image_size: int, seed: int, num_classes: int = len(CLASSES)
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,8 +74,7 @@ def make_shapes_with_factors(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """`make_shapes`' images and labels, and the factors each image was drawn from (`FACTORS`):
     {"shape": int64 [count], "position": float [count, 2], ...}."""
-    if not 2 <= num_classes <= len(CLASSES):
-        raise ValueError(f"num_classes={num_classes} for shapes must be between 2 and {len(CLASSES)}")
+    check_class_count(num_classes)
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(count) % num_classes
     labels = labels[torch.randperm(count, generator=g)]

@@ -32,6 +32,22 @@ def inverted_cosine_alpha_bar(u: torch.Tensor, s: float = 0.008) -> torch.Tensor
     return (2 * (1 + s) / math.pi) * torch.arccos(torch.sqrt(u)) - s
 
 
+def check_schedule(
+    noise_schedule: str, timesteps: int, beta_start: float, beta_end: float, name: Callable[[str], str] = str
+) -> None:
+    """A ValueError when make_betas cannot make this schedule (`name`: as in
+    soda.models.unet.check_unet)."""
+    if noise_schedule not in SCHEDULES:
+        raise ValueError(f"{name('noise_schedule')}={noise_schedule!r} is not known; allowed: {', '.join(SCHEDULES)}")
+    if timesteps < 1:
+        raise ValueError(f"{name('timesteps')}={timesteps} must be at least 1")
+    if noise_schedule == "linear" and not 0.0 < beta_start < beta_end < 1.0:
+        raise ValueError(
+            f"a linear {name('noise_schedule')} needs 0 < {name('beta_start')} < {name('beta_end')} < 1; "
+            f"got {beta_start}, {beta_end}"
+        )
+
+
 def make_betas(
     noise_schedule: str,
     timesteps: int,
@@ -42,13 +58,8 @@ def make_betas(
 ) -> torch.Tensor:
     """Betas for steps 1..T in float64. Cosine-type schedules are defined by alpha_bar; their betas
     are its step ratios, clipped at `max_beta` so the last steps stay invertible."""
-    if noise_schedule not in SCHEDULES:
-        raise ValueError(f"noise_schedule={noise_schedule!r} is not known; allowed: {', '.join(SCHEDULES)}")
-    if timesteps < 1:
-        raise ValueError(f"timesteps={timesteps} must be at least 1")
+    check_schedule(noise_schedule, timesteps, beta_start, beta_end)
     if noise_schedule == "linear":
-        if not 0.0 < beta_start < beta_end < 1.0:
-            raise ValueError(f"linear schedule needs 0 < beta_start < beta_end < 1; got {beta_start}, {beta_end}")
         return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
     alpha_bar = cosine_alpha_bar if noise_schedule == "cosine" else inverted_cosine_alpha_bar
     u = torch.linspace(0, 1, timesteps + 1, dtype=torch.float64)

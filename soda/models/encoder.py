@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
-from torchvision.models import resnet
 
 ARCHITECTURES = ("resnet18", "resnet50")
+
+
+def check_encoder(arch: str, latent_dim: int, name: Callable[[str], str] = str) -> None:
+    """A ValueError when ResNetEncoder cannot be built from these arguments (`name`: as in
+    soda.models.unet.check_unet)."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{name('arch')}={arch!r} is not a known encoder; allowed: {', '.join(ARCHITECTURES)}")
+    if latent_dim < 1:
+        raise ValueError(f"{name('latent_dim')}={latent_dim} must be a positive integer")
 
 
 class ResNetEncoder(nn.Module):
@@ -18,10 +28,11 @@ class ResNetEncoder(nn.Module):
 
     def __init__(self, arch: str, latent_dim: int, small_images: bool):
         super().__init__()
-        if arch not in ARCHITECTURES:
-            raise ValueError(f"arch={arch!r} is not a known encoder; allowed: {', '.join(ARCHITECTURES)}")
-        if latent_dim < 1:
-            raise ValueError(f"latent_dim={latent_dim} must be a positive integer")
+        check_encoder(arch, latent_dim)
+        # Imported here: torchvision takes seconds to import, and the config's checks import this
+        # module (check_encoder) without building an encoder.
+        from torchvision.models import resnet
+
         self.arch = arch
         self.latent_dim = latent_dim
         # num_classes sizes the final fc: feature width (512 or 2048) -> latent_dim.

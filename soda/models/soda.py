@@ -6,15 +6,28 @@ cannot disagree about it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from soda.models.diffusion import GaussianDiffusion
-from soda.models.encoder import ResNetEncoder
-from soda.models.unet import LatentUNet
+from soda.models.diffusion import GaussianDiffusion, check_schedule
+from soda.models.encoder import ResNetEncoder, check_encoder
+from soda.models.unet import LatentUNet, check_unet
+
+
+def check_conditioning(
+    latent_drop_prob: float, layer_mask_prob: float, source_noise_std: float, name: Callable[[str], str] = str
+) -> None:
+    """A ValueError when SODA cannot take these conditioning settings (`name`: as in
+    soda.models.unet.check_unet)."""
+    for key, p in (("latent_drop_prob", latent_drop_prob), ("layer_mask_prob", layer_mask_prob)):
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"{name(key)}={p} must be in [0, 1)")
+    if source_noise_std < 0:
+        raise ValueError(f"{name('source_noise_std')}={source_noise_std} must be non-negative")
 
 
 class SODA(nn.Module):
@@ -31,11 +44,7 @@ class SODA(nn.Module):
         input_std: Sequence[float],
     ):
         super().__init__()
-        for name, p in (("latent_drop_prob", latent_drop_prob), ("layer_mask_prob", layer_mask_prob)):
-            if not 0.0 <= p < 1.0:
-                raise ValueError(f"{name}={p} must be in [0, 1)")
-        if source_noise_std < 0:
-            raise ValueError(f"source_noise_std={source_noise_std} must be non-negative")
+        check_conditioning(latent_drop_prob, layer_mask_prob, source_noise_std)
         self.encoder = encoder
         self.decoder = decoder
         self.diffusion = diffusion
@@ -191,3 +200,15 @@ def build_soda(
         input_mean=tuple(input_mean),
         input_std=tuple(input_std),
     )
+
+
+def check_soda_arguments(name: Callable[[str], str] = str, **arguments) -> None:
+    """A ValueError, the first that build_soda(**arguments) would raise, without building anything:
+    the checks of each part's constructor, as pure functions (so the config checks a run before
+    any launch, in microseconds). `name` gives an argument the name a message uses for it."""
+    a = inspect.signature(build_soda).bind(**arguments).arguments  # build_soda's arguments, all of them
+    check_encoder(a["arch"], a["latent_dim"], name)
+    unet = inspect.signature(check_unet).parameters
+    check_unet(**{key: a[key] for key in unet if key != "name"}, name=name)
+    check_schedule(a["noise_schedule"], a["timesteps"], a["beta_start"], a["beta_end"], name)
+    check_conditioning(a["latent_drop_prob"], a["layer_mask_prob"], a["source_noise_std"], name)

@@ -19,7 +19,7 @@ Two ideas of the SODA paper go past the reference and are off by default:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -141,17 +141,17 @@ class LatentUNet(nn.Module):
         channel_mults = tuple(channel_mults)
         attention_levels = tuple(attention_levels)
         levels = len(channel_mults)
-        _validate(
-            image_size,
-            base_channels,
-            channel_mults,
-            attention_levels,
-            blocks_per_level,
-            attention_heads,
-            dropout,
-            latent_dim,
-            layer_groups,
-            norm_groups,
+        check_unet(
+            image_size=image_size,
+            base_channels=base_channels,
+            channel_mults=channel_mults,
+            attention_levels=attention_levels,
+            blocks_per_level=blocks_per_level,
+            attention_heads=attention_heads,
+            dropout=dropout,
+            latent_dim=latent_dim,
+            layer_groups=layer_groups,
+            norm_groups=norm_groups,
         )
         self.image_size = image_size
         self.image_channels = image_channels
@@ -249,52 +249,81 @@ class LatentUNet(nn.Module):
         return torch.stack(spreads).mean()
 
 
-def _validate(
-    image_size,
-    base_channels,
-    channel_mults,
-    attention_levels,
-    blocks_per_level,
-    attention_heads,
-    dropout,
-    latent_dim,
-    layer_groups,
-    norm_groups,
-):
+def check_unet(
+    *,
+    image_size: int,
+    base_channels: int,
+    channel_mults: Sequence[int],
+    attention_levels: Sequence[bool],
+    blocks_per_level: int,
+    attention_heads: int,
+    dropout: float,
+    latent_dim: int,
+    layer_groups: int,
+    norm_groups: int,
+    name: Callable[[str], str] = str,
+) -> None:
+    """A ValueError saying what is wrong when LatentUNet cannot be built from these arguments, or
+    cannot denoise images of `image_size`. Pure, so that the run's config is checked with it
+    before any launch (soda.config); `name` gives an argument the name a message uses for it
+    (`layer_groups` -> `model.layer_groups`)."""
     levels = len(channel_mults)
     if levels < 1 or any(m < 1 for m in channel_mults):
-        raise ValueError(f"channel_mults={list(channel_mults)} must be a non-empty list of positive integers")
+        raise ValueError(f"{name('channel_mults')}={list(channel_mults)} must be a non-empty list of positive integers")
     if len(attention_levels) != levels:
         raise ValueError(
-            f"attention_levels has {len(attention_levels)} entries; it needs one per level of channel_mults ({levels})"
+            f"{name('attention_levels')} has {len(attention_levels)} entries; it needs one per level of "
+            f"{name('channel_mults')} ({levels})"
         )
+    # Each level but the last halves the image (a stride-2 conv rounds an odd size up) and the way
+    # up doubles it again: the skip connections match only when every halving is exact.
     factor = 2 ** (levels - 1)
     if image_size < factor or image_size % factor:
         allowed = ", ".join(str(factor * k) for k in (1, 2, 4, 8, 16))
         raise ValueError(
-            f"image_size={image_size} cannot be halved {levels - 1} times by a UNet with "
-            f"{levels} levels; allowed: multiples of {factor} ({allowed}, ...)"
+            f"{name('image_size')}={image_size} cannot be halved {levels - 1} times by a UNet with "
+            f"{levels} levels ({name('channel_mults')}); allowed: multiples of {factor} ({allowed}, ...)"
         )
     if blocks_per_level < 1:
-        raise ValueError(f"blocks_per_level={blocks_per_level} must be at least 1")
+        raise ValueError(f"{name('blocks_per_level')}={blocks_per_level} must be at least 1")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout={dropout} must be in [0, 1)")
-    for mult in channel_mults:
-        channels = base_channels * mult
+        raise ValueError(f"{name('dropout')}={dropout} must be in [0, 1)")
+    multiple_of_8 = "must be a positive multiple of 8 (the final GroupNorm has 8 groups)"
+    if base_channels < 8:
+        raise ValueError(f"{name('base_channels')}={base_channels} {multiple_of_8}")
+    if norm_groups < 1:
+        raise ValueError(f"{name('norm_groups')}={norm_groups} must be at least 1")
+    if attention_heads < 1:
+        raise ValueError(f"{name('attention_heads')}={attention_heads} must be at least 1")
+    widths = [base_channels * mult for mult in channel_mults]
+    for mult, channels in zip(channel_mults, widths, strict=True):
         if channels % norm_groups:
             raise ValueError(
-                f"base_channels={base_channels} x mult {mult} = {channels} channels is not "
-                f"divisible by norm_groups={norm_groups}; choose base_channels as a multiple of {norm_groups}"
+                f"{name('base_channels')}={base_channels} x mult {mult} = {channels} channels is not "
+                f"divisible by {name('norm_groups')}={norm_groups}; choose {name('base_channels')} as a "
+                f"multiple of {norm_groups}, or {name('norm_groups')} as a divisor of {math.gcd(*widths)}"
             )
-        if channels % attention_heads:
-            raise ValueError(f"attention_heads={attention_heads} must divide every level's channels ({channels})")
+    if any(channels % attention_heads for channels in widths):
+        divisors = [d for d in range(1, math.gcd(*widths) + 1) if math.gcd(*widths) % d == 0]
+        raise ValueError(
+            f"{name('attention_heads')}={attention_heads} must divide every level's channels "
+            f"({', '.join(map(str, widths))}); choose one of {_some(divisors)}"
+        )
     if base_channels % 8:
-        raise ValueError(f"base_channels={base_channels} must be a multiple of 8 (the final GroupNorm has 8 groups)")
+        raise ValueError(f"{name('base_channels')}={base_channels} {multiple_of_8}")
     if not 1 <= layer_groups <= levels:
-        raise ValueError(f"layer_groups={layer_groups} must be between 1 and the number of levels ({levels})")
+        raise ValueError(
+            f"{name('layer_groups')}={layer_groups} must be between 1 and the number of levels ({levels}): "
+            f"the {levels} levels of {name('channel_mults')} are split into that many groups"
+        )
     if latent_dim % layer_groups:
         divisors = [g for g in range(1, levels + 1) if latent_dim % g == 0]
         raise ValueError(
-            f"latent_dim={latent_dim} does not divide into layer_groups={layer_groups} equal "
-            f"sub-vectors; allowed layer_groups for this latent: {divisors}"
+            f"{name('latent_dim')}={latent_dim} does not divide into {name('layer_groups')}={layer_groups} equal "
+            f"sub-vectors; allowed {name('layer_groups')} for this latent: {divisors}"
         )
+
+
+def _some(values: list[int], limit: int = 8) -> str:
+    shown = ", ".join(map(str, values[:limit]))
+    return shown if len(values) <= limit else f"{shown}, ..."

@@ -1,6 +1,8 @@
+import pytest
 import torch
 
-from tests.models.helpers import tiny_soda
+from soda.models import build_soda
+from tests.models.helpers import TINY, tiny_soda
 
 
 def test_loss_goes_down_on_a_fixed_tiny_batch():
@@ -128,3 +130,61 @@ def test_the_trainers_call_builds_from_the_composed_config():
     assert model.diffusion.noise_schedule == "cosine" and model.decoder.image_size == 16
     assert model.input_std.flatten().tolist() == list(data.std)
     assert build_soda(**settings.model_arguments()).decoder.latent_dim == settings.model.latent_dim
+
+
+# Each a value that one part's constructor refuses (or, before its check, crashed on).
+BAD_ARGUMENTS = [
+    {"arch": "vgg16"},
+    {"latent_dim": 0},
+    {"image_size": 12, "channel_mults": (1, 2, 2, 2), "attention_levels": (False,) * 4},
+    {"image_size": 20, "channel_mults": (1, 2, 2, 2), "attention_levels": (False,) * 4},
+    {"layer_groups": 3},
+    {"layer_groups": 0},
+    {"latent_dim": 9, "layer_groups": 2},
+    {"attention_heads": 3},
+    {"attention_heads": 0},
+    {"norm_groups": 7},
+    {"norm_groups": 0},
+    {"base_channels": 0},
+    {"base_channels": 20},
+    {"attention_levels": (True,)},
+    {"channel_mults": ()},
+    {"blocks_per_level": 0},
+    {"dropout": 1.0},
+    {"noise_schedule": "sigmoid"},
+    {"timesteps": 0},
+    {"beta_start": 0.5, "beta_end": 0.1},
+    {"latent_drop_prob": 1.0},
+    {"layer_mask_prob": -0.1},
+    {"source_noise_std": -1.0},
+]
+
+
+@pytest.mark.parametrize("bad", BAD_ARGUMENTS, ids=lambda bad: ",".join(f"{k}={v}" for k, v in bad.items()))
+def test_the_pure_check_refuses_what_the_constructors_refuse_with_their_message(bad):
+    # soda.config checks a run with check_soda_arguments, without building: it must refuse exactly
+    # what build_soda refuses, in the same words (weights on the meta device: nothing allocated).
+    from soda.models.soda import check_soda_arguments
+
+    arguments = {**TINY, **bad}
+    with pytest.raises(ValueError) as checked:
+        check_soda_arguments(**arguments)
+    with pytest.raises(ValueError) as built, torch.device("meta"):
+        build_soda(**arguments)
+    assert str(checked.value) == str(built.value)
+    assert "\n" not in str(checked.value)
+    check_soda_arguments(**TINY)  # and passes what builds
+
+
+def test_the_check_names_each_argument_as_the_caller_asks():
+    from soda.models.soda import check_soda_arguments
+
+    keys = {"image_size": "dataset.image_size"}
+
+    def name(key: str) -> str:
+        return keys.get(key, f"model.{key}")
+
+    with pytest.raises(ValueError, match=r"^model\.latent_dim=9 does not divide into model\.layer_groups=2 "):
+        check_soda_arguments(name=name, **{**TINY, "latent_dim": 9, "layer_groups": 2})
+    with pytest.raises(ValueError, match=r"^dataset\.image_size=9 cannot be halved 1 times .*\(model\.channel_mults\)"):
+        check_soda_arguments(name=name, **{**TINY, "image_size": 9})

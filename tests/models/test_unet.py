@@ -103,3 +103,27 @@ def test_wrong_latent_shape_is_a_value_error():
     noisy, t, _ = _inputs()
     with pytest.raises(ValueError, match=r"latent has shape \(3, 5\); expected \(3, 8\)"):
         unet(noisy, t, torch.randn(3, 5))
+
+
+@pytest.mark.parametrize("levels", [2, 3])
+def test_the_image_size_check_refuses_exactly_the_sizes_a_forward_fails_at(levels, monkeypatch):
+    # The UNet's skip connections match only when every halving is exact; the check says so
+    # before a run starts, so it must refuse no size that works and pass none that fails.
+    from soda.models import unet
+
+    mults, attention = (1, 2, 2)[:levels], (False,) * levels
+    refused = set()
+    for size in range(8, 25):
+        try:
+            unet.check_unet(**{**SMALL, "image_size": size, "channel_mults": mults, "attention_levels": attention})
+        except ValueError:
+            refused.add(size)
+    monkeypatch.setattr(unet, "check_unet", lambda **_: None)
+    failed = set()
+    for size in range(8, 25):
+        net = LatentUNet(**{**SMALL, "image_size": size, "channel_mults": mults, "attention_levels": attention})
+        try:
+            net(torch.randn(2, 3, size, size), torch.rand(2), torch.randn(2, 8))
+        except RuntimeError:
+            failed.add(size)
+    assert refused == failed and failed  # sizes that are not a multiple of 2 ** (levels - 1)

@@ -163,6 +163,24 @@ CASES = [
     # cannot take is the error.
     case("image size the UNet cannot halve", ["dataset.image_size=15"], "cannot be halved"),
     case("unknown device", ["device=tpu"], "device"),
+    # What the run checks as it builds the model and the data, refused before any job starts: by
+    # --cfg job, the dry run and a multirun's check of its jobs alike.
+    case(
+        "layer groups beyond the levels, one job of a multirun",
+        ["-m", "model.layer_groups=1,7"],
+        "layer_groups=7",
+        quick=True,
+    ),
+    case(
+        "reference model at a size the UNet cannot halve, one job of a multirun",
+        ["-m", "dataset.image_size=32,20"],
+        "image_size=20",
+    ),
+    case(
+        "more classes than shapes draws, dry run",
+        ["-m", "dataset=shapes", "dataset.num_classes=7", "hydra.launcher.dry_run=true"],
+        "dataset.num_classes=7",
+    ),
     case("unknown key added with +", ["+model.foo=1"], "model.foo", quick=True),
     case("sweep file without -m", ["sweep=augment_ablation"], "-m"),
     # Sweep settings
