@@ -15,7 +15,6 @@ Nothing is written: no sweep directory, no .submitit folder, no MLflow run, no O
 from __future__ import annotations
 
 import logging
-import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -23,21 +22,27 @@ from dataclasses import dataclass
 
 from soda.progress import plural
 
-# An override that turns the dry run on (Hydra reads these words as a YAML true).
-_ASKED = re.compile(r"^\+{0,2}hydra\.launcher\.dry_run=(true|yes|on)$", re.IGNORECASE)
+FLAG = "hydra.launcher.dry_run"
 
 
 def main(arguments: Sequence[str]) -> int | None:
     """The dry run of `python launch.py <arguments>`: its exit status (0 when SLURM would accept
     every job, 2 with an `error:` line otherwise), or None when the arguments ask for none and the
     launch goes on. Composition and check errors are raised, as the launch raises them."""
-    if not any(_ASKED.match(argument) for argument in arguments):
-        return None
     from hydra._internal.utils import get_args_parser
+
+    from soda import config
 
     args = get_args_parser().parse_args(list(arguments))
     if args.cfg or args.help or args.hydra_help or args.info or args.shell_completion:
         return None  # those print instead of launching
+    # Read as the launcher reads it (config.parse_flag), so that a value the launcher takes for
+    # true (1, on, ...) is a dry run here too, never a launch whose every job the launcher refuses.
+    asked = config.command_line_flag(arguments, FLAG)
+    if asked is None and args.multirun:
+        asked = _set_by_a_config_file(arguments, list(args.overrides))
+    if not asked:
+        return None
     # The launchers' warnings (a file store on a cluster, say): as one line each, the way a launch
     # shows them, not through Python's bare fallback handler.
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
@@ -46,6 +51,25 @@ def main(arguments: Sequence[str]) -> int | None:
             "hydra.launcher.dry_run=true needs -m: a single run runs here, in-process, not through a launcher"
         )
     return _dry_run(list(arguments), list(args.overrides))
+
+
+def _set_by_a_config_file(arguments: list[str], overrides: list[str]) -> bool:
+    """Whether the launch's composition (a launcher option, the site profile) sets the flag: the
+    launcher would read it and refuse every job after the sweeper has begun its study. A
+    composition that fails is the launch's to report, as it always does."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from soda import config
+
+    try:
+        plain = [o.input_line for o in OverridesParser.create().parse_overrides(overrides) if not o.is_sweep_override()]
+        launch = config.compose_as_launched(arguments, plain)
+    except (HydraException, OmegaConfBaseException):
+        return False
+    return config.parse_flag(FLAG, OmegaConf.select(launch, FLAG, default=False))
 
 
 def _dry_run(arguments: list[str], overrides: list[str]) -> int:

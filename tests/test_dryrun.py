@@ -43,8 +43,9 @@ def test_a_launcher_given_dry_run_submits_nothing(tmp_path, launcher):
 
 
 @pytest.mark.integration
-def test_a_launcher_option_that_sets_dry_run_submits_nothing(tmp_path):
-    # dry_run set by a config file, not the command line: launch.py launches, the launcher refuses.
+def test_a_launcher_option_that_sets_dry_run_makes_the_multirun_a_dry_run(tmp_path):
+    # dry_run set by a config file, not the command line: the launcher would refuse every job (after
+    # a sweeper had begun its study), so launch.py reads the composition and shows a dry run.
     options = tmp_path / "configs" / "hydra" / "launcher"
     options.mkdir(parents=True)
     (options / "local_dry.yaml").write_text("defaults:\n  - local\n\ndry_run: true\n")
@@ -54,9 +55,63 @@ def test_a_launcher_option_that_sets_dry_run_submits_nothing(tmp_path):
         cwd=tmp_path,
         timeout=120,
     )
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert result.stderr.splitlines()[-1].startswith("error: hydra.launcher.dry_run is true, so this launcher")
-    assert not (tmp_path / "sweep" / ".submitit").exists() and not (tmp_path / "sweep" / "0").exists()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == (
+        "dry run: 2 trials would run on this machine (hydra/launcher=local); nothing was started"
+    )
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("value", ["true", "True", "yes", "Y", "on", "ON", "1", "2", "false", "no", "n", "off", "0"])
+def test_the_command_line_reads_the_flag_as_the_launcher_does(value):
+    # launch.py decides on a dry run from the command line; the launcher reads the same override
+    # into its typed schema. One rule (soda.config.parse_flag) for both: what one takes for true,
+    # so does the other.
+    from hydra import compose, initialize_config_dir
+
+    from soda import config
+
+    argument = f"hydra.launcher.dry_run={value}"
+    with initialize_config_dir(config_dir=str(config.CONF_DIR), version_base="1.3"):
+        composed = compose(config_name="config", overrides=[argument], return_hydra_config=True)
+    launcher_reads = composed.hydra.launcher.dry_run
+    assert config.command_line_flag(["-m", argument], "hydra.launcher.dry_run") is launcher_reads
+    assert (dryrun.main(["experiment=demo", argument]) == 2) is launcher_reads  # true without -m: refused
+
+
+def test_a_flag_that_is_neither_true_nor_false_is_one_line(capsys):
+    from soda.errors import ConfigError
+
+    for arguments in (["-m", "seed=0,1"], ["experiment=demo"]):
+        with pytest.raises(ConfigError) as error:
+            dryrun.main([*arguments, "hydra.launcher.dry_run=maybe"])
+        assert str(error.value) == (
+            "hydra.launcher.dry_run=maybe is neither true nor false; give true or false (yes/no, on/off and 1/0 are "
+            "read too)"
+        )
+    assert dryrun.main(["-m", "seed=0,1", "hydra.launcher.dry_run=0"]) is None  # a launch, as the launcher reads it
+
+
+@pytest.mark.integration
+def test_dry_run_1_is_a_dry_run_of_a_sweep_that_creates_nothing(tmp_path):
+    # The launcher reads 1 as true: once, launch.py did not, and the sweeper created the study, a
+    # parent run, four failed trials and optuna_results.yaml before the launcher refused them.
+    store = tmp_path / "store"
+    work = tmp_path / "work"
+    work.mkdir()
+    result = launch(
+        ["-m", "sweep=augment_ablation", "experiment=demo", "sweep.n_trials=4", "hydra.launcher.dry_run=1"]
+        + [f"tracking.uri=sqlite:///{store}/mlflow.db", f"sweep.storage={store}/optuna.log"]
+        + [f"tracking.artifact_location={store}/artifacts", f"hydra.sweep.dir={tmp_path}/sweep"],
+        cwd=work,
+        timeout=180,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == (
+        "dry run: 4 trials would run on this machine (hydra/launcher=local); nothing was started"
+    )
+    assert not store.exists() and not (tmp_path / "sweep").exists() and not any(work.iterdir())
 
 
 def _dry_run(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:

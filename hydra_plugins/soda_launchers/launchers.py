@@ -257,8 +257,11 @@ def submission_script(executor, jobs: int) -> str:
 
 
 def refuse_a_dry_run(params: dict) -> None:
-    """A launcher never submits with dry_run set: launch.py shows a dry run before any launch."""
-    if params.get("dry_run"):
+    """A launcher never submits with dry_run set: launch.py shows a dry run before any launch. The
+    value is read by the rule launch.py reads it by (soda.config.parse_flag)."""
+    from soda.config import parse_flag
+
+    if parse_flag("hydra.launcher.dry_run", params.get("dry_run", False)):
         raise LauncherError(
             "hydra.launcher.dry_run is true, so this launcher submits nothing; for a dry run, give it on a "
             "multirun's command line: python launch.py -m ... hydra.launcher.dry_run=true"

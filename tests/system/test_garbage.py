@@ -181,6 +181,12 @@ CASES = [
         ["-m", "dataset=shapes", "dataset.num_classes=7", "hydra.launcher.dry_run=true"],
         "dataset.num_classes=7",
     ),
+    case(
+        "dry run flag neither true nor false",
+        ["-m", "seed=1,2", "hydra.launcher.dry_run=maybe"],
+        "dry_run=maybe",
+        quick=True,
+    ),
     case("unknown key added with +", ["+model.foo=1"], "model.foo", quick=True),
     case("sweep file without -m", ["sweep=augment_ablation"], "-m"),
     # Sweep settings
