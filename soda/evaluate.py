@@ -12,7 +12,9 @@ It loads the EMA model from the run's `checkpoints/last.pt` and its config from
 and `eval.*` overrides, prints the metrics and the latent test per timestep (with the latent of the image, of another image, and dropped),
 and records the metrics on the run's MLflow record as `<name>/<metric>` (default name `posthoc`:
 `posthoc/knn_acc`, ...) at the step of the checkpoint's epoch, with the overrides in the tag
-`<name>.overrides`. Training-time points (`eval/...`) are never touched.
+`<name>.overrides`. Training-time points (`eval/...`) are never touched. A name is recorded once
+per epoch: a second evaluation under it stops with one line, at once while the first still works
+(its lock in the run directory, soda.saved_run), after it by the record's check.
 """
 
 from __future__ import annotations

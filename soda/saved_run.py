@@ -3,6 +3,7 @@ the eval settings changed as asked, the metrics printed and recorded on the run'
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -12,11 +13,15 @@ from omegaconf import OmegaConf
 from soda import tracking
 from soda.checkpoint import load_checkpoint
 from soda.config import compose_config, to_settings
-from soda.errors import ConfigError, SodaError, TrackingError, first_line
+from soda.errors import ConfigError, RunDirError, SodaError, TrackingError, first_line
 from soda.eval import latent_gap
+from soda.files import LockContended, OwnerLock, describe
 from soda.loop import CHECKPOINT
-from soda.rundir import CONFIG_FILE
+from soda.rundir import CONFIG_FILE, HEARTBEAT_SECONDS, STALE_AFTER_SECONDS
 from soda.train import _resolve_device, build_evaluator, build_model, load_data, signature
+
+# The lock of a name being recorded (`--name`): <run dir>/.soda-evaluate-<name>.
+EVALUATE_LOCK_PREFIX = ".soda-evaluate-"
 
 
 def evaluate_saved_run(run_dir: Path, overrides: list[str], name: str = "posthoc", record: bool = True) -> dict:
@@ -27,10 +32,26 @@ def evaluate_saved_run(run_dir: Path, overrides: list[str], name: str = "posthoc
     device = _resolve_device(settings.device)
     state = load_checkpoint(run_dir / CHECKPOINT, signature(settings))
     epoch = int(state["epoch"])
-    run_id = _run_id(run_dir) if record else None
-    if record:
+    if not record:
+        return _evaluate(run_dir, settings, state, device, epoch)
+    run_id = _run_id(run_dir)
+    # From the check to the write, this name is ours: a second evaluation under it would pass the
+    # check too and add a second point at the step.
+    lock = _claim_name(run_dir, name)
+    try:
         _check_unrecorded(settings.tracking.uri, run_id, name, epoch)
+        metrics = _evaluate(run_dir, settings, state, device, epoch)
+        _record(settings.tracking.uri, run_id, name, epoch, metrics, overrides)
+    finally:
+        lock.release()
+    print(
+        f"recorded as {name}/<metric> at step {epoch} on MLflow run {run_id} ({tracking.redact(settings.tracking.uri)})"
+    )
+    return metrics
 
+
+def _evaluate(run_dir: Path, settings, state: dict, device: torch.device, epoch: int) -> dict:
+    """The metrics of the checkpoint's EMA model, printed."""
     # The EMA weights into the model, in the layout training used.
     torch.manual_seed(settings.seed)
     model = build_model(settings)
@@ -48,12 +69,35 @@ def evaluate_saved_run(run_dir: Path, overrides: list[str], name: str = "posthoc
     seconds = time.perf_counter() - started
 
     _print(run_dir, epoch, metrics, evaluator.latent_errors, seconds)
-    if record:
-        _record(settings.tracking.uri, run_id, name, epoch, metrics, overrides)
-        print(
-            f"recorded as {name}/<metric> at step {epoch} on MLflow run {run_id} ({tracking.redact(settings.tracking.uri)})"
-        )
     return metrics
+
+
+def _claim_name(run_dir: Path, name: str) -> OwnerLock:
+    """This process's lock on recording `name` on the run (a file in the run directory that names
+    its owner, soda.files.OwnerLock). Not waited for: a second evaluation under the name stops at
+    once with one line naming the first, which is still working (its lock goes with it, even when
+    it is killed); a third one after both is refused by the check of what is recorded."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    lock = OwnerLock(
+        run_dir / f"{EVALUATE_LOCK_PREFIX}{safe}",
+        refresh_seconds=HEARTBEAT_SECONDS,
+        stale_after_seconds=STALE_AFTER_SECONDS,
+    )
+    try:
+        owner = lock.try_acquire()
+    except OSError as error:
+        raise RunDirError(
+            f"cannot write the lock {lock.path} ({error.strerror}): recording on a run takes a lock in its "
+            "directory; make it writable, or print only with --no-record"
+        ) from None
+    except LockContended:
+        raise RunDirError(f"could not take the lock {lock.path}; try again") from None
+    if owner is not None:
+        raise RunDirError(
+            f"{name}/... metrics are being recorded on this run by another evaluation ({describe(owner)}); "
+            f"wait for it to end (a second one at the same epoch is then refused), or pass another --name"
+        )
+    return lock
 
 
 def _saved_config(run_dir: Path, overrides: list[str]):

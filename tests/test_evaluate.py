@@ -1,6 +1,7 @@
 """`python -m soda.evaluate <run dir>`: a saved run's EMA model evaluated again, and recorded on
 its MLflow run under its own keys."""
 
+import os
 import subprocess
 import sys
 
@@ -89,3 +90,42 @@ def test_bad_overrides_are_one_line_errors_before_any_work(saved_run, args, mess
 def test_a_folder_that_is_not_a_run_is_a_one_line_error(tmp_path):
     result = _evaluate(str(tmp_path), "--no-record")
     assert result.returncode == 2 and "is not a run directory written by launch.py" in result.stderr
+
+
+def test_two_evaluations_under_one_name_at_once_record_it_once(saved_run):
+    # Both start together: the second finds the name being recorded (the first holds its lock) or,
+    # if the first ended already, recorded. Either way one point at the step, and one error line.
+    run_dir, client, run_id = saved_run
+    command = [sys.executable, "-m", "soda.evaluate", str(run_dir), "eval.num_reconstructions=0", "--name", "race"]
+    processes = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+    processes.append(subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [(*process.communicate(timeout=600), process.returncode) for process in processes]
+    results = [(code, out, err) for out, err, code in results]
+    assert sorted(code for code, _, _ in results) == [0, 2], results
+    _, _, refused = next(result for result in results if result[0] == 2)
+    lines = [line for line in refused.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), refused
+    assert "race/... metrics are being recorded on this run by another evaluation (pid " in lines[0] or (
+        "already has race/... metrics at epoch 1" in lines[0]
+    ), lines[0]
+    assert [m.step for m in client.get_metric_history(run_id, "race/knn_acc")] == [1]
+    assert not list(run_dir.glob(".soda-evaluate-*"))  # the lock went with its owner
+
+
+def test_a_name_being_recorded_is_refused_at_once_naming_its_owner(saved_run):
+    from soda.files import OwnerLock
+
+    run_dir, client, run_id = saved_run
+    lock = OwnerLock(run_dir / ".soda-evaluate-held", refresh_seconds=60, stale_after_seconds=600)
+    assert lock.try_acquire() is None  # this test's process records "held", as far as anyone can tell
+    try:
+        result = _evaluate(str(run_dir), "--name", "held")
+    finally:
+        lock.release()
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith(
+        f"error: held/... metrics are being recorded on this run by another evaluation (pid {os.getpid()} "
+    )
+    assert "wait for it to end" in lines[0] and "another --name" in lines[0]
+    assert "held/knn_acc" not in client.get_run(run_id).data.metrics
