@@ -46,6 +46,7 @@ from omegaconf import OmegaConf
 
 from soda import progress, site
 from soda.errors import SodaError
+from soda.tracking import redact
 
 log = logging.getLogger(__name__)
 _SET_BY_US: set = set()  # OMP_NUM_THREADS values this module set (so it may set them again)
@@ -119,7 +120,7 @@ class _TrackedLaunch:
         job_params = []
         for offset, overrides in enumerate(job_overrides):
             number = initial_job_idx + offset
-            log.info("\t#%d : %s", number, " ".join(filter_overrides(overrides)))
+            log.info("\t#%d : %s", number, " ".join(redact(o) for o in filter_overrides(overrides)))
             job_params.append(
                 (list(overrides), "hydra.sweep.dir", number, f"job_id_for_{number}", Singleton.get_state())
             )
@@ -271,7 +272,7 @@ def refuse_a_dry_run(params: dict) -> None:
 def _shown_overrides(job_overrides) -> list:
     """Each job's overrides as its line shows them: those that differ between the jobs of the
     launch (`seed=1`), or all of them when none does."""
-    jobs = [filter_overrides(overrides) for overrides in job_overrides]
+    jobs = [[redact(o) for o in filter_overrides(overrides)] for overrides in job_overrides]
     common = set.intersection(*map(set, jobs)) if len(jobs) > 1 else set()
     return [" ".join(o for o in overrides if o not in common) or " ".join(overrides) for overrides in jobs]
 
