@@ -95,6 +95,11 @@ SUMMARIES = {  # campaign: (what was done, the guarantee its tests check), in th
         lambda campaign, _: "; ".join(campaign.facts),
         "one error line, the checkpoint kept, and the re-run continued the same MLflow run, saying how it had ended",
     ),
+    "outages": (
+        lambda campaign, _: "; ".join(campaign.facts),
+        "one error line naming the storage without its password, both MLflow runs saying the storage was lost, "
+        "and the re-run continued the same study and parent run",
+    ),
     "frozen": (
         lambda campaign, _: "; ".join(campaign.facts),
         "one error line naming the rank and its host, the frozen process gone, the run FAILED with the reason, "
