@@ -15,10 +15,19 @@ from hydra.core.utils import JobReturn, JobStatus
 from optuna.trial import TrialState
 
 from hydra_plugins.soda_launchers import inflight
-from hydra_plugins.soda_sweeper.parent_run import ParentRun
-from hydra_plugins.soda_sweeper.scheduler import ERROR_ATTR, Scheduler, SweepState, plan, recover, summary
+from hydra_plugins.soda_sweeper.parent_run import END_ATTR, ParentRun
+from hydra_plugins.soda_sweeper.scheduler import (
+    ERROR_ATTR,
+    TRACKING_LOST,
+    Scheduler,
+    SweepState,
+    plan,
+    recover,
+    summary,
+)
 from hydra_plugins.soda_sweeper.search_space import check_every_value, grid_cells, parse_space
 from soda import tracking
+from soda.errors import TrackingLost
 from soda.sweep import SweepError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -203,6 +212,45 @@ def test_each_way_a_trial_ends_is_told_to_optuna_and_the_parent_run():
     ]
 
 
+def _store_lost(uri: str) -> JobReturn:
+    return _raised(
+        TrackingLost(f"MLflow tracking store {uri} stopped answering for 120 s (tracking.timeout_s; last: refused)")
+    )
+
+
+def test_a_trial_that_lost_the_tracking_store_stops_the_sweep_while_the_store_is_gone(tmp_path):
+    gone = "http://127.0.0.1:9"  # the discard port: nothing answers
+    parent = FakeParent()
+    parent.uri = gone
+    run, study, parent, state, launched = _scheduler(
+        {0: _returned(0.5), 1: _store_lost(gone), 2: _returned(0.7)}, parent=parent
+    )
+    with pytest.raises(TrackingLost) as lost:
+        run()
+    message = str(lost.value)
+    assert "trial 1 lost the MLflow tracking store" in message and "re-run the same command" in message
+    assert "\n" not in message
+    # Trial 2 never ran; trial 1 is not told to Optuna (MLflow cannot be told either): the run
+    # that continues the sweep records it, with the reason the study keeps.
+    assert len(launched) == 2 and [t.state.name for t in study.trials] == ["COMPLETE", "RUNNING"]
+    assert study.user_attrs[END_ATTR] == TRACKING_LOST and parent.closed == []
+
+    storage = study._storage
+    recover(study, storage, parent)
+    assert study.trials[1].state.name == "FAIL" and study.trials[1].user_attrs[ERROR_ATTR] == TRACKING_LOST
+    assert parent.errors == {1: TRACKING_LOST} and study.user_attrs[END_ATTR] == ""
+
+
+def test_a_trial_that_lost_a_store_which_answers_again_is_an_ordinary_failure(tmp_path):
+    parent = FakeParent()
+    parent.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # answers
+    run, study, parent, state, launched = _scheduler(
+        {0: _store_lost("http://elsewhere:5000"), 1: _returned(0.7)}, parent=parent
+    )
+    run()
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"] and END_ATTR not in study.user_attrs
+
+
 def test_a_multi_objective_trial_must_return_one_number_per_objective():
     outcomes = {0: _returned([0.5, 0.1]), 1: _returned(0.5)}
     study, _, _, _ = _schedule(outcomes, directions=("maximize", "minimize"))
@@ -365,6 +413,16 @@ def test_the_parent_run_is_reused_on_resume_and_closes_a_trial_that_never_starte
     assert run.info.status == "FINISHED"
     assert run.data.metrics["best_value"] == 0.9 and run.data.metrics["study_complete"] == 1.0
     assert run.data.tags["best_trial"] == "0" and run.data.tags["best_params.a"] == "2"
+
+
+def test_a_sweep_that_lost_its_tracking_store_says_so_when_it_continues(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    study = _study(optuna.storages.InMemoryStorage())
+    parent = ParentRun.open(uri, "sweeps", None, study, {}, {}, objectives=[tracking.LINEAR_ACC])
+    assert parent.uri == uri
+    study.set_user_attr(END_ATTR, TRACKING_LOST)  # the sweeper's record when MLflow could not be told
+    ParentRun.open(uri, "sweeps", None, study, {}, {}, objectives=[tracking.LINEAR_ACC])
+    assert mlflow.MlflowClient(uri).get_run(parent.run_id).data.tags[tracking.PREVIOUS_END] == TRACKING_LOST
 
 
 def test_closing_a_trial_never_changes_a_run_that_ended_and_its_result_is_read_back(tmp_path):

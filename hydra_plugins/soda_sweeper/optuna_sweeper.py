@@ -46,6 +46,8 @@ from hydra_plugins.soda_sweeper.study import (
     open_study,
     sweep_settings,
 )
+from soda import tracking
+from soda.errors import TrackingLost
 from soda.sweep import STORAGE_TIMEOUT_ATTR, STORAGE_TIMEOUT_S, StorageLost, SweepError, make_pruner, open_storage
 from soda.tracking import redact
 
@@ -145,6 +147,10 @@ class OptunaSweeper(Sweeper):
             return self._run(study, storage, parent, spec, dimensions, fixed, cells)
         except StorageLost as lost:
             parent.fail(str(lost))
+            raise
+        except TrackingLost as lost:
+            with tracking.quick_http_failures(timeout=5):  # one quick try: the store was just found gone
+                parent.fail(str(lost))
             raise
 
     def _run(self, study, storage, parent: ParentRun, spec: SamplerSpec, dimensions, fixed, cells) -> Any:

@@ -30,6 +30,9 @@ from soda.errors import first_line
 log = logging.getLogger(__name__)
 
 PARENT_ATTR = "soda_mlflow_parent"  # study user attribute: the sweep's MLflow run id
+# Study user attribute: why the sweep stopped, where MLflow could not be told (its tracking store
+# was lost); the run that continues the sweep records it and clears it (scheduler.recover).
+END_ATTR = "soda_sweep_end"
 RESUMED = tracking.RESUMED
 BEST_TRIAL = "best_trial"
 ENDED_STATUSES = ("FINISHED", "FAILED", "KILLED")  # MLflow statuses of a run that ended
@@ -38,8 +41,11 @@ LOST = "lost: the sweeper ended without recording how (SIGKILL, a closed termina
 
 
 class ParentRun:
-    def __init__(self, client, experiment_id: str, study_name: str, run_id: str, objectives: list[str]):
+    def __init__(
+        self, client, experiment_id: str, study_name: str, run_id: str, objectives: list[str], uri: str | None = None
+    ):
         self.client = client  # an mlflow.MlflowClient
+        self.uri = uri  # its store (None: not known, in tests)
         self.experiment_id = experiment_id
         self.study_name = study_name
         self.run_id = run_id
@@ -68,14 +74,16 @@ class ParentRun:
         if run is not None:
             run_id = run.info.run_id
             error = run.data.tags.get(tracking.ERROR)
-            ended = LOST if run.info.status == "RUNNING" else run.info.status.lower()
+            ended = (
+                (study.user_attrs.get(END_ATTR) or LOST) if run.info.status == "RUNNING" else run.info.status.lower()
+            )
             client.update_run(run_id, status="RUNNING")
             client.set_tag(run_id, RESUMED, "true")
             # The run is live again: why the sweep before this one ended is history now.
             client.set_tag(run_id, tracking.PREVIOUS_END, f"{ended}: {error}"[:5000] if error else ended)
             if error is not None:
                 client.delete_tag(run_id, tracking.ERROR)
-            return cls(client, experiment_id, study.study_name, run_id, objectives)
+            return cls(client, experiment_id, study.study_name, run_id, objectives, uri)
 
         tags = {**tracking.parent_tags(study.study_name), **tracking.git_state()}
         run = client.create_run(experiment_id, run_name=study.study_name, tags=tags)
@@ -85,7 +93,7 @@ class ParentRun:
         for name, text in artifacts.items():
             client.log_text(run_id, text, name)
         study.set_user_attr(PARENT_ATTR, run_id)
-        return cls(client, experiment_id, study.study_name, run_id, objectives)
+        return cls(client, experiment_id, study.study_name, run_id, objectives, uri)
 
     def record_changes(self, changes: dict[str, tuple[str, str]]) -> None:
         """Sweep settings that changed on resume, {key: (old, new)}, added to the run's

@@ -34,6 +34,7 @@ sys.modules, and dataclasses cannot resolve string annotations then.
 import concurrent.futures
 import logging
 import math
+import re
 import signal
 import threading
 from collections.abc import Callable
@@ -43,9 +44,11 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
-from hydra_plugins.soda_sweeper.parent_run import ParentRun
+from hydra_plugins.soda_sweeper.parent_run import END_ATTR, ParentRun
 from hydra_plugins.soda_sweeper.search_space import Dimension, cell_key, override_value
 from hydra_plugins.soda_sweeper.study import best_trial
+from soda import tracking
+from soda.errors import TrackingError, TrackingLost, first_line
 from soda.sweep import StorageLost, SweepError
 from soda.tracking import trial_run_name
 
@@ -55,6 +58,10 @@ ERROR_ATTR = "error"  # trial user attribute: why the trial failed (read by the 
 INTERRUPTED = "interrupted: the sweep stopped before the trial finished"
 STOPPED = "interrupted: the sweep was stopped"
 STORAGE_LOST = "interrupted: the sweep lost its Optuna storage"
+TRACKING_LOST = "interrupted: the sweep lost its MLflow tracking store"
+# A trial's error that says its tracking store went away (soda.tracking: a run's TrackingLost, or
+# the check before a run): the sweeper then asks the store itself.
+_STORE_GONE = re.compile(r"MLflow tracking (?:store|server) \S+ (?:stopped answering|is unreachable|cannot be used)")
 FINISHED_OK = ("COMPLETE", "PRUNED")
 # How often the sweeper looks at a stop request while it waits for trials: a signal handler that
 # does not raise cannot end a blocking wait.
@@ -124,11 +131,14 @@ def recover(study, storage, parent: ParentRun) -> None:
                 parent.trial_ended(trial.number, outcome, values)
                 log.info("trial %d had ended %s before the sweep stopped: kept", trial.number, outcome.lower())
                 continue
-        error = (trial.state == TrialState.RUNNING and parent.trial_error(trial.number)) or INTERRUPTED
+        why = study.user_attrs.get(END_ATTR) or INTERRUPTED  # the sweep's own reason, when it left one
+        error = (trial.state == TrialState.RUNNING and parent.trial_error(trial.number)) or why
         storage.set_trial_user_attr(trial_id, ERROR_ATTR, error[:4000])
         study.tell(trial.number, state=TrialState.FAIL)
-        parent.close_child(trial.number, "KILLED", INTERRUPTED, trial.params)
+        parent.close_child(trial.number, "KILLED", why, trial.params)
         log.info("trial %d was interrupted earlier (%s): marked failed, it will run again", trial.number, error)
+    if study.user_attrs.get(END_ATTR):
+        study.set_user_attr(END_ATTR, "")  # recorded: the parent run's previous_end and its trials say it
 
 
 def summary(study, state: SweepState) -> str:
@@ -223,6 +233,9 @@ class Scheduler:
                     self._stop(in_flight, pool, state)
             except StorageLost:
                 self._lost(in_flight, pool)
+                raise
+            except TrackingLost:
+                self._tracking_lost(in_flight, pool)
                 raise
             except KeyboardInterrupt:  # a second Ctrl-C while the first was being handled
                 raise SweepError(
@@ -344,6 +357,7 @@ class Scheduler:
     def _fail(self, trial, message: str, state: SweepState, log_path: str | None = None) -> None:
         from optuna.trial import TrialState
 
+        self._raise_if_the_store_is_gone(trial, message)
         trial.set_user_attr(ERROR_ATTR, message[:4000])
         self.study.tell(trial, state=TrialState.FAIL)
         state.failures += 1
@@ -378,6 +392,40 @@ class Scheduler:
             f"sweep {self.study.study_name} interrupted: {state.done} of {state.target} trials finished, "
             f"{stopped} stopped; re-run the same command to resume"
         )
+
+    def _raise_if_the_store_is_gone(self, trial, message: str) -> None:
+        """A trial that failed because the MLflow tracking store went away stops the sweep (every
+        trial after it would fail the same way) when the store still does not answer: TrackingLost.
+        The trial is not told to Optuna: it stays running there, and the run that continues the
+        sweep records it as interrupted (`recover`) and runs it again."""
+        uri = getattr(self.parent, "uri", None)
+        if uri is None or not _STORE_GONE.search(message):
+            return
+        try:
+            tracking.check_reachable(uri)
+            return  # it answers again: an ordinary failure
+        except TrackingError as error:
+            reason = first_line(error, limit=300)
+        raise TrackingLost(
+            f"sweep {self.study.study_name} stopped: trial {trial.number} lost the MLflow tracking store, "
+            f"and it still does not answer ({reason}); the trials in flight were stopped: bring the store back "
+            "and re-run the same command to continue the study"
+        )
+
+    def _tracking_lost(self, in_flight: dict, pool: concurrent.futures.ThreadPoolExecutor) -> None:
+        """The tracking store was lost: cancel the jobs in flight and wait until each has ended.
+        Nothing can be written to MLflow; the study says why the sweep stopped (END_ATTR), and the
+        trials in flight stay running in it, for `recover` to record when the sweep continues."""
+        from hydra_plugins.soda_launchers import inflight
+
+        job_ids = inflight.cancel_all()
+        pool.shutdown(wait=True, cancel_futures=True)
+        self.study.set_user_attr(END_ATTR, TRACKING_LOST)
+        for trial in in_flight.values():
+            job = f" (job {job_ids[trial.number]})" if trial.number in job_ids else ""
+            log.warning(
+                "trial %d%s: stopped, as the MLflow tracking store was lost; it will run again", trial.number, job
+            )
 
     def _lost(self, in_flight: dict, pool: concurrent.futures.ThreadPoolExecutor) -> None:
         """The storage was lost: cancel the jobs in flight, wait until each has ended, and end the
