@@ -130,13 +130,18 @@ class Heartbeat:
                 return
 
     def kill_if_here(self, stalled_rank: int) -> None:
-        """SIGKILL a frozen peer that runs on this host (a stopped process never exits)."""
+        """SIGKILL a frozen peer that runs on this host (a stopped process never exits), when the
+        process with its pid runs this job's command line (ranks share one): never a stranger
+        that was given the pid of a peer that had died."""
         host, pid = _owner(self._read(stalled_rank))
-        if host == self.host and pid.isdigit():
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except OSError:
-                pass
+        if host != self.host or not pid.isdigit():
+            return
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes() != Path("/proc/self/cmdline").read_bytes():
+                return
+            os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def _owner(text: str | None) -> tuple[str, str]:

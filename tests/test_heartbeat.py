@@ -45,3 +45,39 @@ def test_live_peers_and_peers_that_finished_are_not_stalled(tmp_path):
     time.sleep(2.5)
     first.stop()
     assert seen_first == []
+
+
+# Run as `python -c RANK_SCRIPT` by both a frozen peer and its watcher: one command line, as ranks have.
+RANK_SCRIPT = """
+import os, pathlib, time
+if os.environ["ROLE"] == "frozen":
+    time.sleep(60)
+else:
+    from soda.heartbeat import Heartbeat
+    Heartbeat(pathlib.Path(os.environ["RUN_DIR"]), 0, 2, 1.0, print).kill_if_here(1)
+"""
+
+
+def test_a_frozen_peer_on_this_host_is_killed_but_never_a_stranger_with_its_pid(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    (tmp_path / BEATS_DIR).mkdir()
+    env = {**os.environ, "RUN_DIR": str(tmp_path)}
+
+    def watcher_kills(pid: int) -> None:
+        (tmp_path / BEATS_DIR / "rank1").write_text(f"{socket.gethostname()} {pid} 3\n")
+        subprocess.run([sys.executable, "-c", RANK_SCRIPT], env={**env, "ROLE": "watcher"}, check=True, timeout=60)
+
+    frozen = subprocess.Popen([sys.executable, "-c", RANK_SCRIPT], env={**env, "ROLE": "frozen"})
+    stranger = subprocess.Popen(["sleep", "60"])  # e.g. given the pid of a peer that died
+    try:
+        watcher_kills(stranger.pid)
+        watcher_kills(frozen.pid)
+        assert frozen.wait(timeout=10) == -signal.SIGKILL
+        assert stranger.poll() is None
+    finally:
+        for process in (frozen, stranger):
+            process.kill()
+            process.wait()
