@@ -99,7 +99,7 @@ postgres-down: ## Stop the local PostgreSQL
 # The site profile launches read after conf/ (every run on this machine or cluster shares it):
 # written from sbatch, scontrol and sacctmgr's answers and the environment, commented, for you to complete.
 site: install ## Write this machine's site profile, conf/site/default.yaml, from SLURM and the environment [SITE=path FORCE=1]
-	$(PY) -m soda.site_init $(if $(SITE),--output '$(SITE)') $(if $(filter 1 yes true,$(FORCE)),--force)
+	$(PY) -m launching.site_init $(if $(SITE),--output '$(SITE)') $(if $(filter 1 yes true,$(FORCE)),--force)
 
 clean: ## Remove caches (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache

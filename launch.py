@@ -19,7 +19,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from soda import config, dryrun, site
+from launching import dryrun, site
+from soda import config
 from soda.errors import SodaError, Terminated, first_line
 
 # Imported for what it registers with Hydra's ConfigStore (soda.config registers the run schema).

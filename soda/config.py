@@ -621,7 +621,7 @@ def sweep_jobs(params: dict[str, Any], arguments: Sequence[str]) -> list[list[st
     (`seed=0,1,2`, `choice(...)`, `range(...)`), parsed as the sweeper parses them (its
     search_space: a plain value on the command line pins a parameter the params vary, and a sweep
     there replaces it). An interval(...) has no finite set of points: it contributes its lower end."""
-    from hydra_plugins.soda_sweeper.search_space import override_value, parse_space
+    from launching.sweeper.search_space import override_value, parse_space
 
     dimensions, fixed = parse_space(params, list(arguments))
     axes = {name: dim.grid if dim.grid is not None else [dim.distribution.low] for name, dim in dimensions.items()}

@@ -340,7 +340,7 @@ SHAPES = ["dataset=shapes"]  # the synthetic set: its class count and size (3000
 
 @pytest.mark.parametrize("key, good, bad, message", BUILD_CHECKS, ids=[case[0] for case in BUILD_CHECKS])
 def test_what_the_run_checks_as_it_builds_is_refused_before_any_launch(key, good, bad, message):
-    from soda import dryrun
+    from launching import dryrun
 
     base = SHAPES if key.startswith(("dataset.num", "schedule")) else []
     expected = re.escape(message)

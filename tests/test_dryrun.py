@@ -1,4 +1,4 @@
-"""The dry run (soda/dryrun.py): `python launch.py -m ... hydra.launcher.dry_run=true` shows each
+"""The dry run (launching/dryrun.py): `python launch.py -m ... hydra.launcher.dry_run=true` shows each
 job and, on SLURM, the sbatch script the launch would submit and SLURM's verdict on it (sbatch
 --test-only); it submits nothing and writes nothing. A launcher given dry_run submits nothing."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hydra_plugins.soda_launchers import launchers
-from soda import dryrun
+from launching import dryrun
 from tests.helpers import launch
 from tests.support.services import needs_slurm
 

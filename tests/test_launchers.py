@@ -17,14 +17,10 @@ from pathlib import Path
 import pytest
 
 from hydra_plugins.soda_launchers import launchers
-from hydra_plugins.soda_launchers.launchers import (
-    gres_gpus,
-    partition_problem,
-    rank_failure,
-    scontrol_records,
-    slurm_minutes,
-)
-from soda import progress, site
+from hydra_plugins.soda_launchers.launchers import rank_failure
+from launching import site
+from launching.slurm import gres_gpus, partition_problem, scontrol_records, slurm_minutes
+from soda import progress
 from tests.helpers import SMOKE, launch
 from tests.support.services import needs_slurm
 

@@ -1,4 +1,4 @@
-"""The site profile (soda/site.py, hydra_plugins/soda_site): where it is found, where it sits in the
+"""The site profile (launching/site.py, hydra_plugins/soda_site): where it is found, where it sits in the
 composition, what a launcher named on the command line does to it, how launch.py names it."""
 
 import os
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from soda import config, site
+from launching import site
+from soda import config
 
 REPO = Path(__file__).resolve().parents[1]
 

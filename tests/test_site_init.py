@@ -1,4 +1,4 @@
-"""`make site` (soda/site_init.py): the profile it writes from what SLURM and the environment say.
+"""`make site` (launching/site_init.py): the profile it writes from what SLURM and the environment say.
 
 SLURM's commands are small scripts on a PATH of their own that print recorded answers, so each
 machine (a GPU cluster, one without accounting, one without SLURM, one whose controller hangs) is
@@ -17,7 +17,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from soda import site_init
+from launching import site_init
 from tests.support.services import REPO, needs_slurm
 
 # A GPU cluster as SLURM 22.05 prints it: partition gpu (the default: 4 nodes of 4 A100s and 64
@@ -93,7 +93,7 @@ def gpu_cluster(tool, config=CONFIG, sacctmgr="proj-vision\n") -> None:
 
 
 def write(tmp_path, capsys, *args) -> tuple[dict, str, str]:
-    """Run `python -m soda.site_init --output <tmp>/site.yaml`: (the loaded profile, its text, stdout)."""
+    """Run `python -m launching.site_init --output <tmp>/site.yaml`: (the loaded profile, its text, stdout)."""
     output = tmp_path / "site" / "default.yaml"
     assert site_init.main(["--output", str(output), *args]) == 0
     text = output.read_text()
@@ -268,7 +268,7 @@ def test_the_profile_of_this_cluster_matches_sinfo(tmp_path):
     output = tmp_path / "site.yaml"
     env = {name: value for name, value in os.environ.items() if name not in site_init.ENVIRONMENT}
     done = subprocess.run(
-        [sys.executable, "-m", "soda.site_init", "--output", str(output)],
+        [sys.executable, "-m", "launching.site_init", "--output", str(output)],
         cwd=REPO,
         env=env,
         capture_output=True,

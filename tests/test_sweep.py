@@ -19,7 +19,7 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from analysis import exclusion_note, finished_runs, load_runs
-from hydra_plugins.soda_sweeper.search_space import override_value, parse_space
+from launching.sweeper.search_space import override_value, parse_space
 from soda.sweep import PRUNER_ATTR, SweepError, TrialReporter, open_storage
 from tests.helpers import REPO, SMOKE, launch
 from tests.support import services
@@ -343,7 +343,7 @@ def test_a_sweep_with_other_fixed_settings_is_not_the_same_study(tmp_path):
 
 
 def test_fixed_settings_leave_out_what_the_sweep_varies_and_where_it_runs():
-    from hydra_plugins.soda_sweeper.study import fixed_settings
+    from launching.sweeper.study import fixed_settings
 
     config = {
         "seed": 0,

@@ -16,11 +16,11 @@ import pytest
 import sqlalchemy.exc
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
-from hydra_plugins.soda_sweeper.parent_run import ParentRun
-from hydra_plugins.soda_sweeper.sampler import SamplerSpec
-from hydra_plugins.soda_sweeper.scheduler import ERROR_ATTR, STORAGE_LOST, Scheduler, SweepState, recover
-from hydra_plugins.soda_sweeper.search_space import grid_cells, parse_space
-from hydra_plugins.soda_sweeper.study import SETTINGS_ATTR, check_sweep_settings, sweep_settings
+from launching.sweeper.parent_run import ParentRun
+from launching.sweeper.sampler import SamplerSpec
+from launching.sweeper.scheduler import ERROR_ATTR, STORAGE_LOST, Scheduler, SweepState, recover
+from launching.sweeper.search_space import grid_cells, parse_space
+from launching.sweeper.study import SETTINGS_ATTR, check_sweep_settings, sweep_settings
 from soda import tracking
 from soda.journal import TORN_SUFFIX
 from soda.sweep import PatientStorage, StorageLost, SweepError, open_storage

@@ -14,9 +14,9 @@ import pytest
 from hydra.core.utils import JobReturn, JobStatus
 from optuna.trial import TrialState
 
-from hydra_plugins.soda_launchers import inflight
-from hydra_plugins.soda_sweeper.parent_run import END_ATTR, ParentRun
-from hydra_plugins.soda_sweeper.scheduler import (
+from launching import inflight
+from launching.sweeper.parent_run import END_ATTR, ParentRun
+from launching.sweeper.scheduler import (
     ERROR_ATTR,
     TRACKING_LOST,
     Scheduler,
@@ -25,7 +25,7 @@ from hydra_plugins.soda_sweeper.scheduler import (
     recover,
     summary,
 )
-from hydra_plugins.soda_sweeper.search_space import check_every_value, grid_cells, parse_space
+from launching.sweeper.search_space import check_every_value, grid_cells, parse_space
 from soda import tracking
 from soda.errors import TrackingLost
 from soda.sweep import SweepError
@@ -495,7 +495,7 @@ def test_each_trial_s_end_is_one_line_with_progress_outcome_and_log(caplog):
         3: RuntimeError("job 123 failed: MemoryError; full log: /runs/sweep/.submitit/123/123_0_log.err"),
         4: _returned(0.5),  # no Hydra config came back: no log to name
     }
-    with caplog.at_level(logging.INFO, logger="hydra_plugins.soda_sweeper.scheduler"):
+    with caplog.at_level(logging.INFO, logger="launching.sweeper.scheduler"):
         study, _, state, _ = _schedule(outcomes, n_jobs=1)
     ended = [r.getMessage() for r in caplog.records if " done: " in r.getMessage()]
     assert ended == [

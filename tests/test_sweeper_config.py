@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.errors import ConfigCompositionException
 from omegaconf import MISSING, OmegaConf
 
-from hydra_plugins.soda_sweeper.sampler import GRID, custom_search_space, make_sampler, sampler_spec
+from launching.sweeper.sampler import GRID, custom_search_space, make_sampler, sampler_spec
 from soda.sweep import SweepError
 from tests.helpers import CONF
 

@@ -7,7 +7,7 @@ that failed first when a job dies.
 Each SLURM job first checks, on its node, that its Python (hydra.launcher.python, else the one
 that submitted it) exists and imports the project (preflight_line); when it does not, the job
 ends with one line saying so, and that line is the launch's error. `hydra.launcher.dry_run=true`
-on the command line shows what would be submitted instead (soda/dryrun.py); a launcher given it
+on the command line shows what would be submitted instead (launching/dryrun.py); a launcher given it
 submits nothing.
 
 Select with `hydra/launcher=local` or `hydra/launcher=slurm` (conf/hydra/launcher/); `local` is
@@ -44,7 +44,8 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, LocalQue
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
 from omegaconf import OmegaConf
 
-from soda import progress, site
+from launching import site, slurm
+from soda import progress
 from soda.errors import SodaError
 from soda.tracking import redact
 
@@ -96,7 +97,7 @@ class _TrackedLaunch:
     def _job_settings(self, job_overrides) -> list:
         """Each job's config, composed and validated here as the job would (soda.config.to_settings),
         so that an unknown key or a bad value in any job stops the launch before anything runs."""
-        from hydra_plugins.soda_launchers import inflight
+        from launching import inflight
         from soda.config import to_settings
 
         settings = []
@@ -107,7 +108,7 @@ class _TrackedLaunch:
         return settings
 
     def _submit_and_wait(self, job_overrides, initial_job_idx):
-        from hydra_plugins.soda_launchers import inflight
+        from launching import inflight
 
         local = self._EXECUTOR == "local"
         plan = self._plan(len(job_overrides)) if local else None
@@ -354,7 +355,7 @@ def _quiet_controllers(executor) -> None:
             "CUDA_VISIBLE_DEVICES": ",".join(str(gpu) for gpu in list(gpus)[: parameters.get("gpus_per_node", 0)]),
             "SUBMITIT_LOCAL_WITH_SHELL": "",
         }
-        controller = [sys.executable, "-m", "hydra_plugins.soda_launchers.controller", str(self.folder)]
+        controller = [sys.executable, "-m", "launching.controller", str(self.folder)]
         process = subprocess.Popen(controller, env=env)
         return LocalJob(folder=self.folder, job_id=str(process.pid), process=process, tasks=list(range(tasks)))
 
@@ -596,7 +597,7 @@ def submit_local(executor, function, job_params: list, plan: LocalPlan, taken: l
 
 def take_gpus(plan: LocalPlan) -> tuple:
     """The GPU set of `plan` that the fewest running local jobs hold, now held once more."""
-    from hydra_plugins.soda_launchers import inflight
+    from launching import inflight
 
     with inflight.GPU_LOCK:
         group = min(plan.groups, key=lambda ids: _GPU_USE.get(ids, 0))
@@ -605,7 +606,7 @@ def take_gpus(plan: LocalPlan) -> tuple:
 
 
 def release_gpus(groups: list) -> None:
-    from hydra_plugins.soda_launchers import inflight
+    from launching import inflight
 
     with inflight.GPU_LOCK:
         for group in groups:
@@ -662,7 +663,7 @@ class SodaSlurmLauncher(_TrackedLaunch, SlurmLauncher):
         refuse_a_dry_run(self.params)
         settings = self._job_settings(job_overrides)
         check_slurm(self.params, settings)
-        problem = partition_check(self.params)
+        problem = slurm.partition_check(self.params)
         if problem is not None:
             raise LauncherError(problem)
         sweeper = str(OmegaConf.select(self.config, "hydra.sweeper._target_", default=""))
@@ -696,132 +697,6 @@ def warn_about_file_stores(tracking_uri: str, sweep_storage: str, optuna_sweep: 
         log.warning("hydra/launcher=slurm: %s", "; ".join(problems))
 
 
-def partition_check(params: dict) -> Optional[str]:
-    """What makes the request one the partition (the default one when none is named) can never run,
-    in one line, or None: the launch refuses it before submission, as SLURM would accept it and
-    leave it pending forever."""
-    partition = params.get("partition")
-    command = ["scontrol", "show", "partition", "--oneliner", *([partition] if partition else [])]
-    found = subprocess.run(command, capture_output=True, text=True)
-    if found.returncode != 0:
-        message = (found.stderr or found.stdout).strip().splitlines()[0]
-        return f"SLURM: {message} (hydra.launcher.partition={partition}; see `sinfo`)"
-    records = scontrol_records(found.stdout)
-    if not partition:
-        records = [record for record in records if record.get("Default") == "YES"][:1]
-    nodes = subprocess.run(["scontrol", "show", "node", "--oneliner"], capture_output=True, text=True)
-    if not records or nodes.returncode != 0:
-        log.warning("could not read the partition's limits from scontrol; the job is submitted unchecked")
-        return None
-    return partition_problem(params, records[0], scontrol_records(nodes.stdout))
-
-
-def scontrol_records(text: str) -> list:
-    """The `Key=Value` fields of each line of `scontrol show ... --oneliner` as a dict. A value
-    runs to the next ` Key=` (OS=Linux 6.1 #1 SMP holds spaces; TRES=cpu=8,mem=4G holds '=')."""
-    records = []
-    for line in text.splitlines():
-        keys = list(re.finditer(r"(?:^|\s)([A-Za-z][\w:/.]*)=", line))
-        if keys:
-            ends = [key.start() for key in keys[1:]] + [len(line)]
-            records.append({key[1]: line[key.end() : end].strip() for key, end in zip(keys, ends, strict=True)})
-    return records
-
-
-def slurm_minutes(text: str) -> Optional[float]:
-    """A SLURM time (`30`, `30:00`, `1:00:00`, `2-00:00:00`, `2-12`) in minutes; None = no limit."""
-    text = text.strip()
-    if text.upper() in ("UNLIMITED", "INFINITE"):
-        return None
-    days, _, clock = text.rpartition("-")
-    parts = [int(part) for part in clock.split(":")]
-    if days:  # days-hours[:minutes[:seconds]]
-        hours, minutes, seconds = (parts + [0, 0])[:3]
-    else:  # minutes | minutes:seconds | hours:minutes:seconds
-        hours, minutes, seconds = ([0, 0] + parts)[-3:] if len(parts) == 3 else (0, *(parts + [0])[:2])
-    return int(days or 0) * 1440 + hours * 60 + minutes + seconds / 60
-
-
-def gres_gpus(gres: str) -> int:
-    """The GPUs of a node's Gres (`gpu:4`, `gpu:a100:4(S:0-1)`, `gpu:a100:2,gpu:v100:2`)."""
-    return sum(int(count) for count in re.findall(r"(?:^|,)gpu(?::[^:,(]+)?:(\d+)", gres))
-
-
-def partition_problem(params: dict, partition: dict, nodes: list) -> Optional[str]:
-    """What of the request (hydra.launcher.*) the partition cannot satisfy, in one line, or None.
-    `partition` and `nodes` are scontrol's records (scontrol_records); a node belongs to the
-    partition when its Partitions field names it."""
-    name = partition["PartitionName"]
-    members = [node for node in nodes if name in node.get("Partitions", "").split(",")]
-    count = len(members) or int(partition.get("TotalNodes", "0") or 0)
-    wanted_nodes = params.get("nodes") or 1
-    tasks = params.get("tasks_per_node") or 1
-    cpus_per_task = params.get("cpus_per_task") or 1
-    gpus = params.get("gpus_per_node") or 0
-    mem_gb = params.get("mem_gb")
-
-    # The partition as a whole.
-    if wanted_nodes > count:
-        return (
-            f"hydra.launcher.nodes={wanted_nodes} but partition {name} has {progress.plural(count, 'node')} (see sinfo)"
-        )
-    max_nodes = partition.get("MaxNodes", "UNLIMITED")
-    if max_nodes.isdigit() and wanted_nodes > int(max_nodes):
-        return f"hydra.launcher.nodes={wanted_nodes} is above partition {name}'s MaxNodes of {max_nodes} (see sinfo)"
-    max_time = partition.get("MaxTime", "UNLIMITED")
-    limit = slurm_minutes(max_time)
-    timeout = params.get("timeout_min")
-    if limit is not None and timeout is not None and timeout > limit:
-        return (
-            f"hydra.launcher.timeout_min={timeout} is above partition {name}'s MaxTime of {max_time} "
-            f"({limit:g} minutes; see sinfo)"
-        )
-
-    # One node: does any have enough of each?
-    def cpus_of(node: dict) -> int:
-        return int(node.get("CPUEfctv") or node.get("CPUTot") or 0)
-
-    def mem_mb_of(node: dict) -> int:
-        return int(node.get("RealMemory") or 0)
-
-    cpus = cpus_per_task * tasks
-    cap = partition.get("MaxCPUsPerNode", "UNLIMITED")
-    most_cpus = max((cpus_of(node) for node in members), default=0)
-    most_cpus = min(most_cpus, int(cap)) if cap.isdigit() else most_cpus
-    most_mem = max((mem_mb_of(node) for node in members), default=0)
-    cap = partition.get("MaxMemPerNode", "UNLIMITED")
-    most_mem = min(most_mem, int(cap)) if cap.isdigit() else most_mem
-    most_gpus = max((gres_gpus(node.get("Gres", "")) for node in members), default=0)
-    if members and gpus > most_gpus:
-        have = f"at most {most_gpus} GPUs" if most_gpus else "no GPUs"
-        return f"hydra.launcher.gpus_per_node={gpus} but the nodes of partition {name} have {have} (Gres; see sinfo)"
-    if members and cpus > most_cpus:
-        return (
-            f"hydra.launcher.cpus_per_task={cpus_per_task} x tasks_per_node={tasks} = {cpus} CPUs per node but "
-            f"the nodes of partition {name} have at most {most_cpus} CPUs (see sinfo)"
-        )
-    if members and mem_gb is not None and mem_gb * 1024 > most_mem:
-        return (
-            f"hydra.launcher.mem_gb={mem_gb} but the nodes of partition {name} have at most {most_mem // 1024} GB "
-            f"(RealMemory={most_mem} MB; see sinfo)"
-        )
-
-    # All of it at once, on enough nodes.
-    fitting = [
-        node
-        for node in members
-        if gres_gpus(node.get("Gres", "")) >= gpus
-        and cpus_of(node) >= cpus
-        and (mem_gb is None or mem_mb_of(node) >= mem_gb * 1024)
-    ]
-    if members and len(fitting) < wanted_nodes:
-        wanted = [f"{gpus} GPUs"] * bool(gpus) + [f"{cpus} CPUs"] + [f"{mem_gb} GB"] * (mem_gb is not None)
-        what = ", ".join(wanted[:-1]) + " and " + wanted[-1] if len(wanted) > 1 else wanted[0]
-        has = f"{progress.plural(len(fitting), 'node')}" if fitting else "no node"
-        return f"hydra.launcher.nodes={wanted_nodes} but partition {name} has {has} with {what} at once (see sinfo)"
-    return None
-
-
 @dataclass
 class SodaLocalConf(LocalQueueConf):
     _target_: str = "hydra_plugins.soda_launchers.launchers.SodaLocalLauncher"
@@ -831,7 +706,7 @@ class SodaLocalConf(LocalQueueConf):
     tasks_per_node: Optional[int] = None
     # Threads per task (OMP_NUM_THREADS); null: this machine's cores / (jobs at once x tasks).
     threads_per_task: Optional[int] = None
-    # On the command line: list the jobs and how they would run, start none (soda/dryrun.py).
+    # On the command line: list the jobs and how they would run, start none (launching/dryrun.py).
     dry_run: bool = False
 
 
@@ -842,7 +717,7 @@ class SodaSlurmConf(SlurmQueueConf):
     srun_args: List[str] = field(default_factory=lambda: ["--kill-on-bad-exit=1"])
     # The job's Python on the node, a shell command; null: the one that submits (sys.executable).
     python: Optional[str] = None
-    # On the command line: show each job's sbatch script and SLURM's verdict, submit none (soda/dryrun.py).
+    # On the command line: show each job's sbatch script and SLURM's verdict, submit none (launching/dryrun.py).
     dry_run: bool = False
 
 

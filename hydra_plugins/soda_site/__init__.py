@@ -1,1 +1,1 @@
-"""The site profile as Hydra configs: `site/default` and `hydra/launcher=site` (soda/site.py)."""
+"""The site profile as Hydra configs: `site/default` and `hydra/launcher=site` (launching/site.py)."""

@@ -1,4 +1,4 @@
-"""Serves the site profile (soda/site.py) to Hydra from the front of the config search path:
+"""Serves the site profile (launching/site.py) to Hydra from the front of the config search path:
 `site/default`, the profile with its launcher settings moved to `hydra/launcher/site`.
 
 The source reads the profile when it is created and keeps what it read, so a SLURM job, which
@@ -24,7 +24,7 @@ _LAUNCHER = "hydra/launcher/site"
 
 class SiteSearchPath(SearchPathPlugin):
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
-        from soda import site
+        from launching import site
 
         path = site.profile_path()
         if path is not None:
@@ -48,7 +48,7 @@ class SiteConfigSource(ConfigSource):
         if self._configs is None:
             from pathlib import Path
 
-            from soda import site
+            from launching import site
             from soda.errors import ConfigError
 
             self._configs = {}

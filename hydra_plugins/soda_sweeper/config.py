@@ -9,7 +9,7 @@ The schema is stored outside every config group, as the run's `soda_schema` is: 
 would be one of the options Hydra offers (`hydra/sweeper=...`, --help), though nobody can sweep
 with it alone.
 
-`sampler` is untyped because it takes two forms (hydra_plugins/soda_sweeper/sampler.py): an
+`sampler` is untyped because it takes two forms (launching/sweeper/sampler.py): an
 option of the group `hydra/sweeper/sampler` (`_target_` and the sampler's keyword arguments, as
 in the published hydra-optuna-sweeper), or the older `{name, seed, options}`.
 

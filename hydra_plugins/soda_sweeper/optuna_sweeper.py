@@ -34,11 +34,11 @@ from typing import Any
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
-from hydra_plugins.soda_sweeper.parent_run import ParentRun
-from hydra_plugins.soda_sweeper.sampler import SamplerSpec, custom_search_space, make_sampler, sampler_spec
-from hydra_plugins.soda_sweeper.scheduler import Scheduler, SweepState, plan, recover, summary
-from hydra_plugins.soda_sweeper.search_space import check_every_value, grid_cells, parse_space, spec_text
-from hydra_plugins.soda_sweeper.study import (
+from launching.sweeper.parent_run import ParentRun
+from launching.sweeper.sampler import SamplerSpec, custom_search_space, make_sampler, sampler_spec
+from launching.sweeper.scheduler import Scheduler, SweepState, plan, recover, summary
+from launching.sweeper.search_space import check_every_value, grid_cells, parse_space, spec_text
+from launching.sweeper.study import (
     SETTINGS_ATTR,
     best_trial,
     check_sweep_settings,

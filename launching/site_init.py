@@ -1,12 +1,12 @@
 """`make site`: write a starting site profile from what this machine says about itself.
 
-    python -m soda.site_init                       # conf/site/default.yaml of the repository
-    python -m soda.site_init --output ~/soda-site.yaml --force
+    python -m launching.site_init                       # conf/site/default.yaml of the repository
+    python -m launching.site_init --output ~/soda-site.yaml --force
 
 A site profile is one YAML file per machine or cluster, outside the tracked config (conf/site/ is
 git-ignored): the launcher, partition, account, interpreter and stores that every run there
 shares. Launches compose it after conf/'s groups, before the experiment= and sweep= files and the
-command line (soda/site.py); $SODA_SITE names another file, SODA_SITE=none skips it.
+command line (launching/site.py); $SODA_SITE names another file, SODA_SITE=none skips it.
 
 Every value written says in its comment where it came from (which command, which variable), and
 what could not be found is written as null or left commented out with the reason, never guessed:
@@ -34,8 +34,8 @@ from pathlib import Path
 
 import yaml
 
-from hydra_plugins.soda_launchers.launchers import gres_gpus, scontrol_records, slurm_minutes
-from soda import site
+from launching import site
+from launching.slurm import gres_gpus, scontrol_records, slurm_minutes
 from soda.files import write_atomically
 from soda.progress import plural
 from soda.tracking import redact
@@ -302,7 +302,7 @@ def _header(out: Writer, machine: Machine) -> None:
     out.comment(
         f"The site profile of {machine.host}: how SODA's jobs run on this machine or cluster (launcher, "
         "partition, account, interpreter), where runs are tracked, sweeps stored and datasets read.\n"
-        f"Written by `make site` (python -m soda.site_init) on {machine.when} on {machine.host}, from:\n"
+        f"Written by `make site` (python -m launching.site_init) on {machine.when} on {machine.host}, from:\n"
         f"{asked}\n"
         f"  the virtualenv of the command ({machine.python}) and {variables}\n"
         "Each value's comment names its source; what could not be found is null or commented out.\n"
@@ -587,7 +587,7 @@ def summary(machine: Machine, output: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m soda.site_init", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m launching.site_init", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--output", type=Path, default=DEFAULT_OUTPUT, help=f"where to write (default: {DEFAULT_OUTPUT})"

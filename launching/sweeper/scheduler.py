@@ -44,9 +44,9 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
-from hydra_plugins.soda_sweeper.parent_run import END_ATTR, ParentRun
-from hydra_plugins.soda_sweeper.search_space import Dimension, cell_key, override_value
-from hydra_plugins.soda_sweeper.study import best_trial
+from launching.sweeper.parent_run import END_ATTR, ParentRun
+from launching.sweeper.search_space import Dimension, cell_key, override_value
+from launching.sweeper.study import best_trial
 from soda import tracking
 from soda.errors import TrackingError, TrackingLost, first_line
 from soda.sweep import StorageLost, SweepError
@@ -373,7 +373,7 @@ class Scheduler:
         parent run ends KILLED; raises SweepError with the summary."""
         from optuna.trial import TrialState
 
-        from hydra_plugins.soda_launchers import inflight
+        from launching import inflight
 
         job_ids = inflight.cancel_all()  # {trial (Hydra job) number: job id}
         pool.shutdown(wait=True, cancel_futures=True)  # each launch returns once its job has ended
@@ -416,7 +416,7 @@ class Scheduler:
         """The tracking store was lost: cancel the jobs in flight and wait until each has ended.
         Nothing can be written to MLflow; the study says why the sweep stopped (END_ATTR), and the
         trials in flight stay running in it, for `recover` to record when the sweep continues."""
-        from hydra_plugins.soda_launchers import inflight
+        from launching import inflight
 
         job_ids = inflight.cancel_all()
         pool.shutdown(wait=True, cancel_futures=True)
@@ -430,7 +430,7 @@ class Scheduler:
     def _lost(self, in_flight: dict, pool: concurrent.futures.ThreadPoolExecutor) -> None:
         """The storage was lost: cancel the jobs in flight, wait until each has ended, and end the
         MLflow run of each trial that did not end on its own (see the module docstring)."""
-        from hydra_plugins.soda_launchers import inflight
+        from launching import inflight
 
         job_ids = inflight.cancel_all()
         pool.shutdown(wait=True, cancel_futures=True)

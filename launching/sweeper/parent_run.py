@@ -23,7 +23,7 @@ import re
 from datetime import datetime, timezone
 from typing import Any
 
-from hydra_plugins.soda_sweeper.study import best_trial
+from launching.sweeper.study import best_trial
 from soda import tracking
 from soda.errors import first_line
 

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from hydra_plugins.soda_sweeper.sampler import GRID, SamplerSpec
+from launching.sweeper.sampler import GRID, SamplerSpec
 from soda.errors import first_line
 from soda.sweep import PRUNER_ATTR, SweepError, make_pruner
 from soda.tracking import flatten

@@ -2,7 +2,7 @@
 (the launcher and its resources, where the data is, the tracking server, the sweep storage).
 
 It is `$SODA_SITE` when that is set (a path; `none` or empty: no profile), else the git-ignored
-`conf/site/default.yaml` when it exists. `make site` writes a starting one (soda/site_init.py).
+`conf/site/default.yaml` when it exists. `make site` writes a starting one (launching/site_init.py).
 Hydra composes it as the config `site/default` (package `_global_`): after conf/'s groups, before
 the experiment and sweep files and the command line, which override it.
 

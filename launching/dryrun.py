@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from launching import slurm
 from soda.progress import plural
 
 FLAG = "hydra.launcher.dry_run"
@@ -126,8 +127,8 @@ def _optuna_plan(launch, overrides: list[str], jobs: list[list[str]], shown: lis
     sweep.n_trials of them), or a sampler's number of trials and the ranges it draws from."""
     from omegaconf import OmegaConf
 
-    from hydra_plugins.soda_sweeper.sampler import sampler_spec
-    from hydra_plugins.soda_sweeper.search_space import parse_space
+    from launching.sweeper.sampler import sampler_spec
+    from launching.sweeper.search_space import parse_space
 
     sweeper = OmegaConf.to_container(launch.hydra.sweeper, resolve=True)
     choices = OmegaConf.select(launch, "hydra.runtime.choices", default={}) or {}
@@ -153,7 +154,7 @@ def _optuna_plan(launch, overrides: list[str], jobs: list[list[str]], shown: lis
 
 def _local(params: dict, settings: list, plan: Plan, at_once: int) -> int:
     from hydra_plugins.soda_launchers import launchers
-    from soda import site
+    from launching import site
 
     gpus = launchers.local_plan(params, at_once, site.visible_gpus())
     launchers.check_local(gpus.params, settings)
@@ -199,7 +200,7 @@ def _slurm(params: dict, settings: list, plan: Plan, sweeper: str) -> int:
         print(f"sbatch --test-only {'accepted' if accepted else 'refused'} it: {'; '.join(answer)}")
         if not accepted:
             refused.append((len(indices) * weight, answer[0]))
-    problem = launchers.partition_check(params)
+    problem = slurm.partition_check(params)
     print(f"the launcher's check of the request against the partition: {problem or 'passed'}")
     refused_trials = sum(count for count, _ in refused)
     submissions = total if weight > 1 else len(plan.submissions)
