@@ -5,7 +5,7 @@ controller and the job's tasks. submitit's controller dies of it with a Keyboard
 traceback on the sweeper's terminal, and SIGKILLs its tasks a second later, while they are still
 recording how they ended. This one lets the tasks end by themselves; it passes SIGINT on to the
 tasks still running a few seconds later (a cancel sent to the controller alone: inflight.cancel_all).
-Started by launchers._LocalExecutor in place of submitit's.
+Started by launching.local.quiet_controllers in place of submitit's.
 """
 
 import signal

@@ -1,13 +1,13 @@
-"""The jobs that launch() calls are waiting for, so that an interrupted sweeper can cancel them.
+"""The jobs that launches are waiting for, so that an interrupted sweeper can cancel them
+(launching.submission.cancel_in_flight)."""
 
-A module of its own, imported inside the launchers' methods: submitit pickles the launcher, and
-Hydra's plugin scan loads launchers.py outside sys.modules, so cloudpickle copies that module's
-globals by value; a lock among them could not be pickled (at requeue time, in the job).
-"""
+from __future__ import annotations
 
 import logging
 import threading
 import time
+
+from launching.adapters import submitit as submitit_adapter
 
 log = logging.getLogger(__name__)
 _JOBS: dict = {}  # job -> the Hydra job number it runs (a sweeper's trial number)
@@ -17,8 +17,6 @@ _LOCK = threading.Lock()
 # looks for that folder first. Two threads pickling and submitting at once (a sweeper with
 # n_jobs > 1) delayed the move past the controller's start (seen once in CI).
 SUBMIT_LOCK = threading.Lock()
-# Guards which GPUs the local jobs in flight hold (launchers.take_gpus).
-GPU_LOCK = threading.Lock()
 
 
 def add(jobs, numbers) -> None:
@@ -45,7 +43,7 @@ def cancel_all(grace_s: float = 15.0) -> dict[int, str]:
             job.cancel(check=False)
         except Exception as error:  # a job that already ended, or an unreachable scheduler
             log.warning("could not cancel job %s: %s", job.job_id, error)
-    local = [job._process for job in jobs if getattr(job, "_process", None) is not None]
+    local = [process for process in map(submitit_adapter.local_process, jobs) if process is not None]
     deadline = time.monotonic() + grace_s
     while any(process.poll() is None for process in local) and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -137,3 +137,33 @@ def partition_problem(params: dict, partition: dict, nodes: list) -> str | None:
         has = f"{progress.plural(len(fitting), 'node')}" if fitting else "no node"
         return f"hydra.launcher.nodes={wanted_nodes} but partition {name} has {has} with {what} at once (see sinfo)"
     return None
+
+
+# A SLURM job in one of these states has ended (its result file, if any, is written).
+_ENDED_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+_FINAL_STATES: dict[str, str] = {}  # job id -> its final state, as scontrol showed it (ended_per_scontrol)
+
+
+def ended_per_scontrol(job_id: str) -> str | None:
+    """A SLURM job's final state as scontrol shows it (kept for final_state), or None while it has
+    not ended or when scontrol cannot tell. A job the controller has already forgotten (MinJobAge)
+    has ended: "ENDED"."""
+    try:
+        shown = subprocess.run(
+            ["scontrol", "show", "job", str(job_id), "--oneliner"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if shown.returncode != 0:
+        state = "ENDED" if "Invalid job id" in shown.stderr else None
+    else:
+        found = re.search(r"\bJobState=(\w+)", shown.stdout)
+        state = found[1] if found and found[1] in _ENDED_STATES else None
+    if state is not None:
+        _FINAL_STATES[str(job_id)] = state
+    return state
+
+
+def final_state(job_id: str) -> str | None:
+    """The final state ended_per_scontrol last saw for the job, or None (sacct then tells)."""
+    return _FINAL_STATES.get(str(job_id))

@@ -1,4 +1,4 @@
-"""The launchers' checks (hydra_plugins/soda_launchers): what SLURM can give a job, which rank of
+"""The launchers' checks (hydra_plugins/soda_launchers, launching/): what SLURM can give a job, which rank of
 a failed job to blame, the shared-store warning, jobs refused before anything is submitted, and
 the preflight that stops a SLURM job whose Python cannot import the project."""
 
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from hydra_plugins.soda_launchers import launchers
-from hydra_plugins.soda_launchers.launchers import rank_failure
-from launching import site
+from launching import checks, failures, local, site, submission
+from launching.adapters import submitit as submitit_adapter
+from launching.failures import rank_failure
 from launching.slurm import gres_gpus, partition_problem, scontrol_records, slurm_minutes
 from soda import progress
 from tests.helpers import SMOKE, launch
@@ -194,13 +194,13 @@ def test_a_job_whose_ranks_logged_no_error_has_no_story(tmp_path):
 
 @pytest.fixture
 def fresh_warning(monkeypatch):
-    monkeypatch.setattr(launchers, "_WARNED", set())
+    monkeypatch.setattr(checks, "_WARNED", set())
 
 
 def test_file_stores_on_slurm_are_warned_about_once_per_process(caplog, fresh_warning):
-    with caplog.at_level(logging.WARNING, logger=launchers.__name__):
+    with caplog.at_level(logging.WARNING, logger=checks.__name__):
         for _ in range(2):
-            launchers.warn_about_file_stores("sqlite:////home/me/mlflow.db", "/home/me/journal.log", optuna_sweep=True)
+            checks.warn_about_file_stores("sqlite:////home/me/mlflow.db", "/home/me/journal.log", optuna_sweep=True)
     (record,) = caplog.records
     message = record.getMessage()
     assert record.levelno == logging.WARNING and "\n" not in message
@@ -218,8 +218,8 @@ def test_file_stores_on_slurm_are_warned_about_once_per_process(caplog, fresh_wa
     ],
 )
 def test_only_file_stores_are_warned_about(caplog, fresh_warning, uri, storage, optuna_sweep, expected):
-    with caplog.at_level(logging.WARNING, logger=launchers.__name__):
-        launchers.warn_about_file_stores(uri, storage, optuna_sweep=optuna_sweep)
+    with caplog.at_level(logging.WARNING, logger=checks.__name__):
+        checks.warn_about_file_stores(uri, storage, optuna_sweep=optuna_sweep)
     assert len(caplog.records) == len(expected[:1])
     assert all(part in caplog.records[0].getMessage() for part in expected)
 
@@ -341,7 +341,7 @@ class _Job:
     """What _crash reads of a submitit job: its tasks' log files and its scheduler state."""
 
     def __init__(self, folder: Path, logs: dict[int, str], state: str = "FINISHED"):
-        self.num_tasks, self.state = len(logs), state
+        self.num_tasks, self.state, self.job_id = len(logs), state, "7"
         self._tasks = {rank: _Paths(folder, f"7_{rank}") for rank in logs}
         for rank, text in logs.items():
             self._tasks[rank].stdout.write_text(text)
@@ -372,7 +372,7 @@ def _traceback(line: str) -> str:
     ],
 )
 def test_a_job_without_a_result_is_failed_or_stopped_by_its_logs_and_state(tmp_path, logs, state, expected):
-    ending, line, log_path = launchers._crash(_Job(tmp_path, logs, state), RuntimeError("the job ended"))
+    ending, line, log_path = failures.crash(_Job(tmp_path, logs, state), RuntimeError("the job ended"))
     want_ending, want_line, rank = expected
     assert ending == want_ending
     assert want_line is None or line == want_line
@@ -381,8 +381,8 @@ def test_a_job_without_a_result_is_failed_or_stopped_by_its_logs_and_state(tmp_p
 
 def test_a_job_line_shows_the_overrides_that_tell_the_jobs_apart():
     jobs = [["experiment=demo", "seed=0", "hydra.run.dir=x"], ["experiment=demo", "seed=1", "hydra.run.dir=x"]]
-    assert launchers._shown_overrides(jobs) == ["seed=0", "seed=1"]
-    assert launchers._shown_overrides([["experiment=demo", "seed=0"]]) == ["experiment=demo seed=0"]
+    assert submission.shown_overrides(jobs) == ["seed=0", "seed=1"]
+    assert submission.shown_overrides([["experiment=demo", "seed=0"]]) == ["experiment=demo seed=0"]
 
 
 class _FakeJob(_Job):
@@ -415,24 +415,21 @@ def _finished(run_dir: Path, objective: float):
     return JobReturn(hydra_cfg=config, status=JobStatus.COMPLETED, _return_value=objective)
 
 
-def _wait(tmp_path, jobs, sweeper: str = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"):
-    from omegaconf import OmegaConf
-
-    launcher = type("Launcher", (), {"config": OmegaConf.create({"hydra": {"sweeper": {"_target_": sweeper}}})})()
+def _wait(tmp_path, jobs, report_each_job: bool = True):
     overrides = [["experiment=demo", f"seed={n}"] for n in range(len(jobs))]
-    return launchers._TrackedLaunch._wait(launcher, jobs, overrides, 0, tmp_path / "sweep")
+    return submission.wait_for(jobs, overrides, 0, tmp_path / "sweep", report_each_job)
 
 
 def test_jobs_are_reported_as_they_end_and_a_dead_one_fails_the_launch_after_all_ended(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(launchers, "POLL_S", 0.0)
-    caplog.set_level(logging.INFO, logger=launchers.__name__)
+    monkeypatch.setattr(submission, "POLL_S", 0.0)
+    caplog.set_level(logging.INFO, logger=submission.__name__)
     crash = _traceback("RuntimeError: out of memory")
     jobs = [
         _FakeJob(tmp_path / "10", ends_at=5, result=_finished(tmp_path / "run0", 0.75)),
         _FakeJob(tmp_path / "11", ends_at=2, log=crash),
         _FakeJob(tmp_path / "12", ends_at=3, result=_finished(tmp_path / "run2", 0.5)),
     ]
-    with pytest.raises(launchers.LauncherError, match=r"^job 11 failed: RuntimeError: out of memory; full log: "):
+    with pytest.raises(checks.LauncherError, match=r"^job 11 failed: RuntimeError: out of memory; full log: "):
         _wait(tmp_path, jobs)
     assert all(job.looks == job.ends_at for job in jobs)  # every job was waited for
     lines = [re.sub(r" after \w+:", " after T:", record.getMessage()) for record in caplog.records]
@@ -447,10 +444,10 @@ def test_jobs_are_reported_as_they_end_and_a_dead_one_fails_the_launch_after_all
 
 
 def test_under_our_sweeper_the_launcher_leaves_the_reporting_to_it(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(launchers, "POLL_S", 0.0)
-    caplog.set_level(logging.INFO, logger=launchers.__name__)
+    monkeypatch.setattr(submission, "POLL_S", 0.0)
+    caplog.set_level(logging.INFO, logger=submission.__name__)
     finished = _finished(tmp_path / "run0", 0.75)
-    results = _wait(tmp_path, [_FakeJob(tmp_path / "10", 2, finished)], "hydra_plugins.soda_sweeper.optuna_sweeper.X")
+    results = _wait(tmp_path, [_FakeJob(tmp_path / "10", 2, finished)], report_each_job=False)
     assert results == [finished] and caplog.records == []
 
 
@@ -464,7 +461,7 @@ HOST = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip
 def _preflight(python: str, cwd: Path, path: str | None = None) -> subprocess.CompletedProcess:
     """The preflight line, then `echo ran`, in bash, as the job's script runs them."""
     env = {**os.environ, "PATH": path or os.environ["PATH"]}
-    script = launchers.preflight_line(python) + "\necho ran\n"
+    script = submission.preflight_line(python) + "\necho ran\n"
     return subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True)
 
 
@@ -506,28 +503,28 @@ def test_the_preflight_says_when_the_interpreter_is_not_found(tmp_path):
 
 
 def test_a_job_its_preflight_stopped_fails_the_launch_with_that_line(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(launchers, "POLL_S", 0.0)
-    caplog.set_level(logging.INFO, logger=launchers.__name__)
+    monkeypatch.setattr(submission, "POLL_S", 0.0)
+    caplog.set_level(logging.INFO, logger=submission.__name__)
     line = f"soda preflight on vm: the job's Python /usr/bin/python3 cannot import the project (...); {ADVICE}"
     # The scheduler never says the job ended (sacct without accounting): its log does.
     job = _FakeJob(tmp_path / "31", ends_at=10**9)
     job.task(0).paths.stderr.write_text(f"module: loaded\n{line}\n")
-    with pytest.raises(launchers.LauncherError) as raised:
+    with pytest.raises(checks.LauncherError) as raised:
         _wait(tmp_path, [job])
     assert str(raised.value) == f"job 31: {line}"
     assert re.sub(r" after \w+:", " after T:", caplog.records[0].getMessage()) == (
         f"\t#0 experiment=demo seed=0: failed after T: {line}; log: {tmp_path}/31/7_0_log.err"
     )
     # A job the scheduler says ended is reported by the same line.
-    assert launchers._job_failure(job, RuntimeError("no output")) == f"job 31: {line}"
-    assert launchers._crash(job, RuntimeError("no output")) == ("failed", line, tmp_path / "31" / "7_0_log.err")
+    assert failures.job_failure(job, RuntimeError("no output")) == f"job 31: {line}"
+    assert failures.crash(job, RuntimeError("no output")) == ("failed", line, tmp_path / "31" / "7_0_log.err")
 
 
 def test_the_preflight_runs_after_the_setup_lines_and_before_srun(tmp_path):
     params = {"submitit_folder": str(tmp_path / "%j"), "setup": ["module load cuda"], "python": "python"}
     params |= {"nodes": 1, "tasks_per_node": 1, "timeout_min": 10, "srun_args": ["--kill-on-bad-exit=1"]}
-    script = launchers.submission_script(launchers.make_executor("slurm", params), jobs=1).splitlines()
-    setup, preflight = script.index("module load cuda"), script.index(launchers.preflight_line("python"))
+    script = submission.submission_script(submission.make_executor("slurm", params), jobs=1).splitlines()
+    setup, preflight = script.index("module load cuda"), script.index(submission.preflight_line("python"))
     srun = next(n for n, line in enumerate(script) if line.startswith("srun "))
     assert setup < preflight < srun and script[srun].endswith(f"python -u -m submitit.core._submit {tmp_path}/%j")
     assert not any(tmp_path.iterdir())  # building the script writes nothing
@@ -586,7 +583,7 @@ def test_a_slurm_job_cancelled_from_outside_ends_the_launch_without_accounting(t
     sacct, would wait forever for a job cancelled before it wrote one. scontrol tells the launch."""
     command = [
         sys.executable,
-        str(Path(launchers.__file__).resolve().parents[2] / "launch.py"),
+        str(Path(__file__).resolve().parents[1] / "launch.py"),
         "-m",
         "experiment=demo",
         *SMOKE,
@@ -639,24 +636,24 @@ def _gpus(*ids: str) -> site.VisibleGPUs:
     ],
 )
 def test_local_jobs_get_the_gpus_the_machine_shows(params, at_once, visible, gpus, tasks, groups):
-    plan = launchers.local_plan({"gpus_per_node": None, "tasks_per_node": None, **params}, at_once, _gpus(*visible))
+    plan = local.local_plan({"gpus_per_node": None, "tasks_per_node": None, **params}, at_once, _gpus(*visible))
     assert (plan.params["gpus_per_node"], plan.params["tasks_per_node"]) == (gpus, tasks)
     assert list(plan.groups) == groups
 
 
 def test_local_jobs_in_flight_take_the_least_used_gpus():
-    plan = launchers.local_plan({"gpus_per_node": None, "tasks_per_node": None}, 2, _gpus("0", "1", "2", "3"))
-    first, second, third = (launchers.take_gpus(plan) for _ in range(3))
+    plan = local.local_plan({"gpus_per_node": None, "tasks_per_node": None}, 2, _gpus("0", "1", "2", "3"))
+    first, second, third = (local.take_gpus(plan) for _ in range(3))
     assert {first, second} == {("0", "1"), ("2", "3")} and third in (first, second)
-    launchers.release_gpus([first, third])
-    assert launchers.take_gpus(plan) == first  # held by no job now; the other by one
-    launchers.release_gpus([second, first])
-    assert not any(launchers._GPU_USE.values())
+    local.release_gpus([first, third])
+    assert local.take_gpus(plan) == first  # held by no job now; the other by one
+    local.release_gpus([second, first])
+    assert not any(local._GPU_USE.values())
 
 
 def test_more_gpus_than_the_machine_shows_is_one_line():
-    with pytest.raises(launchers.LauncherError) as refused:
-        launchers.local_plan({"gpus_per_node": 2, "tasks_per_node": 2}, 1, _gpus("0"))
+    with pytest.raises(checks.LauncherError) as refused:
+        local.local_plan({"gpus_per_node": 2, "tasks_per_node": 2}, 1, _gpus("0"))
     assert str(refused.value) == (
         "hydra.launcher.gpus_per_node=2 but this machine shows 1 GPU (CUDA_VISIBLE_DEVICES=0); set "
         "hydra.launcher.gpus_per_node=1 (or null: every GPU it shows)"
@@ -669,11 +666,11 @@ def _visible_devices() -> str:
 
 def test_a_local_job_sees_only_the_gpus_it_was_given(tmp_path):
     # submitit's local executor, as the launcher drives it: the job's CUDA_VISIBLE_DEVICES is its set.
-    plan = launchers.local_plan({"gpus_per_node": 1, "tasks_per_node": None}, 2, _gpus("GPU-a", "GPU-b"))
-    executor = launchers.make_executor("local", {**plan.params, "submitit_folder": str(tmp_path / "%j")})
+    plan = local.local_plan({"gpus_per_node": 1, "tasks_per_node": None}, 2, _gpus("GPU-a", "GPU-b"))
+    executor = submission.make_executor("local", {**plan.params, "submitit_folder": str(tmp_path / "%j")})
     seen = []
     for group in plan.groups:
-        executor._executor.parameters["visible_gpus"] = group
+        submitit_adapter.set_visible_gpus(executor, group)
         seen.append(executor.submit(_visible_devices).result())
     assert seen == ["GPU-a", "GPU-b"]
 
@@ -720,12 +717,12 @@ def test_local_jobs_start_all_or_none_and_give_their_gpus_back():
             self.jobs.append(Job((function, self._executor.parameters["visible_gpus"], *params)))
             return self.jobs[-1]
 
-    plan = launchers.local_plan({"gpus_per_node": None, "tasks_per_node": None}, 3, _gpus("0", "1", "2"))
+    plan = local.local_plan({"gpus_per_node": None, "tasks_per_node": None}, 3, _gpus("0", "1", "2"))
     executor, taken = Executor(), []
     with pytest.raises(OSError, match="controller"):
-        launchers.submit_local(executor, print, [("a",), ("b",), ("c",)], plan, taken)
+        local.submit_local(executor, print, [("a",), ("b",), ("c",)], plan, taken)
     assert [job.params for job in executor.jobs] == [(print, ("0",), "a"), (print, ("1",), "b")]
     assert all(job.cancelled for job in executor.jobs)
     assert taken == [("0",), ("1",), ("2",)]  # the caller gives them back, as _submit_and_wait does
-    launchers.release_gpus(taken)
-    assert not any(launchers._GPU_USE.values())
+    local.release_gpus(taken)
+    assert not any(local._GPU_USE.values())

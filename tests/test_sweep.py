@@ -585,21 +585,22 @@ def test_a_sweep_runs_its_trials_as_slurm_jobs(tmp_path):
 
 def test_local_jobs_share_the_cores_instead_of_oversubscribing_them(monkeypatch):
     from hydra_plugins.soda_launchers import launchers
+    from launching import local
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(launchers, "_SET_BY_US", set())
-    monkeypatch.setattr(launchers.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(local, "_SET_BY_US", set())
+    monkeypatch.setattr(local.os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU: the ranks are the 2 asked for
     launcher = launchers.SodaLocalLauncher(tasks_per_node=2, threads_per_task=None)
-    launcher.jobs_at_once = 4  # a sweeper with sweep.n_jobs=4
-    launcher._share_cores(launcher._plan(jobs_in_this_call=1))
+    launcher.run_trials(jobs_at_once=4)  # a sweeper with sweep.n_jobs=4
+    assert (launcher.jobs_at_once, launcher.runs_trials) == (4, True)
+    local.share_cores(local.plan_launch(launcher.params, launcher.jobs_at_once, [], 0))
     assert os.environ["OMP_NUM_THREADS"] == "2"  # 16 cores / (4 jobs x 2 ranks)
-    launcher.jobs_at_once = None
-    launcher._share_cores(launcher._plan(jobs_in_this_call=3))  # a plain multirun of 3 points
+    local.share_cores(local.plan_launch(launcher.params, 3, [], 0))  # a plain multirun of 3 points
     assert os.environ["OMP_NUM_THREADS"] == "2"  # 16 // 6
     monkeypatch.setenv("OMP_NUM_THREADS", "5")  # the user's choice wins
-    monkeypatch.setattr(launchers, "_SET_BY_US", set())
-    launcher._share_cores(launcher._plan(jobs_in_this_call=8))
+    monkeypatch.setattr(local, "_SET_BY_US", set())
+    local.share_cores(local.plan_launch(launcher.params, 8, [], 0))
     assert os.environ["OMP_NUM_THREADS"] == "5"
 
 

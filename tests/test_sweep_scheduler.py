@@ -14,7 +14,7 @@ import pytest
 from hydra.core.utils import JobReturn, JobStatus
 from optuna.trial import TrialState
 
-from launching import inflight
+from launching import submission
 from launching.sweeper.parent_run import END_ATTR, ParentRun
 from launching.sweeper.scheduler import (
     ERROR_ATTR,
@@ -278,9 +278,9 @@ class CtrlC:
     def __init__(self, monkeypatch, job_ids: dict[int, str]):
         self.cancelled = threading.Event()
         self.job_ids = job_ids
-        monkeypatch.setattr(inflight, "cancel_all", self._cancel_all)
+        monkeypatch.setattr(submission, "cancel_in_flight", self._cancel_all)
 
-    def _cancel_all(self, grace_s: float = 15.0):
+    def _cancel_all(self):
         self.cancelled.set()
         return dict(self.job_ids)
 

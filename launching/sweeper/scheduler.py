@@ -44,6 +44,8 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
+from launching import submission
+from launching.adapters import hydra as hydra_adapter
 from launching.sweeper.parent_run import END_ATTR, ParentRun
 from launching.sweeper.search_space import Dimension, cell_key, override_value
 from launching.sweeper.study import best_trial
@@ -299,9 +301,8 @@ class Scheduler:
             if len(numbers) != self.n_objectives:
                 return "FAIL", f"objective is {result.return_value!r}, not {self.n_objectives} finite number(s)"
             return "COMPLETE", numbers
-        # Private: JobReturn.return_value re-raises a failed job's exception *and* writes "Error
-        # executing job" to stderr, which a pruned trial is not; Hydra has no other accessor.
-        error = result._return_value
+        # Not JobReturn.return_value: it writes "Error executing job" to stderr (hydra_adapter.job_outcome).
+        error = hydra_adapter.job_outcome(result)
         if isinstance(error, optuna.TrialPruned):
             return "PRUNED", str(error)
         return "FAIL", f"{type(error).__name__}: {_whole(error)}"
@@ -373,9 +374,7 @@ class Scheduler:
         parent run ends KILLED; raises SweepError with the summary."""
         from optuna.trial import TrialState
 
-        from launching import inflight
-
-        job_ids = inflight.cancel_all()  # {trial (Hydra job) number: job id}
+        job_ids = submission.cancel_in_flight()  # {trial (Hydra job) number: job id}
         pool.shutdown(wait=True, cancel_futures=True)  # each launch returns once its job has ended
         stopped = 0
         for future, trial in in_flight.items():
@@ -416,9 +415,7 @@ class Scheduler:
         """The tracking store was lost: cancel the jobs in flight and wait until each has ended.
         Nothing can be written to MLflow; the study says why the sweep stopped (END_ATTR), and the
         trials in flight stay running in it, for `recover` to record when the sweep continues."""
-        from launching import inflight
-
-        job_ids = inflight.cancel_all()
+        job_ids = submission.cancel_in_flight()
         pool.shutdown(wait=True, cancel_futures=True)
         self.study.set_user_attr(END_ATTR, TRACKING_LOST)
         for trial in in_flight.values():
@@ -430,9 +427,7 @@ class Scheduler:
     def _lost(self, in_flight: dict, pool: concurrent.futures.ThreadPoolExecutor) -> None:
         """The storage was lost: cancel the jobs in flight, wait until each has ended, and end the
         MLflow run of each trial that did not end on its own (see the module docstring)."""
-        from launching import inflight
-
-        job_ids = inflight.cancel_all()
+        job_ids = submission.cancel_in_flight()
         pool.shutdown(wait=True, cancel_futures=True)
         for trial in in_flight.values():
             if self.parent.trial_result(trial.number) is not None:
