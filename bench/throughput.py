@@ -44,10 +44,10 @@ from torchvision import transforms
 
 import soda.config
 from soda import tracking
+from soda.build import build_evaluator, build_model, build_trainer
 from soda.data import LabelledImages, load_split
 from soda.data.shapes import make_shapes
 from soda.models.summary import training_step_flops_per_image
-from soda.train import build_evaluator, build_model, build_trainer
 
 REPO = Path(__file__).resolve().parents[1]  # the records go to bench/results/
 

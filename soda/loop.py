@@ -16,6 +16,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,8 +27,10 @@ from soda import dist, progress, tracking
 from soda.checkpoint import save_checkpoint
 from soda.compiled import compile_loss, compile_state
 from soda.data import LabelledImages, ViewAugmentation
+from soda.diagnostics import training_diagnostics
+from soda.divergence import DivergenceWatch
 from soda.ema import SyncFreeEMA
-from soda.errors import ConfigError, DivergenceError
+from soda.errors import ConfigError
 from soda.models import SODA
 from soda.tracking import NullTracker
 
@@ -35,47 +38,60 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoints/last.pt"
 PRECISION_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 PACE_STEPS = 10  # steps after the first (or an epoch's, if fewer) that time the pace for Trainer.on_pace
-DIVERGENCE_ADVICE = "lower schedule.decoder_lr, keep schedule.grad_clip, or try schedule.precision=bf16"
 
 # evaluate(ema_model, epoch, last) -> metrics; on_evaluation(epoch, metrics) -> stop the run?
 Evaluate = Callable[[SODA, int, bool], dict[str, float]]
 OnEvaluation = Callable[[int, dict[str, float]], bool]
 
 
-@torch.no_grad()
-def training_diagnostics(model: SODA, source_view: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Is the encoder learning, and does the decoder listen to it? Called after backward on a log
-    point's step: the encoder's and decoder's gradient norms, and the latent of this batch's
-    source views as the evaluation sees it (encoder in eval mode, so BatchNorm's running
-    statistics are neither used from the batch nor updated): its mean norm, per-dimension
-    standard deviation, effective rank, and the spread of the modulation it applies in the
-    decoder (soda.models.unet.LatentUNet.modulation_spread). 0-dim device tensors: no host sync."""
+@dataclass(frozen=True)
+class Views:
+    """What the loop trains on: the decoded images and how each of their two views is drawn."""
 
-    def grad_norm(module: torch.nn.Module) -> torch.Tensor:
-        grads = [p.grad for p in module.parameters() if p.grad is not None]
-        if not grads:
-            return torch.zeros((), device=source_view.device)
-        return torch.nn.utils.get_total_norm(grads).float()
+    train_set: LabelledImages
+    source_augment: ViewAugmentation  # the encoder's view
+    target_augment: ViewAugmentation | None  # the decoder's view; None: the same settings
 
-    encoder = model.encoder
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        latent = model.encode(source_view, normalize=False).float()
-    finally:
-        encoder.train(was_training)
-    centred = latent - latent.mean(dim=0)
-    singular = torch.linalg.svdvals(centred)
-    weights = singular / singular.sum().clamp_min(1e-12)
-    entropy = -(weights * weights.clamp_min(1e-12).log()).sum()
-    return {
-        tracking.ENCODER_GRAD_NORM: grad_norm(model.encoder),
-        tracking.DECODER_GRAD_NORM: grad_norm(model.decoder),
-        tracking.LATENT_NORM: latent.norm(dim=1).mean(),
-        tracking.LATENT_STD: latent.std(dim=0).mean(),
-        tracking.LATENT_RANK: entropy.exp(),
-        tracking.MODULATION_STD: model.decoder.modulation_spread(latent),
-    }
+
+@dataclass(frozen=True)
+class Optimization:
+    """How the weights move: AdamW with the encoder at its own rate, clipping, precision, the EMA."""
+
+    decoder_lr: float  # already scaled for the global batch
+    encoder_lr_ratio: float  # encoder lr = decoder_lr * encoder_lr_ratio
+    weight_decay: float
+    adam_betas: tuple[float, float]
+    grad_clip: float | None  # max gradient norm; None = no clipping
+    ema_decay: float
+    ema_update_every: int
+    ema_warmup_power: float
+    precision: str  # fp32 | fp16 | bf16 autocast
+    compile: str  # torch.compile mode of the loss (soda.compiled.compile_loss)
+    channels_last: bool | None  # NHWC weights and views; None = on a CPU only
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long the run trains and how often it logs, evaluates and checkpoints."""
+
+    epochs: int  # epochs to train
+    warmup_epochs: float  # linear learning-rate warm-up
+    batch_size: int  # global batch, all ranks together
+    checkpoint_every: int  # epochs
+    log_every: int  # optimiser steps between train/loss points (and host syncs)
+    train_seconds: float | None  # training-clock budget; None = all epochs
+    eval_every: int  # epochs between evaluations; the last epoch is always evaluated
+    eval_every_seconds: float | None  # also evaluate after this much training clock
+    eval_at_start: bool  # also evaluate the untrained encoder (epoch 0)
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What the loop tells the outside: evaluations and their results, training metrics."""
+
+    evaluate: Evaluate  # probes of the EMA model (rank 0 only)
+    on_evaluation: OnEvaluation | None = None  # where each evaluation's metrics go
+    tracker: object = None  # training metrics and the run id; NullTracker when None
 
 
 class Preempted(Exception):
@@ -98,105 +114,44 @@ class Trainer:
     def __init__(
         self,
         model: SODA,
-        train_set: LabelledImages,
-        run_dir: Path,
-        device: torch.device,
+        views: Views,
+        optimization: Optimization,
+        schedule: Schedule,
+        hooks: Hooks,
         *,
-        source_augment: ViewAugmentation,  # the encoder's view
-        target_augment: ViewAugmentation | None,  # the decoder's view; None: the same settings
-        evaluate: Evaluate,  # probes of the EMA model (rank 0 only)
-        on_evaluation: OnEvaluation | None = None,  # where each evaluation's metrics go
-        tracker=None,  # training metrics and the run id; NullTracker when None
+        run_dir: Path,  # where checkpoints go
+        device: torch.device,
         world: dist.Distributed | None = None,
         seed: int = 0,  # data order and per-rank draws
         signature: dict | None = None,  # what a checkpoint must share with the run resuming it
-        epochs: int,  # epochs to train
-        warmup_epochs: float,  # linear learning-rate warm-up
-        batch_size: int,  # global batch, all ranks together
-        decoder_lr: float,  # already scaled for the global batch
-        encoder_lr_ratio: float,  # encoder lr = decoder_lr * encoder_lr_ratio
-        weight_decay: float,
-        adam_betas: tuple[float, float],
-        grad_clip: float | None,  # max gradient norm; None = no clipping
-        ema_decay: float,
-        ema_update_every: int,
-        ema_warmup_power: float,
-        precision: str,  # fp32 | fp16 | bf16 autocast
-        compile: str,  # torch.compile mode of the loss (soda.compiled.compile_loss)
-        channels_last: bool | None,  # NHWC weights and views; None = on a CPU only
-        checkpoint_every: int,  # epochs
-        log_every: int,  # optimiser steps between train/loss points (and host syncs)
-        train_seconds: float | None,  # training-clock budget; None = all epochs
-        eval_every: int,  # epochs between evaluations; the last epoch is always evaluated
-        eval_every_seconds: float | None,  # also evaluate after this much training clock
-        eval_at_start: bool,  # also evaluate the untrained encoder (epoch 0)
     ):
         self.run_dir = run_dir
         self.device = device
-        self.tracker = tracker if tracker is not None else NullTracker()
+        self.tracker = hooks.tracker if hooks.tracker is not None else NullTracker()
         self.world = world or dist.Distributed()
-        self.evaluate = evaluate
-        self.on_evaluation = on_evaluation or (lambda epoch, metrics: False)
+        self.evaluate = hooks.evaluate
+        self.on_evaluation = hooks.on_evaluation or (lambda epoch, metrics: False)
         self.seed = seed
         self.signature = dict(signature or {})
-        self.epochs, self.batch_size = epochs, batch_size
-        self.grad_clip, self.checkpoint_every, self.log_every = grad_clip, checkpoint_every, log_every
-        self.decoder_lr, self.train_budget = decoder_lr, train_seconds
-        self.eval_every, self.eval_every_seconds, self.eval_at_start = eval_every, eval_every_seconds, eval_at_start
+        self.epochs, self.batch_size = schedule.epochs, schedule.batch_size
+        self.checkpoint_every, self.log_every = schedule.checkpoint_every, schedule.log_every
+        self.grad_clip, self.decoder_lr = optimization.grad_clip, optimization.decoder_lr
+        self.train_budget = schedule.train_seconds
+        self.eval_every, self.eval_every_seconds = schedule.eval_every, schedule.eval_every_seconds
+        self.eval_at_start = schedule.eval_at_start
 
-        # Devices and layout.
-        if self.world.enabled and device.type == "cuda":
-            # Batch statistics over the global batch; NCCL only (PyTorch's SyncBatchNorm needs a GPU).
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        if device.type == "cuda":
-            # Fixed shapes every step: let cuDNN pick its fastest convolution algorithms once.
-            torch.backends.cudnn.benchmark = True
-        channels_last = channels_last if channels_last is not None else device.type == "cpu"
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = model.to(device, memory_format=self.memory_format)
-        # The loss goes through DDP when there are several ranks (gradients averaged across them).
-        self.forward = self.model
-        if self.world.enabled:
-            self.forward = DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None
-            )
-
+        self.model = self._place(model, optimization.channels_last)
         # Data: the decoded set sits on the training device; batches are indexed from it directly.
-        self.train_set = train_set
-        self.train_images = train_set.images.to(device)
-        self.source_augment = source_augment
-        self.target_augment = target_augment
-
-        # Optimiser, precision, EMA.
-        self.base_lrs = [decoder_lr * encoder_lr_ratio, decoder_lr]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": model.encoder.parameters()}, {"params": model.decoder.parameters()}],
-            lr=decoder_lr,
-            betas=tuple(adam_betas),
-            weight_decay=weight_decay,
-            fused=device.type == "cuda",
-        )
-        self.autocast_dtype = PRECISION_DTYPES[precision]
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        # Only rank 0 evaluates, so only rank 0 keeps the EMA copy.
-        self.ema = None
-        if self.world.is_main:
-            self.ema = SyncFreeEMA(
-                model,
-                beta=ema_decay,
-                update_after_step=0,
-                update_every=ema_update_every,
-                power=ema_warmup_power,
-                include_online_model=False,
-            )
-        # The loss, compiled where that pays; the EMA and the probes use the plain modules, and
-        # checkpoints hold the plain state_dict.
-        self.loss_fn = compile_loss(self.forward, compile, device)
+        self.train_set = views.train_set
+        self.train_images = views.train_set.images.to(device)
+        self.source_augment = views.source_augment
+        self.target_augment = views.target_augment
+        self._optimize_with(optimization)
 
         # Progress.
-        self.rank_batch = batch_size // self.world.world_size
-        self.steps_per_epoch = len(train_set) // batch_size
-        self.warmup_steps = max(1, round(warmup_epochs * self.steps_per_epoch))
+        self.rank_batch = schedule.batch_size // self.world.world_size
+        self.steps_per_epoch = len(self.train_set) // schedule.batch_size
+        self.warmup_steps = max(1, round(schedule.warmup_epochs * self.steps_per_epoch))
         self.epoch = 0  # last completed epoch
         self.step_in_epoch = 0  # steps of epoch + 1 already done (a preempted epoch resumes there)
         self.global_step = 0
@@ -217,16 +172,55 @@ class Trainer:
         # Recent wall seconds of a whole epoch's training, an evaluation and a checkpoint: the
         # time left that each epoch line shows.
         self.recent_seconds = {part: deque(maxlen=5) for part in ("epoch", "eval", "save")}
-        # Divergence watch, kept on the device so that a step never waits for it: whether any
-        # step so far had a non-finite loss (or gradient norm), and the first such step with its
-        # values. It is read back only where a diverged model could leave a trace: log points,
-        # evaluations, checkpoints and the end of fit (_raise_if_diverged).
-        self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-        self._nonfinite_step = torch.zeros((), dtype=torch.long, device=device)
-        self._nonfinite_loss = torch.zeros((), device=device)
-        self._nonfinite_grad_norm = torch.zeros((), device=device)
+        self.divergence = DivergenceWatch(device)
         # Augmentation, timestep and noise draws differ per rank, seeded from the global rank.
         torch.manual_seed(seed * 1_000 + self.world.rank)
+
+    def _place(self, model: SODA, channels_last: bool | None) -> SODA:
+        """The model on the device, in its memory layout; `self.forward` is what the loss runs
+        through (DDP when there are several ranks: gradients averaged across them)."""
+        device = self.device
+        if self.world.enabled and device.type == "cuda":
+            # Batch statistics over the global batch; NCCL only (PyTorch's SyncBatchNorm needs a GPU).
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cuda":
+            # Fixed shapes every step: let cuDNN pick its fastest convolution algorithms once.
+            torch.backends.cudnn.benchmark = True
+        channels_last = channels_last if channels_last is not None else device.type == "cpu"
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        model = model.to(device, memory_format=self.memory_format)
+        self.forward = model
+        if self.world.enabled:
+            self.forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return model
+
+    def _optimize_with(self, optimization: Optimization) -> None:
+        """The optimiser, the precision, the EMA and the (compiled) loss of `self.model`."""
+        o, model, device = optimization, self.model, self.device
+        self.base_lrs = [o.decoder_lr * o.encoder_lr_ratio, o.decoder_lr]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": model.encoder.parameters()}, {"params": model.decoder.parameters()}],
+            lr=o.decoder_lr,
+            betas=tuple(o.adam_betas),
+            weight_decay=o.weight_decay,
+            fused=device.type == "cuda",
+        )
+        self.autocast_dtype = PRECISION_DTYPES[o.precision]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=o.precision == "fp16")
+        # Only rank 0 evaluates, so only rank 0 keeps the EMA copy.
+        self.ema = None
+        if self.world.is_main:
+            self.ema = SyncFreeEMA(
+                model,
+                beta=o.ema_decay,
+                update_after_step=0,
+                update_every=o.ema_update_every,
+                power=o.ema_warmup_power,
+                include_online_model=False,
+            )
+        # The loss, compiled where that pays; the EMA and the probes use the plain modules, and
+        # checkpoints hold the plain state_dict.
+        self.loss_fn = compile_loss(self.forward, o.compile, device)
 
     @property
     def compile_state(self) -> str:
@@ -327,25 +321,8 @@ class Trainer:
             raise StopRequested(f"pruned at epoch {epoch}")
 
     def _raise_if_diverged(self) -> None:
-        """Raise DivergenceError on every rank if any rank saw a non-finite loss (or gradient
-        norm) since the run started. One host sync (two under DDP): call it only where a
-        diverged model could leave a trace, never per step."""
-        diverged_here = bool(self._nonfinite.item())
-        if not dist.any_rank(diverged_here, self.device):
-            return
-        if not diverged_here:
-            # Every rank raises together; the rank that diverged names the step in its message.
-            raise DivergenceError(
-                f"{tracking.TRAIN_LOSS} became non-finite on another rank by step {self.global_step}; "
-                f"{DIVERGENCE_ADVICE}"
-            )
-        step, loss = int(self._nonfinite_step.item()), self._nonfinite_loss.item()
-        if not math.isfinite(loss):
-            raise DivergenceError(f"{tracking.TRAIN_LOSS} is {loss} at step {step}; {DIVERGENCE_ADVICE}")
-        raise DivergenceError(
-            f"the gradient norm is {self._nonfinite_grad_norm.item()} at step {step} "
-            f"({tracking.TRAIN_LOSS} {loss:.4g}), so AdamW made the weights non-finite; {DIVERGENCE_ADVICE}"
-        )
+        """DivergenceError on every rank if any rank saw a non-finite step (soda.divergence)."""
+        self.divergence.raise_if_diverged(self.global_step)
 
     def save(self) -> None:
         """Checkpoint on rank 0 (with every rank's RNG state); all ranks leave together."""
@@ -505,21 +482,8 @@ class Trainer:
         # is its normal working, so there only the loss counts.
         if self.scaler.is_enabled():
             grad_norm = None
-        self._watch_divergence(loss.detach(), grad_norm)
+        self.divergence.fold(self.global_step, loss.detach(), grad_norm)
         return loss
-
-    def _watch_divergence(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
-        """Fold this step into the divergence watch with device ops only: no host sync, no
-        random draws, nothing that the model or the optimiser reads."""
-        nonfinite = ~torch.isfinite(loss)
-        if grad_norm is not None:
-            nonfinite |= ~torch.isfinite(grad_norm)
-        first = nonfinite & ~self._nonfinite
-        self._nonfinite_step = torch.where(first, self.global_step, self._nonfinite_step)
-        self._nonfinite_loss = torch.where(first, loss.float(), self._nonfinite_loss)
-        if grad_norm is not None:
-            self._nonfinite_grad_norm = torch.where(first, grad_norm.float(), self._nonfinite_grad_norm)
-        self._nonfinite |= nonfinite
 
     def _lr_factor(self) -> float:
         return min(1.0, (self.global_step + 1) / self.warmup_steps)

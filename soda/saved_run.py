@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from soda import tracking
+from soda.build import build_evaluator, build_model, load_data, resolve_device, signature
 from soda.checkpoint import load_checkpoint
 from soda.config import compose_config, to_settings
 from soda.errors import ConfigError, RunDirError, SodaError, TrackingError, first_line
@@ -18,7 +19,6 @@ from soda.eval import latent_gap
 from soda.files import LockContended, OwnerLock, describe
 from soda.loop import CHECKPOINT
 from soda.rundir import CONFIG_FILE, HEARTBEAT_SECONDS, STALE_AFTER_SECONDS
-from soda.train import _resolve_device, build_evaluator, build_model, load_data, signature
 
 # The lock of a name being recorded (`--name`): <run dir>/.soda-evaluate-<name>.
 EVALUATE_LOCK_PREFIX = ".soda-evaluate-"
@@ -29,7 +29,7 @@ def evaluate_saved_run(run_dir: Path, overrides: list[str], name: str = "posthoc
     `overrides`; print the metrics and, if `record`, log them on the run as `<name>/<metric>`."""
     cfg = _saved_config(run_dir, overrides)
     settings = to_settings(cfg)
-    device = _resolve_device(settings.device)
+    device = resolve_device(settings.device)
     state = load_checkpoint(run_dir / CHECKPOINT, signature(settings))
     epoch = int(state["epoch"])
     if not record:

@@ -24,20 +24,21 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from soda import dist, progress, tracking
+from soda.build import build_evaluator, build_model, build_trainer, load_data, resolve_device, signature
 from soda.checkpoint import load_checkpoint
-from soda.config import Config, ViewConfig, gpu_sized, run_directory, to_settings
-from soda.data import LabelledImages, ViewAugmentation, load_splits
+from soda.config import Config, gpu_sized, run_directory, to_settings
 from soda.errors import ConfigError, RunDirError, Terminated, TrackingLost
-from soda.evaluate import Evaluator
 from soda.heartbeat import Heartbeat, PeerStalled
-from soda.loop import CHECKPOINT, PRECISION_DTYPES, OnEvaluation, Preempted, StopRequested, Trainer
-from soda.models import SODA, build_soda
+from soda.loop import CHECKPOINT, OnEvaluation, Preempted, StopRequested, Trainer
+from soda.models import SODA
 from soda.rundir import RunDirectory, resolved_settings
 from soda.sweep import TrialReporter
 from soda.tracking import NullTracker, Tracker, flatten, git_state
 
 log = logging.getLogger(__name__)
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+# The builders live in soda.build; these names stay importable from here for the tests and scripts
+# that import them from soda.train.
 __all__ = ["CHECKPOINT", "Trainer", "build_model", "build_trainer", "load_data", "run", "signature"]
 
 
@@ -50,7 +51,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | list[floa
     stops, and a re-run resumes it only with the settings it started with."""
     settings = to_settings(cfg)
     directory = RunDirectory(run_dir if run_dir is not None else run_directory())
-    device = _resolve_device(settings.device)
+    device = resolve_device(settings.device)
     world = dist.setup(use_cuda=device.type == "cuda")
     if world.enabled and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
@@ -324,118 +325,6 @@ def _hand_over_preemption(previous_handler, signum: int, world: dist.Distributed
         time.sleep(600)
 
 
-# ---------------------------------------------------------------------------------------------
-# Settings -> the pieces. Also used by the benchmarks, soda.evaluate and the tests, so that each
-# builds a piece exactly as a run does.
-
-
-def build_model(settings: Config) -> SODA:
-    try:
-        return build_soda(**settings.model_arguments())
-    except ValueError as error:
-        raise ConfigError(f"model: {error}") from None
-
-
-def load_data(settings: Config) -> tuple[LabelledImages, LabelledImages]:
-    d = settings.dataset
-    train, test = load_splits(
-        d.name,
-        d.root,
-        d.image_size,
-        d.num_classes,
-        download=d.download,
-        seed=settings.seed,
-        train_size=d.train_size,
-        test_size=d.test_size,
-    )
-    return train.subset(d.train_limit), test.subset(d.test_limit)
-
-
-def view_augmentation(image_size: int, view: ViewConfig) -> ViewAugmentation:
-    kwargs = asdict(view)
-    kwargs.pop("name")
-    return ViewAugmentation(image_size, **kwargs)
-
-
-def build_evaluator(
-    settings: Config,
-    train_set: LabelledImages,
-    test_set: LabelledImages,
-    device: torch.device,
-    samples_dir: Path | None = None,
-    log_artifact=None,
-    keep_latent_errors: bool = False,
-) -> Evaluator:
-    options = asdict(settings.eval)
-    for key in ("name", "every", "every_seconds", "at_start"):  # when to evaluate: the loop's
-        options.pop(key)
-    options.pop("probe_augmentation")  # built into an augmentation below
-    return Evaluator(
-        train_set,
-        test_set,
-        device,
-        seed=settings.seed,
-        num_classes=settings.dataset.num_classes,
-        probe_augmentation=view_augmentation(settings.dataset.image_size, settings.eval.probe_augmentation),
-        autocast_dtype=PRECISION_DTYPES[settings.schedule.precision],
-        samples_dir=samples_dir,
-        log_artifact=log_artifact,
-        keep_latent_errors=keep_latent_errors,
-        **options,
-    )
-
-
-def build_trainer(
-    settings: Config,
-    model: SODA,
-    train_set: LabelledImages,
-    run_dir: Path,
-    device: torch.device,
-    evaluate=None,
-    on_evaluation: OnEvaluation | None = None,
-    tracker=None,
-    world: dist.Distributed | None = None,
-) -> Trainer:
-    schedule = asdict(settings.schedule)
-    schedule.pop("name")
-    size, views, e = settings.dataset.image_size, settings.augmentation, settings.eval
-    return Trainer(
-        model,
-        train_set,
-        run_dir,
-        device,
-        source_augment=view_augmentation(size, views.source),
-        # The same settings for both views: one call augments both (Trainer.make_views).
-        target_augment=None if views.source == views.target else view_augmentation(size, views.target),
-        evaluate=evaluate if evaluate is not None else _no_evaluation,
-        on_evaluation=on_evaluation,
-        tracker=tracker,
-        world=world,
-        seed=settings.seed,
-        signature=signature(settings),
-        eval_every=e.every,
-        eval_every_seconds=e.every_seconds,
-        eval_at_start=e.at_start,
-        **schedule,
-    )
-
-
-def _no_evaluation(ema_model: SODA, epoch: int, last: bool) -> dict[str, float]:
-    raise RuntimeError("this Trainer was built without an evaluation (build_trainer(..., evaluate=...))")
-
-
-def signature(settings: Config) -> dict:
-    """What a checkpoint must share with the run resuming it."""
-    d = settings.dataset
-    return {
-        **flatten(asdict(settings.model), "model."),
-        "dataset.name": d.name,
-        "dataset.image_size": str(d.image_size),
-        "dataset.num_classes": str(d.num_classes),
-        "seed": str(settings.seed),
-    }
-
-
 CPU_WARNING_S = 3600  # device=auto on CPUs: a run with more training left than this is warned about
 
 
@@ -456,11 +345,3 @@ def cpu_pace_warning(size: str | None) -> Callable[[float], None]:
         )
 
     return warn
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
-    return torch.device(name)

@@ -12,14 +12,11 @@ import torch
 from soda import tracking
 from soda.data import LabelledImages
 from soda.errors import DivergenceError
-from soda.loop import CHECKPOINT, StopRequested, Trainer
+from soda.loop import CHECKPOINT, Hooks, Optimization, Schedule, StopRequested, Trainer, Views
 from tests.helpers import REPO, reference_view
 from tests.models.helpers import tiny_soda
 
-SCHEDULE = dict(
-    epochs=3,
-    warmup_epochs=1,
-    batch_size=8,
+OPTIMIZATION = dict(
     decoder_lr=1e-3,
     encoder_lr_ratio=2.0,
     weight_decay=0.05,
@@ -31,9 +28,17 @@ SCHEDULE = dict(
     precision="fp32",
     compile="none",
     channels_last=None,
+)
+SCHEDULE = dict(
+    epochs=3,
+    warmup_epochs=1,
+    batch_size=8,
     checkpoint_every=2,
     log_every=1,
     train_seconds=None,
+    eval_every=2,
+    eval_every_seconds=None,
+    eval_at_start=True,
 )
 
 
@@ -55,21 +60,20 @@ class Recorder:
         self.points.append((step, dict(metrics)))
 
 
-def _trainer(tmp_path, evaluate, on_evaluation=None, tracker=None, **schedule):
+def _trainer(tmp_path, evaluate, on_evaluation=None, tracker=None, **changes):
+    """A Trainer of the tiny model on 24 random images; `changes` to its OPTIMIZATION or SCHEDULE."""
+    unknown = set(changes) - set(OPTIMIZATION) - set(SCHEDULE)
+    assert not unknown, f"neither an optimisation nor a schedule setting: {unknown}"
     torch.manual_seed(0)
     return Trainer(
         tiny_soda(),
-        _images(),
-        tmp_path,
-        torch.device("cpu"),
-        source_augment=reference_view(8, crop_prob=0.5, randaugment_prob=0.0),
-        target_augment=None,
-        evaluate=evaluate,
-        on_evaluation=on_evaluation,
-        tracker=tracker,
+        Views(_images(), source_augment=reference_view(8, crop_prob=0.5, randaugment_prob=0.0), target_augment=None),
+        Optimization(**{**OPTIMIZATION, **{k: v for k, v in changes.items() if k in OPTIMIZATION}}),
+        Schedule(**{**SCHEDULE, **{k: v for k, v in changes.items() if k in SCHEDULE}}),
+        Hooks(evaluate, on_evaluation, tracker),
+        run_dir=tmp_path,
+        device=torch.device("cpu"),
         signature={"model": "tiny"},
-        eval_every_seconds=None,
-        **{"eval_at_start": True, "eval_every": 2, **SCHEDULE, **schedule},
     )
 
 
