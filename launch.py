@@ -19,8 +19,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from launching import dryrun, site
-from soda import config
+from launching import dryrun, jobs, site
 from soda.errors import SodaError, Terminated, first_line
 
 # Imported for what it registers with Hydra's ConfigStore (soda.config registers the run schema).
@@ -55,12 +54,12 @@ def _refuse_a_sweep_without_multirun() -> None:
 
     hydra = HydraConfig.get()
     if hydra.mode == RunMode.RUN:
-        config.refuse_a_sweep_without_multirun(hydra.runtime.choices.get("sweep"), hydra.overrides.task)
+        jobs.refuse_a_sweep_without_multirun(hydra.runtime.choices.get("sweep"), hydra.overrides.task)
 
 
 def _check_a_shown_config() -> None:
     """`--cfg job` is the dry check before a long job: it refuses what the run would refuse."""
-    sys.argv[1:], note = config.check_shown_config(sys.argv[1:])
+    sys.argv[1:], note = jobs.check_shown_config(sys.argv[1:])
     if note is not None:
         print(note, file=sys.stderr)
 
@@ -74,7 +73,7 @@ def _say_where_the_jobs_run() -> None:
 def _show_hydra_config() -> bool:
     """`--cfg hydra`: Hydra prints the config, with a comment on each launcher value saying where
     it came from (the site profile, a sweep file, the command line, ...). False for other runs."""
-    args = config._hydra_arguments(sys.argv[1:])
+    args = jobs.hydra_arguments(sys.argv[1:])
     if args.cfg != "hydra" or args.package or args.help or args.hydra_help or args.info:
         return False
     shown = io.StringIO()

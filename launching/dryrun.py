@@ -1,7 +1,7 @@
 """`python launch.py -m <overrides> hydra.launcher.dry_run=true`: what a multirun would submit,
 without submitting anything.
 
-Every job is composed and checked as the launch would (soda.config.check_launch, then the
+Every job is composed and checked as the launch would (launching.jobs.check_launch, then the
 launcher's own checks). With hydra/launcher=slurm each submission's sbatch script is printed as
 submitit would write it (the launcher's code path, make_executor), followed by SLURM's verdict on
 it from `sbatch --test-only`, which creates no job; then the launcher's check of the request
@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from launching import slurm
+from launching import jobs, slurm
 from soda.progress import plural
 
 FLAG = "hydra.launcher.dry_run"
@@ -30,16 +30,12 @@ def main(arguments: Sequence[str]) -> int | None:
     """The dry run of `python launch.py <arguments>`: its exit status (0 when SLURM would accept
     every job, 2 with an `error:` line otherwise), or None when the arguments ask for none and the
     launch goes on. Composition and check errors are raised, as the launch raises them."""
-    from hydra._internal.utils import get_args_parser
-
-    from soda import config
-
-    args = get_args_parser().parse_args(list(arguments))
+    args = jobs.hydra_arguments(arguments)
     if args.cfg or args.help or args.hydra_help or args.info or args.shell_completion:
         return None  # those print instead of launching
-    # Read as the launcher reads it (config.parse_flag), so that a value the launcher takes for
+    # Read as the launcher reads it (soda.config.parse_flag), so that a value the launcher takes for
     # true (1, on, ...) is a dry run here too, never a launch whose every job the launcher refuses.
-    asked = config.command_line_flag(arguments, FLAG)
+    asked = jobs.command_line_flag(arguments, FLAG)
     if asked is None and args.multirun:
         asked = _set_by_a_config_file(arguments, list(args.overrides))
     if not asked:
@@ -58,7 +54,6 @@ def _set_by_a_config_file(arguments: list[str], overrides: list[str]) -> bool:
     """Whether the launch's composition (a launcher option, the site profile) sets the flag: the
     launcher would read it and refuse every job after the sweeper has begun its study. A
     composition that fails is the launch's to report, as it always does."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -66,38 +61,35 @@ def _set_by_a_config_file(arguments: list[str], overrides: list[str]) -> bool:
     from soda import config
 
     try:
-        plain = [o.input_line for o in OverridesParser.create().parse_overrides(overrides) if not o.is_sweep_override()]
-        launch = config.compose_as_launched(arguments, plain)
+        launch = jobs.compose_as_launched(arguments, jobs.plain_overrides(overrides))
     except (HydraException, OmegaConfBaseException):
         return False
     return config.parse_flag(FLAG, OmegaConf.select(launch, FLAG, default=False))
 
 
 def _dry_run(arguments: list[str], overrides: list[str]) -> int:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
     from hydra_plugins.soda_launchers import launchers
-    from soda import config
 
-    jobs = config.check_launch(arguments)
+    overrides_of_jobs = jobs.check_launch(arguments)
     # The launcher's settings are the launch's, not a job's: Hydra makes one launcher for the sweep,
     # from the command line's plain overrides, with launch.py's job name.
-    plain = [o.input_line for o in OverridesParser.create().parse_overrides(overrides) if not o.is_sweep_override()]
-    launch = config.compose_as_launched(arguments, [*plain, "hydra.job.name=launch"])
+    launch = jobs.compose_as_launched(arguments, [*jobs.plain_overrides(overrides), "hydra.job.name=launch"])
     params = OmegaConf.to_container(launch.hydra.launcher, resolve=True)
     target = str(params.pop("_target_", ""))
-    settings = [config.to_settings(config.without_hydra(config.compose_as_launched(arguments, job))) for job in jobs]
+    settings = [jobs.job_settings(jobs.compose_as_launched(arguments, job)) for job in overrides_of_jobs]
     sweeper = str(OmegaConf.select(launch, "hydra.sweeper._target_", default=""))
-    shown = launchers._shown_overrides(jobs)
+    shown = launchers._shown_overrides(overrides_of_jobs)
 
     if "soda_sweeper" in sweeper:  # one launch, so one submission, per trial; sweep.n_jobs in flight
-        plan = _optuna_plan(launch, overrides, jobs, shown)
+        plan = _optuna_plan(launch, overrides, overrides_of_jobs, shown)
         at_once = settings[0].sweep.n_jobs
     else:  # Hydra's basic sweeper: its batches (all jobs, unless max_batch_size) are launched at once
-        size = OmegaConf.select(launch, "hydra.sweeper.max_batch_size", default=None) or len(jobs)
-        batches = [list(range(start, min(start + size, len(jobs)))) for start in range(0, len(jobs), size)]
-        plan = Plan(f"dry run of {plural(len(jobs), 'trial')}", len(jobs), list(enumerate(shown)), batches, [])
+        count = len(overrides_of_jobs)
+        size = OmegaConf.select(launch, "hydra.sweeper.max_batch_size", default=None) or count
+        batches = [list(range(start, min(start + size, count))) for start in range(0, count, size)]
+        plan = Plan(f"dry run of {plural(count, 'trial')}", count, list(enumerate(shown)), batches, [])
         at_once = size
     print(f"{plan.title}: python launch.py {' '.join(arguments)}")
     for line in plan.notes:

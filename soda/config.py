@@ -3,9 +3,10 @@
 Hydra composes `conf/` on top of these schemas (registered as `soda_schema`), so a key that is
 not here is an error and a value of the wrong type is an error. Ranges are checked when the
 composed config is turned into these dataclasses (`to_settings`), which `soda.train.run` does
-first thing; `check_launch` makes the same checks for a command line without running it (what
-`python launch.py ... --cfg job` and the docs' tests use). This is the one place in `soda/` that
-knows about Hydra.
+first thing; launching.jobs makes the same checks for a launch's command line without running it
+(what `python launch.py ... --cfg job`, the dry run and the launchers' pre-check use). Hydra
+appears here only as the composer of conf/ (its ConfigStore and compose); the launch side of
+Hydra (command lines, sweeps, launchers) is launching/'s.
 
 The values live in conf/, once: a field that a YAML file sets is MISSING ("???") here, so a
 composition that lacks it is an error naming the key. The few fields no YAML file needs to set
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import itertools
 import re
 import secrets
 import typing
@@ -504,7 +504,7 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        composed = _compose(overrides, with_hydra=False)
+        composed = compose_raw(overrides, with_hydra=False)
     except (HydraException, OmegaConfBaseException) as error:
         cause = f": {first_line(error.__cause__)}" if error.__cause__ else ""  # e.g. which key is unknown
         raise ConfigError(first_line(error, limit=1000).rstrip(".") + cause) from error
@@ -512,27 +512,16 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     return composed
 
 
-def _compose(
+def compose_raw(
     overrides: Sequence[str], config_name: str = "config", config_dir: Path = CONF_DIR, with_hydra: bool = True
 ) -> DictConfig:
-    """The composition launch.py's Hydra would make, with or without Hydra's own `hydra` node."""
+    """The composition launch.py's Hydra would make, with or without Hydra's own `hydra` node;
+    unvalidated, and Hydra's errors as they are (launching.jobs composes a launch's jobs with it)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=with_hydra)
-
-
-def without_hydra(composed: DictConfig) -> DictConfig:
-    """The run's config: a composition without Hydra's own `hydra` node (as the launchers check it)."""
-    return OmegaConf.masked_copy(composed, [key for key in composed if key != "hydra"])
-
-
-def refuse_a_sweep_without_multirun(sweep: str | None, overrides: Sequence[str]) -> None:
-    """A sweep file sets hydra.sweeper, which only -m uses: without it, it would be one plain run."""
-    if sweep is not None:
-        command = " ".join(["python launch.py -m", *overrides])
-        raise ConfigError(f"sweep={sweep} is a sweep: run it with -m ({command})")
 
 
 @dataclass
@@ -556,105 +545,6 @@ def parse_flag(key: str, value: Any, text: str | None = None) -> bool:
             f"{key}={value if text is None else text} is neither true nor false; give true or false (yes/no, on/off and 1/0 are read too)"
         ) from None
     return bool(flag.value)
-
-
-def command_line_flag(arguments: Sequence[str], key: str) -> bool | None:
-    """The value the command line gives a boolean flag (`hydra.launcher.dry_run=1`, `+key=on`), its
-    last one parsed as Hydra parses an override and read by parse_flag; None when it gives none."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    given = [a for a in arguments if re.fullmatch(rf"\+{{0,2}}{re.escape(key)}=.*", a, flags=re.DOTALL)]
-    if not given:
-        return None
-    override = OverridesParser.create().parse_overrides([given[-1]])[0]
-    value = given[-1].split("=", 1)[1] if override.is_sweep_override() else override.value()
-    return parse_flag(key, value, text=given[-1].split("=", 1)[1])
-
-
-def check_launch(arguments: Sequence[str]) -> list[list[str]]:
-    """What `python launch.py <arguments>` checks before any work, done without running anything:
-    the run's config composed and validated (to_settings); with -m, that of each job of the sweep,
-    as the launchers check them before submitting (sweep_jobs: an interval at its lower end only).
-    Returns each job's overrides. Hydra's composition errors are raised as they are (launch.py
-    prints them as one line, as it does for a run); a bad value is a ConfigError."""
-    args = _hydra_arguments(arguments)
-
-    def compose_job(overrides: Sequence[str]) -> DictConfig:
-        return compose_as_launched(arguments, overrides)
-
-    overrides = list(args.overrides)
-    if not args.multirun:
-        composed = compose_job(overrides)
-        refuse_a_sweep_without_multirun(OmegaConf.select(composed, "hydra.runtime.choices.sweep"), overrides)
-        to_settings(without_hydra(composed))
-        return [overrides]
-
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    sweeper = compose_job([o.input_line for o in parsed if not o.is_sweep_override()]).hydra.sweeper
-    jobs = sweep_jobs(OmegaConf.to_container(sweeper).get("params") or {}, overrides)
-    for number, job in enumerate(jobs):
-        try:
-            to_settings(without_hydra(compose_job(job)))
-        except ConfigError as error:
-            raise ConfigError(f"{error} (in job {number} of {len(jobs)}: {' '.join(job)})") from None
-    return jobs
-
-
-def compose_as_launched(arguments: Sequence[str], overrides: Sequence[str] | None = None) -> DictConfig:
-    """The composition, Hydra's node included, that `python launch.py <arguments>` makes (its
-    --config-path, --config-name, --config-dir), with `overrides` in place of the command line's
-    when given (one job of a sweep)."""
-    args = _hydra_arguments(arguments)
-    # --config-path is relative to launch.py (the repository root), as hydra.main takes it.
-    config_dir = (CONF_DIR.parent / args.config_path).resolve() if args.config_path else CONF_DIR
-    # --config-dir: one more folder of configs, searched before conf/.
-    search = [f"hydra.searchpath=[file://{Path(args.config_dir).resolve()}]"] if args.config_dir else []
-    chosen = list(args.overrides if overrides is None else overrides)
-    return _compose([*chosen, *search], args.config_name or "config", config_dir)
-
-
-def sweep_jobs(params: dict[str, Any], arguments: Sequence[str]) -> list[list[str]]:
-    """Each job of a sweep as its overrides: every combination of the values of the sweep's
-    params (hydra.sweeper.params, from a sweep file) and of the sweep overrides among `arguments`
-    (`seed=0,1,2`, `choice(...)`, `range(...)`), parsed as the sweeper parses them (its
-    search_space: a plain value on the command line pins a parameter the params vary, and a sweep
-    there replaces it). An interval(...) has no finite set of points: it contributes its lower end."""
-    from launching.sweeper.search_space import override_value, parse_space
-
-    dimensions, fixed = parse_space(params, list(arguments))
-    axes = {name: dim.grid if dim.grid is not None else [dim.distribution.low] for name, dim in dimensions.items()}
-    return [
-        [*fixed, *(f"{name}={override_value(value)}" for name, value in zip(axes, point, strict=True))]
-        for point in itertools.product(*axes.values())
-    ]
-
-
-def check_shown_config(arguments: Sequence[str]) -> tuple[list[str], str | None]:
-    """`--cfg job|hydra|all` prints a run's config instead of running it: check that run first (check_launch),
-    so that the dry check before a long job refuses what the job would. Hydra cannot print a
-    multirun's config: with -m, every job is checked and the arguments returned print the first
-    job's. Returns the arguments for Hydra and a note for the user (None when there is nothing to
-    add); other arguments come back as they are."""
-    args = _hydra_arguments(arguments)
-    if args.cfg not in ("job", "all", "hydra") or args.help or args.hydra_help or args.info or args.shell_completion:
-        return list(arguments), None
-    jobs = check_launch(arguments)
-    if not args.multirun:
-        return list(arguments), None
-    # Hydra's parser takes the overrides as one run of words: the first job's go first, the flags after.
-    overrides = set(args.overrides)
-    flags = [argument for argument in arguments if argument not in overrides and argument not in ("-m", "--multirun")]
-    what = "the sweep's only job" if len(jobs) == 1 else f"all {len(jobs)} jobs of the sweep"
-    return [*jobs[0], *flags], f"checked {what}; shown: job 0 ({' '.join(jobs[0]) or 'no overrides'})"
-
-
-def _hydra_arguments(arguments: Sequence[str]):
-    """launch.py's command line as hydra.main reads it (with hydra.main's own parser)."""
-    from hydra._internal.utils import get_args_parser
-
-    return get_args_parser().parse_args(list(arguments))
 
 
 # A run is GPU-sized when it trains a model at least this wide (the reference's UNet has 128

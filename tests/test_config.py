@@ -8,6 +8,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import MISSING, OmegaConf
 
+from launching.jobs import check_launch, check_shown_config, sweep_jobs
 from soda import config
 from soda.config import to_settings
 from soda.errors import ConfigError
@@ -62,7 +63,7 @@ def test_a_data_set_of_ones_own_is_any_plain_name():
 @pytest.mark.parametrize("name", ["my data", "a/b", "../stl10", "-x", ""])
 def test_a_data_set_name_that_is_not_a_plain_word_is_refused_in_one_line(name):
     with pytest.raises(ConfigError) as error:
-        config.check_launch(["dataset=imagefolder", f"dataset.name='{name}'"])
+        check_launch(["dataset=imagefolder", f"dataset.name='{name}'"])
     assert str(error.value) == (
         f"dataset.name={name!r} must start with a letter or digit and hold only letters, digits, _ and - "
         "(it names the cache files)"
@@ -249,7 +250,7 @@ def test_sweep_jobs_are_every_combination_with_an_interval_at_its_lower_end():
         "eval.knn_k": "tag(int, interval(5, 50))",
         "eval.at_start": True,
     }
-    jobs = config.sweep_jobs(params, ["experiment=demo", "schedule.epochs=1,2"])
+    jobs = sweep_jobs(params, ["experiment=demo", "schedule.epochs=1,2"])
     assert len(jobs) == 3 * 2 * 2
     assert jobs[0] == [
         "eval.at_start=true",
@@ -272,52 +273,52 @@ def test_sweep_jobs_are_every_combination_with_an_interval_at_its_lower_end():
 
 def test_a_command_line_value_pins_a_swept_parameter_and_a_command_line_sweep_replaces_it():
     params = {"seed": "range(0, 3)", "schedule.epochs": "choice(1, 2)"}
-    assert config.sweep_jobs(params, ["seed=7", "schedule.epochs=5,6,7"]) == [
+    assert sweep_jobs(params, ["seed=7", "schedule.epochs=5,6,7"]) == [
         ["seed=7", "schedule.epochs=5"],
         ["seed=7", "schedule.epochs=6"],
         ["seed=7", "schedule.epochs=7"],
     ]
-    assert config.sweep_jobs({}, []) == [[]]  # -m without a sweep: one job
+    assert sweep_jobs({}, []) == [[]]  # -m without a sweep: one job
 
 
 def test_check_launch_validates_one_run_as_the_run_does():
-    assert config.check_launch(["experiment=demo", "schedule.epochs=3"]) == [["experiment=demo", "schedule.epochs=3"]]
+    assert check_launch(["experiment=demo", "schedule.epochs=3"]) == [["experiment=demo", "schedule.epochs=3"]]
     with pytest.raises(ConfigError, match=r"^schedule\.epochs=-1 must be at least 1$"):
-        config.check_launch(["experiment=demo", "schedule.epochs=-1", "--cfg", "job"])
+        check_launch(["experiment=demo", "schedule.epochs=-1", "--cfg", "job"])
     with pytest.raises(ConfigError, match=r"sweep=lr_search is a sweep: run it with -m \(python launch.py -m sweep"):
-        config.check_launch(["sweep=lr_search"])
+        check_launch(["sweep=lr_search"])
     with pytest.raises(ConfigCompositionException, match="Could not find 'model/nope'"):
-        config.check_launch(["model=nope"])
+        check_launch(["model=nope"])
 
 
 def test_check_launch_validates_every_job_of_a_multirun_and_names_the_bad_one():
-    jobs = config.check_launch(["-m", "experiment=demo", "seed=0,1", "model=tiny,soda_r18_ddpm"])
+    jobs = check_launch(["-m", "experiment=demo", "seed=0,1", "model=tiny,soda_r18_ddpm"])
     assert jobs == [
         ["experiment=demo", f"seed={seed}", f"model={model}"] for seed in (0, 1) for model in ("tiny", "soda_r18_ddpm")
     ]
     with pytest.raises(ConfigError, match=r"^schedule\.epochs=0 must be at least 1 \(in job 2 of 3: experiment=demo "):
-        config.check_launch(["--multirun", "experiment=demo", "schedule.epochs=2,1,0"])
+        check_launch(["--multirun", "experiment=demo", "schedule.epochs=2,1,0"])
     with pytest.raises(ConfigError, match=r"augmentation\.target\.crop_prob=1\.5 .*in job 1 of 2"):
-        config.check_launch(["-m", "augmentation.target.crop_prob=0.5,1.5"])
+        check_launch(["-m", "augmentation.target.crop_prob=0.5,1.5"])
 
 
 def test_a_sweep_file_is_checked_over_its_grid():
-    jobs = config.check_launch(["-m", "sweep=augment_ablation", "experiment=demo"])
+    jobs = check_launch(["-m", "sweep=augment_ablation", "experiment=demo"])
     assert len(jobs) == 3 * 2 * 2
     assert {job[-1] for job in jobs} == {"seed=0", "seed=1"}
 
 
 def test_shown_config_of_a_multirun_is_its_first_job():
     arguments = ["-m", "experiment=demo", "seed=3,4", "--cfg", "job", "-p", "seed"]
-    shown, note = config.check_shown_config(arguments)
+    shown, note = check_shown_config(arguments)
     assert shown == ["experiment=demo", "seed=3", "--cfg", "job", "-p", "seed"]
     assert note == "checked all 2 jobs of the sweep; shown: job 0 (experiment=demo seed=3)"
     # Nothing to check: not a config to show.
     for unchanged in (["schedule.epochs=-1"], ["--help", "-c", "job"], ["schedule.epochs=-1", "--info", "-c", "job"]):
-        assert config.check_shown_config(unchanged) == (unchanged, None)
+        assert check_shown_config(unchanged) == (unchanged, None)
     for shown in ("all", "hydra"):  # Hydra's part too: it is the launch's, with -m that of job 0
         with pytest.raises(ConfigError, match="schedule.epochs=-1 must be at least 1"):
-            config.check_shown_config(["schedule.epochs=-1", "-c", shown])
+            check_shown_config(["schedule.epochs=-1", "-c", shown])
 
 
 # What the run checks when it builds the model and the data, checked before any launch: each bad
@@ -344,16 +345,16 @@ def test_what_the_run_checks_as_it_builds_is_refused_before_any_launch(key, good
 
     base = SHAPES if key.startswith(("dataset.num", "schedule")) else []
     expected = re.escape(message)
-    # --cfg job (launch.py's config.check_shown_config), the dry run, and a multirun's pre-check in
+    # --cfg job (launching.jobs.check_shown_config), the dry run, and a multirun's pre-check in
     # which one job is bad (the launchers check each job with to_settings, as the run does).
     with pytest.raises(ConfigError, match=expected):
-        config.check_shown_config([*base, f"{key}={bad}", "--cfg", "job"])
+        check_shown_config([*base, f"{key}={bad}", "--cfg", "job"])
     with pytest.raises(ConfigError, match=expected):
         dryrun.main(["-m", *base, f"{key}={bad}", "hydra.launcher.dry_run=true"])
     with pytest.raises(ConfigError, match=rf"^{expected}.* \(in job 1 of 2: .*{re.escape(key)}={bad}\)$") as error:
-        config.check_launch(["-m", *base, f"{key}={good},{bad}"])
+        check_launch(["-m", *base, f"{key}={good},{bad}"])
     assert "\n" not in str(error.value)
-    assert config.check_launch(["-m", *base, f"{key}={good}"]) == [[*base, f"{key}={good}"]]  # the good one passes
+    assert check_launch(["-m", *base, f"{key}={good}"]) == [[*base, f"{key}={good}"]]  # the good one passes
 
 
 @pytest.mark.parametrize("arguments", [[], ["experiment=demo"], ["model=tiny", "dataset=shapes"]])

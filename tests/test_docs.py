@@ -1,5 +1,5 @@
 """The docs say what works: every `python launch.py ...` in README.md and docs/ composes and
-validates, as `--cfg job` checks it (soda.config.check_launch; with -m, every job of the sweep),
+validates, as `--cfg job` checks it (launching.jobs.check_launch; with -m, every job of the sweep),
 every `make <target>` is a target of the Makefile, every `python -m <module>` is importable, every
 relative link leads to a file (and heading) of the repository, and every table of config groups
 lists the options conf/ holds.
@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 import launch
-from soda.config import check_launch
+from launching.jobs import check_launch
 from tests.helpers import REPO
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]

@@ -69,13 +69,14 @@ def test_the_command_line_reads_the_flag_as_the_launcher_does(value):
     # so does the other.
     from hydra import compose, initialize_config_dir
 
+    from launching import jobs
     from soda import config
 
     argument = f"hydra.launcher.dry_run={value}"
     with initialize_config_dir(config_dir=str(config.CONF_DIR), version_base="1.3"):
         composed = compose(config_name="config", overrides=[argument], return_hydra_config=True)
     launcher_reads = composed.hydra.launcher.dry_run
-    assert config.command_line_flag(["-m", argument], "hydra.launcher.dry_run") is launcher_reads
+    assert jobs.command_line_flag(["-m", argument], "hydra.launcher.dry_run") is launcher_reads
     assert (dryrun.main(["experiment=demo", argument]) == 2) is launcher_reads  # true without -m: refused
 
 

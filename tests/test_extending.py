@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from soda.config import ModelConfig, check_launch, compose_as_launched, to_settings, without_hydra
+from launching.jobs import check_launch, compose_as_launched, job_settings
+from soda.config import ModelConfig
 from soda.errors import DataError
 from soda.models import build_soda
 from soda.train import build_model, load_data
@@ -35,7 +36,7 @@ def config_dir(tmp_path_factory) -> Path:
 
 
 def settings(config_dir: Path, *overrides: str):
-    return to_settings(without_hydra(compose_as_launched(["--config-dir", str(config_dir), *overrides])))
+    return job_settings(compose_as_launched(["--config-dir", str(config_dir), *overrides]))
 
 
 def write_image_folder(root: Path, classes: dict[str, int], test_classes: dict[str, int] | None = None) -> None:

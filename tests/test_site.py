@@ -46,7 +46,7 @@ def profile(tmp_path, monkeypatch):
 
 
 def composed(*overrides: str):
-    return config._compose(list(overrides))
+    return config.compose_raw(list(overrides))
 
 
 def test_the_profile_sets_the_launcher_its_resources_data_tracking_and_sweep_storage(profile):
@@ -102,10 +102,10 @@ def test_soda_site_none_hides_the_git_ignored_default_profile(monkeypatch, tmp_p
     default.write_text(SLURM_PROFILE)
     monkeypatch.setattr(site, "DEFAULT_PROFILE", default)
     monkeypatch.delenv("SODA_SITE")
-    found = config._compose([], config_dir=conf)
+    found = config.compose_raw([], config_dir=conf)
     assert found.hydra.runtime.choices["hydra/launcher"] == "site" and found.hydra.launcher.partition == "gpu"
     monkeypatch.setenv("SODA_SITE", "none")
-    hidden = config._compose([], config_dir=conf)
+    hidden = config.compose_raw([], config_dir=conf)
     assert hidden.hydra.runtime.choices["hydra/launcher"] == "local" and hidden.sweep.n_jobs == 1
 
 
