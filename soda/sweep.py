@@ -25,10 +25,10 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import time
 from pathlib import Path
 
 from soda.errors import SodaError, first_line
+from soda.patience import patiently
 from soda.tracking import redact
 
 log = logging.getLogger(__name__)
@@ -143,31 +143,28 @@ class PatientStorage:
         return functools.partial(self._call, value)
 
     def _call(self, method, *args, **kwargs):
-        deadline = None
-        delay = 0.25
-        while True:
-            try:
-                return method(*args, **kwargs)
-            except Exception as error:
-                reason = unreachable(error)
-                if reason is None:
-                    raise
-            now = time.monotonic()
-            if deadline is None:
-                deadline = now + self.timeout_s
-                log.warning(
-                    "Optuna storage %s does not answer (%s); trying again for up to %g s",
-                    redact(self.spec),
-                    reason,
-                    self.timeout_s,
-                )
-            if now >= deadline:
-                raise StorageLost(
-                    f"Optuna storage {redact(self.spec)} stopped answering ({reason}) for {self.timeout_s:g} s; "
-                    "start it again and re-run the same command to continue the study"
-                )
-            time.sleep(min(delay, deadline - now))
-            delay = min(delay * 2, 5.0)
+        spec = redact(self.spec)
+
+        def warn(reason: str) -> None:
+            log.warning(
+                "Optuna storage %s does not answer (%s); trying again for up to %g s", spec, reason, self.timeout_s
+            )
+
+        def give_up(reason: str, error: Exception) -> StorageLost:
+            return StorageLost(
+                f"Optuna storage {spec} stopped answering ({reason}) for {self.timeout_s:g} s; "
+                "start it again and re-run the same command to continue the study"
+            )
+
+        return patiently(
+            functools.partial(method, *args, **kwargs),
+            timeout_s=self.timeout_s,
+            reason_of=unreachable,
+            warn=warn,
+            give_up=give_up,
+            first_pause_s=0.25,
+            longest_pause_s=5.0,
+        )
 
 
 def pruner_classes() -> dict:
