@@ -11,22 +11,20 @@ Opening a store never creates one: a missing SQLite file or folder is an error, 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from pathlib import Path
-from urllib.parse import urlparse
 
 import pandas as pd
 
-from soda.errors import SodaError, first_line
+from soda.errors import SodaError, TrackingError, first_line
 from soda.tracking import (
     STUDY,
     SWEEP,
     SWEEP_PARENT,
     TRIAL,
     TRIAL_STATE,
+    Store,
     default_tracking_uri,
     quick_http_failures,
     redact,
-    server_unreachable,
 )
 
 RUN_COLUMNS = ["run_id", "experiment", "experiment_id", "status", "start_time", "end_time", "run_name"]
@@ -38,37 +36,12 @@ class AnalysisError(SodaError):
 
 
 def open_store(tracking_uri: str):
-    """An MlflowClient on `tracking_uri`, checked readable; AnalysisError (one line) if it is not."""
-    from mlflow import MlflowClient
-
-    shown = redact(tracking_uri)
-    parsed = urlparse(tracking_uri)
-    if parsed.scheme == "sqlite":
-        # MLflow would create an empty database at a wrong path and report "no runs": say it instead.
-        path = tracking_uri[len("sqlite:///") :] if tracking_uri.startswith("sqlite:///") else ""
-        if not path or not Path(path).is_file():
-            raise AnalysisError(
-                f"no MLflow store at {shown}: {path or 'that URI'} is not a file "
-                f"(train a run first, e.g. `make demo`, or pass another --tracking-uri)"
-            )
-    elif parsed.scheme in ("", "file"):
-        folder = Path(parsed.path if parsed.scheme == "file" else tracking_uri)
-        if not folder.is_dir():
-            raise AnalysisError(f"no MLflow store at {shown}: {folder} is not a folder (pass another --tracking-uri)")
-    elif parsed.scheme in ("http", "https"):
-        reason = server_unreachable(tracking_uri)
-        if reason:
-            raise AnalysisError(
-                f"MLflow tracking server {shown} is unreachable ({reason}); "
-                f"start it (make mlflow-server) or pass another --tracking-uri"
-            )
-    client = MlflowClient(tracking_uri)
+    """An MlflowClient on `tracking_uri`, checked readable (soda.tracking.Store.for_reading);
+    AnalysisError (one line) if it is not."""
     try:
-        with quick_http_failures():
-            client.search_experiments(max_results=1)
-    except Exception as error:
-        raise AnalysisError(f"MLflow tracking store {shown} cannot be read ({first_line(error)})") from None
-    return client
+        return Store.for_reading(tracking_uri, option="--tracking-uri").client
+    except TrackingError as error:
+        raise AnalysisError(str(error)) from None
 
 
 def _all_pages(search, **kwargs) -> list:

@@ -39,9 +39,10 @@ def evaluate_saved_run(run_dir: Path, overrides: list[str], name: str = "posthoc
     # check too and add a second point at the step.
     lock = _claim_name(run_dir, name)
     try:
-        _check_unrecorded(settings.tracking.uri, run_id, name, epoch)
+        store = tracking.Store.checked(settings.tracking.uri)
+        _check_unrecorded(store, run_id, name, epoch)
         metrics = _evaluate(run_dir, settings, state, device, epoch)
-        _record(settings.tracking.uri, run_id, name, epoch, metrics, overrides)
+        _record(store, run_id, name, epoch, metrics, overrides)
     finally:
         lock.release()
     print(
@@ -140,40 +141,26 @@ def _run_id(run_dir: Path) -> str:
     return path.read_text().strip()
 
 
-def _client(uri: str):
-    from mlflow import MlflowClient
-
-    tracking.check_reachable(uri)
-    return MlflowClient(uri)
-
-
-def _check_unrecorded(uri: str, run_id: str, name: str, epoch: int) -> None:
+def _check_unrecorded(store: tracking.Store, run_id: str, name: str, epoch: int) -> None:
     """A second evaluation under the same name at the same epoch would add a second point at that
     step; refuse before any work."""
-    client = _client(uri)
     try:
-        recorded = client.get_run(run_id).data.metrics
+        recorded = store.get_run(run_id).data.metrics
     except SodaError:
         raise
     except Exception as error:
         raise TrackingError(
-            f"MLflow run {run_id} cannot be read from {tracking.redact(uri)} ({first_line(error)})"
+            f"MLflow run {run_id} cannot be read from {tracking.redact(store.uri)} ({first_line(error)})"
         ) from None
     taken = [key for key in recorded if key.startswith(f"{name}/")]
-    if taken:
-        if any(m.step == epoch for m in client.get_metric_history(run_id, taken[0])):
-            raise ConfigError(
-                f"MLflow run {run_id} already has {name}/... metrics at epoch {epoch}; pass another --name"
-            )
+    if taken and epoch in store.steps_of(run_id, taken[0]):
+        raise ConfigError(f"MLflow run {run_id} already has {name}/... metrics at epoch {epoch}; pass another --name")
 
 
-def _record(uri: str, run_id: str, name: str, epoch: int, metrics: dict, overrides: list[str]) -> None:
-    from mlflow.entities import Metric, RunTag
-
-    now = int(time.time() * 1000)
-    points = [Metric(f"{name}/{key.split('/', 1)[1]}", value, now, epoch) for key, value in metrics.items()]
-    tags = [RunTag(f"{name}.overrides", " ".join(overrides) or "(none)")]
-    _client(uri).log_batch(run_id, metrics=points, tags=tags)
+def _record(store: tracking.Store, run_id: str, name: str, epoch: int, metrics: dict, overrides: list[str]) -> None:
+    store.check()  # again: the evaluation may have taken long
+    points = {f"{name}/{key.split('/', 1)[1]}": value for key, value in metrics.items()}
+    store.log_batch(run_id, points, step=epoch, tags={f"{name}.overrides": " ".join(overrides) or "(none)"})
 
 
 def _print(run_dir: Path, epoch: int, metrics: dict, errors: dict, seconds: float) -> None:

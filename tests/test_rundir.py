@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from soda import rundir, tracking, train
+from soda import rundir, store, tracking, train
 from soda.errors import RunDirError
 from tests.helpers import REPO, SMOKE, compose_config
 
@@ -137,7 +137,7 @@ def _runs(tmp_path: Path) -> list:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     # A first query creates the store's tables; while a run may be doing so too, take turns on
     # the lock the runs take, or one of the two fails ("table metrics already exists").
-    with tracking._one_creator(uri):
+    with store._one_creator(uri):
         client = mlflow.MlflowClient(uri)
         experiment = client.get_experiment_by_name("soda")
         return client.search_runs([experiment.experiment_id]) if experiment else []

@@ -41,15 +41,16 @@ LOST = "lost: the sweeper ended without recording how (SIGKILL, a closed termina
 
 
 class ParentRun:
-    def __init__(
-        self, client, experiment_id: str, study_name: str, run_id: str, objectives: list[str], uri: str | None = None
-    ):
-        self.client = client  # an mlflow.MlflowClient
-        self.uri = uri  # its store (None: not known, in tests)
+    def __init__(self, store: tracking.Store, experiment_id: str, study_name: str, run_id: str, objectives: list[str]):
+        self.store = store  # every read and write of the sweep's records (soda.tracking.Store)
         self.experiment_id = experiment_id
         self.study_name = study_name
         self.run_id = run_id
         self.objectives = list(objectives)  # the metrics a trial returns as its objective, in order
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri
 
     @classmethod
     def open(
@@ -65,35 +66,33 @@ class ParentRun:
         """The run recorded in the study (a resumed sweep), or a new one with `params` and
         `artifacts` (file name -> text). Fails, before any job starts, if the store is unusable.
         `objectives`: the metric names of the config's `objective` (a trial's value, in order)."""
-        import mlflow
-
-        tracking.check_reachable(uri)
-        client = mlflow.MlflowClient(uri)
-        experiment_id = tracking.get_or_create_experiment(client, experiment, artifact_location)
-        run = _existing_run(client, study.user_attrs.get(PARENT_ATTR))
+        store = tracking.Store.checked(uri)
+        experiment_id = store.experiment_id(experiment, artifact_location)
+        run = store.find_run(study.user_attrs.get(PARENT_ATTR))
         if run is not None:
             run_id = run.info.run_id
             error = run.data.tags.get(tracking.ERROR)
             ended = (
                 (study.user_attrs.get(END_ATTR) or LOST) if run.info.status == "RUNNING" else run.info.status.lower()
             )
-            client.update_run(run_id, status="RUNNING")
-            client.set_tag(run_id, RESUMED, "true")
+            store.reopen(run_id)
             # The run is live again: why the sweep before this one ended is history now.
-            client.set_tag(run_id, tracking.PREVIOUS_END, f"{ended}: {error}"[:5000] if error else ended)
+            store.set_tags(
+                run_id, {RESUMED: "true", tracking.PREVIOUS_END: f"{ended}: {error}"[:5000] if error else ended}
+            )
             if error is not None:
-                client.delete_tag(run_id, tracking.ERROR)
-            return cls(client, experiment_id, study.study_name, run_id, objectives, uri)
+                store.delete_tag(run_id, tracking.ERROR)
+            return cls(store, experiment_id, study.study_name, run_id, objectives)
 
-        tags = {**tracking.parent_tags(study.study_name), **tracking.git_state()}
-        run = client.create_run(experiment_id, run_name=study.study_name, tags=tags)
-        run_id = run.info.run_id
-        for key, value in params.items():
-            client.log_param(run_id, mlflow_key(key), value[:6000])
-        for name, text in artifacts.items():
-            client.log_text(run_id, text, name)
+        run_id = store.create_run(
+            experiment_id,
+            study.study_name,
+            tags={**tracking.parent_tags(study.study_name), **tracking.git_state()},
+            params={mlflow_key(key): value[:6000] for key, value in params.items()},
+            texts=artifacts,
+        )
         study.set_user_attr(PARENT_ATTR, run_id)
-        return cls(client, experiment_id, study.study_name, run_id, objectives, uri)
+        return cls(store, experiment_id, study.study_name, run_id, objectives)
 
     def record_changes(self, changes: dict[str, tuple[str, str]]) -> None:
         """Sweep settings that changed on resume, {key: (old, new)}, added to the run's
@@ -102,8 +101,8 @@ class ParentRun:
             return
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         added = f"{now} " + ", ".join(f"{key}: {old} -> {new}" for key, (old, new) in changes.items())
-        earlier = self.client.get_run(self.run_id).data.tags.get(tracking.RESUME_CHANGES, "")
-        self.client.set_tag(self.run_id, tracking.RESUME_CHANGES, "\n".join(filter(None, [earlier, added]))[-5000:])
+        earlier = self.store.get_run(self.run_id).data.tags.get(tracking.RESUME_CHANGES, "")
+        self.store.set_tags(self.run_id, {tracking.RESUME_CHANGES: "\n".join(filter(None, [earlier, added]))[-5000:]})
         log.info("study %s continues with other sweep settings: %s", self.study_name, added)
 
     def trial_ended(self, number: int, state: str, values: list[float] | None) -> None:
@@ -112,8 +111,7 @@ class ParentRun:
         if values:
             metrics.update({f"trial_value_{i}" if i else "trial_value": v for i, v in enumerate(values)})
         try:
-            for key, value in metrics.items():
-                self.client.log_metric(self.run_id, key, value, step=number)
+            self.store.log_metrics(self.run_id, metrics, step=number)
         except Exception as error:  # the sweep goes on; the trial's own run holds its record
             log.warning("could not record trial %d in the parent MLflow run: %s", number, first_line(error, 500))
 
@@ -161,28 +159,26 @@ class ParentRun:
         try:
             runs = self._trial_runs(number)
             if not runs:
-                run = self.client.create_run(
+                run_id = self.store.create_run(
                     self.experiment_id,
-                    run_name=tracking.trial_run_name(self.study_name, number, params or {}),
+                    tracking.trial_run_name(self.study_name, number, params or {}),
                     tags=tracking.trial_tags(self.study_name, number, self.run_id),
+                    params={mlflow_key(key): str(value) for key, value in (params or {}).items()},
                 )
-                for key, value in (params or {}).items():
-                    self.client.log_param(run.info.run_id, mlflow_key(key), str(value))
-                runs = [run]
+                runs = [self.store.get_run(run_id)]
             for run in runs:
                 if run.info.status not in ENDED_STATUSES:
-                    self.client.set_tag(run.info.run_id, tracking.TRIAL_STATE, "FAIL")
-                    self.client.set_tag(run.info.run_id, tracking.ERROR, error[:5000])
-                    self.client.set_terminated(run.info.run_id, status=status)
+                    self.store.set_tags(run.info.run_id, {tracking.TRIAL_STATE: "FAIL", tracking.ERROR: error[:5000]})
+                    self.store.end(run.info.run_id, status)
                 elif run.info.status != "FINISHED" and tracking.TRIAL_STATE not in run.data.tags:
-                    self.client.set_tag(run.info.run_id, tracking.TRIAL_STATE, "FAIL")
+                    self.store.set_tags(run.info.run_id, {tracking.TRIAL_STATE: "FAIL"})
         except Exception as problem:
             log.warning("could not close the MLflow run of trial %d: %s", number, first_line(problem, 500))
 
     def _trial_runs(self, number: int) -> list:
         """Trial `number`'s own runs, newest first (one, unless its job and this module both
         created one)."""
-        return self.client.search_runs(
+        return self.store.search_runs(
             [self.experiment_id],
             filter_string=f"tags.{tracking.STUDY} = '{self.study_name}' and tags.{tracking.TRIAL} = '{number}'",
             max_results=5,
@@ -194,35 +190,26 @@ class ParentRun:
         trials = study.get_trials(deepcopy=False)
         for name in ("COMPLETE", "PRUNED", "FAIL"):
             count = sum(t.state.name == name for t in trials)
-            self.client.log_metric(self.run_id, f"study_{name.lower()}", float(count))
+            self.store.log_metrics(self.run_id, {f"study_{name.lower()}": float(count)}, step=0)
         best = best_trial(study)
         if best is not None:
             for i, value in enumerate(best.values):
-                self.client.log_metric(self.run_id, "best_value" if i == 0 else f"best_value_{i}", value)
-            self.client.set_tag(self.run_id, BEST_TRIAL, str(best.number))
-            for key, value in best.params.items():
-                self.client.set_tag(self.run_id, mlflow_key(f"best_params.{key}"), str(value))
-        self.client.set_terminated(self.run_id, status=status)
+                self.store.log_metrics(self.run_id, {"best_value" if i == 0 else f"best_value_{i}": value}, step=0)
+            self.store.set_tags(self.run_id, {BEST_TRIAL: str(best.number)})
+            self.store.set_tags(
+                self.run_id, {mlflow_key(f"best_params.{key}"): str(value) for key, value in best.params.items()}
+            )
+        self.store.end(self.run_id, status)
 
     def fail(self, error: str) -> None:
         """End the run FAILED with `error`, when the sweep stops before its study ends and the
         study's counts cannot be read (its storage was lost). Never raises: the caller is
         reporting an error already."""
         try:
-            self.client.set_tag(self.run_id, tracking.ERROR, error[:5000])
-            self.client.set_terminated(self.run_id, status="FAILED")
+            self.store.set_tags(self.run_id, {tracking.ERROR: error[:5000]})
+            self.store.end(self.run_id, "FAILED")
         except Exception as problem:
             log.warning("could not end the sweep's MLflow run %s: %s", self.run_id, first_line(problem, 500))
-
-
-def _existing_run(client, run_id: str | None):
-    """The run `run_id`, or None when there is none (a new study, or a deleted run)."""
-    if not run_id:
-        return None
-    try:
-        return client.get_run(run_id)
-    except Exception:
-        return None
 
 
 def mlflow_key(text: str) -> str:
