@@ -17,9 +17,10 @@ from soda.config import Config, ViewConfig
 from soda.data import LabelledImages, ViewAugmentation, load_splits
 from soda.errors import ConfigError
 from soda.evaluator import Evaluator
-from soda.loop import PRECISION_DTYPES, Hooks, OnEvaluation, Optimization, Schedule, Trainer, Views
+from soda.loop import PRECISION_DTYPES, Trainer
 from soda.models import SODA, build_soda
 from soda.tracking import flatten
+from soda.trainer_parts import Hooks, OnEvaluation, Optimization, Schedule, Views
 
 
 def build_model(settings: Config) -> SODA:

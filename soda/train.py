@@ -1,8 +1,8 @@
 """One training run: config in; a trained encoder, probe accuracies and an MLflow record out.
 
 `run(cfg)` is the config's edge: it validates the composed Hydra config, builds the model, the
-data, the evaluation, the tracker and the sweep's reporter from it, and hands plain values to the
-loop (`soda.loop.Trainer`). How each evaluation is recorded (and whether a sweep's pruner stops
+data and the evaluation from it (soda.build), and the tracker and the sweep's reporter, and hands
+plain values to the loop (`soda.loop.Trainer`). How each evaluation is recorded (and whether a sweep's pruner stops
 the trial) is the `on_evaluation` callback built here.
 """
 

@@ -12,7 +12,8 @@ import torch
 from soda import tracking
 from soda.data import LabelledImages
 from soda.errors import DivergenceError
-from soda.loop import CHECKPOINT, Hooks, Optimization, Schedule, StopRequested, Trainer, Views
+from soda.loop import CHECKPOINT, StopRequested, Trainer
+from soda.trainer_parts import Hooks, Optimization, Schedule, Views
 from tests.helpers import REPO, reference_view
 from tests.models.helpers import tiny_soda
 
