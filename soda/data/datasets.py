@@ -18,26 +18,24 @@ could not write), each process decodes for itself, so nobody waits for a cache t
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
-import re
 import stat
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from soda.data.cache import CACHE_FOLDER as CACHE_FOLDER
+from soda.data.cache import Source, cache_key, load_cached
+from soda.data.images import LabelledImages
 from soda.data.shapes import CLASSES as SHAPE_CLASSES
 from soda.data.shapes import make_shapes_with_factors
 from soda.errors import DataError, first_line
-from soda.files import LockContended, OwnerLock, describe, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -46,36 +44,7 @@ log = logging.getLogger(__name__)
 OWN_LOADERS = ("cifar10", "cifar100", "tiny_imagenet")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLITS = ("train", "test")
-CACHE_FOLDER = ".soda-cache"
-CACHE_VERSION = 2  # part of every cache key: a new layout is a new name
 DECODE_CHUNK = 2048  # files per decoding task
-LOCK_REFRESH_SECONDS = 10.0  # how often the decoding process touches its lock
-# A lock untouched this long has lost its holder (killed on another node). Generous, because an
-# NFS client may show another client's mtime up to a minute late (attribute caching).
-LOCK_STALE_SECONDS = 180.0
-LOCK_POLL_SECONDS = 0.25
-
-
-@dataclass
-class LabelledImages:
-    images: torch.Tensor  # uint8 [N, 3, H, W]
-    labels: torch.Tensor  # int64 [N]
-    classes: list[str]
-    # How each image was made, where the data set knows (`shapes`): name -> [N] int64 (discrete)
-    # or [N, k] float (continuous); the factor probes read them (soda.eval.factor_probes).
-    factors: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return self.labels.shape[0]
-
-    def subset(self, limit: int | None) -> LabelledImages:
-        """`limit` images drawn by a fixed permutation (the same for every run, whatever its
-        seed), so a limited run sees every class and runs of one study see the same images."""
-        if limit is None or limit >= len(self):
-            return self
-        chosen = torch.randperm(len(self), generator=torch.Generator().manual_seed(0))[:limit].sort().values
-        factors = {name: values[chosen] for name, values in self.factors.items()}
-        return LabelledImages(self.images[chosen], self.labels[chosen], self.classes, factors)
 
 
 def load_splits(
@@ -103,7 +72,7 @@ def load_splits(
     _check_same_classes(root, train_source.classes, test_source.classes)
     if train_source.classes is not None:
         _check_class_count(root, train_source.classes, num_classes)
-    train, test = _load(train_source), _load(test_source)
+    train, test = load_cached(train_source), load_cached(test_source)
     _check_same_classes(root, train.classes, test.classes)
     _check_class_count(root, train.classes, num_classes)
     return train, test
@@ -133,7 +102,7 @@ def load_split(
     source = _source(name, root, split, image_size, download)
     if source.classes is not None:
         _check_class_count(root, source.classes, num_classes)
-    data = _load(source)
+    data = load_cached(source)
     _check_class_count(root, data.classes, num_classes)
     return data
 
@@ -174,21 +143,7 @@ def _some(names: list[str], limit: int = 10) -> str:
 # What a split is built from, found by listing (stat only): its cache key, and how to decode it.
 
 
-@dataclass
-class _Source:
-    root: Path
-    stem: str  # the cache file's name before its key: "<name>-<split>-<size>px"
-    key: str | None  # hash of the files it is built from; None until they are downloaded
-    classes: list[str] | None  # known before decoding for image folders
-    decode: Callable[[], LabelledImages] | None = None
-    download: Callable[[], _Source] | None = None  # fetches the files, then lists them
-
-    @property
-    def cache(self) -> Path:
-        return self.root / CACHE_FOLDER / f"{self.stem}-{self.key}.pt"
-
-
-def _source(name: str, root: Path, split: str, image_size: int, download: bool) -> _Source:
+def _source(name: str, root: Path, split: str, image_size: int, download: bool) -> Source:
     stem = f"{name}-{split}-{image_size}px"
     if name == "tiny_imagenet" and _tiny_imagenet_base(root) is not None:
         return _tiny_imagenet(root, stem, split, image_size, download)
@@ -199,14 +154,6 @@ def _source(name: str, root: Path, split: str, image_size: int, download: bool) 
     if name in ("cifar10", "cifar100"):
         return _torchvision_cifar(name, root, stem, split, image_size, download)
     return _tiny_imagenet(root, stem, split, image_size, download)
-
-
-def _key(image_size: int, classes: list[str], entries: Iterable[tuple[str, int, os.stat_result]]) -> str:
-    """Hash of (path, label, size, mtime) of every file: what a decoded split depends on."""
-    digest = hashlib.sha256(f"v{CACHE_VERSION} {image_size}px {classes!r}\n".encode())
-    for path, label, info in entries:
-        digest.update(f"{path}\t{label}\t{info.st_size}\t{info.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
 
 
 def _missing(name: str, root: Path, what: str, download: bool = True) -> DataError:
@@ -229,7 +176,7 @@ def _missing_folder(name: str, root: Path, split: str) -> DataError:
     )
 
 
-def _image_folder(name: str, root: Path, stem: str, split: str, image_size: int) -> _Source:
+def _image_folder(name: str, root: Path, stem: str, split: str, image_size: int) -> Source:
     """root/split/<class>/** (class ids = sorted folder names); every file must be a readable image."""
     folder = root / split
     if not folder.is_dir():
@@ -245,9 +192,9 @@ def _image_folder(name: str, root: Path, stem: str, split: str, image_size: int)
         if not entries:
             raise DataError(f"class folder {folder / class_name} is empty; remove it or add its images")
         files.extend((path, label, info) for path, info in entries)
-    key = _key(image_size, classes, ((path.relative_to(folder), label, info) for path, label, info in files))
+    key = cache_key(image_size, classes, ((path.relative_to(folder), label, info) for path, label, info in files))
     pairs = [(path, label) for path, label, _ in files]
-    return _Source(root, stem, key, classes, decode=lambda: _decode_files(pairs, classes, image_size, folder))
+    return Source(root, stem, key, classes, decode=lambda: _decode_files(pairs, classes, image_size, folder))
 
 
 def _files(paths: Iterable[Path]) -> list[tuple[Path, os.stat_result]]:
@@ -264,7 +211,7 @@ def _files(paths: Iterable[Path]) -> list[tuple[Path, os.stat_result]]:
     return found
 
 
-def _torchvision_cifar(name: str, root: Path, stem: str, split: str, image_size: int, download: bool) -> _Source:
+def _torchvision_cifar(name: str, root: Path, stem: str, split: str, image_size: int, download: bool) -> Source:
     from torchvision.datasets import CIFAR10, CIFAR100
 
     dataset_class = CIFAR10 if name == "cifar10" else CIFAR100
@@ -273,8 +220,8 @@ def _torchvision_cifar(name: str, root: Path, stem: str, split: str, image_size:
     names = [file_name for file_name, _ in batches] + [dataset_class.meta["filename"]]
     present = dict(_files(folder / file_name for file_name in names))
     if len(present) == len(names):
-        key = _key(image_size, [], ((path.name, 0, info) for path, info in present.items()))
-        return _Source(
+        key = cache_key(image_size, [], ((path.name, 0, info) for path, info in present.items()))
+        return Source(
             root, stem, key, None, decode=lambda: _decode_cifar(dataset_class, folder, split, image_size, download)
         )
     missing = sorted(set(names) - {path.name for path in present})
@@ -282,7 +229,7 @@ def _torchvision_cifar(name: str, root: Path, stem: str, split: str, image_size:
     if not download:
         raise _missing(name, root, f"{what} and dataset.download=false", download=False)
 
-    def fetch() -> _Source:
+    def fetch() -> Source:
         try:
             dataset_class(str(root), train=split == "train", download=True)
         except Exception as error:  # URLError, socket errors, HTTP errors: all "could not download"
@@ -292,7 +239,7 @@ def _torchvision_cifar(name: str, root: Path, stem: str, split: str, image_size:
             raise _missing(name, root, f"{what} after the download")
         return fetched
 
-    return _Source(root, stem, None, None, download=fetch)
+    return Source(root, stem, None, None, download=fetch)
 
 
 def _decode_cifar(dataset_class, folder: Path, split: str, image_size: int, download: bool) -> LabelledImages:
@@ -317,13 +264,13 @@ def _tiny_imagenet_base(root: Path) -> Path | None:
     return None
 
 
-def _tiny_imagenet(root: Path, stem: str, split: str, image_size: int, download: bool) -> _Source:
+def _tiny_imagenet(root: Path, stem: str, split: str, image_size: int, download: bool) -> Source:
     base = _tiny_imagenet_base(root)
     if base is None or not (base / "train").is_dir():
         if not download:
             raise _missing("tiny_imagenet", root, "no tiny-imagenet-200/ and dataset.download=false", download=False)
 
-        def fetch() -> _Source:
+        def fetch() -> Source:
             from torchvision.datasets.utils import download_and_extract_archive
 
             fetched = _tiny_imagenet(root, stem, split, image_size, download)
@@ -338,7 +285,7 @@ def _tiny_imagenet(root: Path, stem: str, split: str, image_size: int, download:
                 raise _missing("tiny_imagenet", root, "no tiny-imagenet-200/train after the download")
             return fetched
 
-        return _Source(root, stem, None, None, download=fetch)
+        return Source(root, stem, None, None, download=fetch)
     classes = sorted(d.name for d in (base / "train").iterdir() if d.is_dir())
     index = {c: i for i, c in enumerate(classes)}
     if split == "train":
@@ -367,9 +314,9 @@ def _tiny_imagenet(root: Path, stem: str, split: str, image_size: int, download:
                 raise DataError(
                     f"{path}, listed in {annotations}, is missing; put it back or delete its line"
                 ) from None
-    key = _key(image_size, classes, ((path.relative_to(base), label, info) for path, label, info in files))
+    key = cache_key(image_size, classes, ((path.relative_to(base), label, info) for path, label, info in files))
     pairs = [(path, label) for path, label, _ in files]
-    return _Source(root, stem, key, classes, decode=lambda: _decode_files(pairs, classes, image_size, base))
+    return Source(root, stem, key, classes, decode=lambda: _decode_files(pairs, classes, image_size, base))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,126 +361,3 @@ def _resize(images: torch.Tensor, image_size: int) -> torch.Tensor:
         images.float(), size=(image_size, image_size), mode="bicubic", antialias=True
     )
     return resized.round().clamp(0, 255).to(torch.uint8)
-
-
-# ---------------------------------------------------------------------------------------------
-# The cache, and the lock that lets one process of several build it.
-
-
-def _load(source: _Source) -> LabelledImages:
-    tried = source.key is not None and source.cache.is_file()
-    if tried and (data := _read_cache(source)) is not None:
-        return data
-    with _DecodeLock(source.root / CACHE_FOLDER / f"{source.stem}.lock"):
-        # Holding the lock, or after its holder let it go: the cache may be there by now.
-        if source.key is None:
-            source = source.download()
-        data = _read_cache(source, warn=not tried)
-        if data is None:
-            data = source.decode()
-            _write_cache(source, data)
-    return data
-
-
-def _read_cache(source: _Source, warn: bool = True) -> LabelledImages | None:
-    """The cached split, or None: absent, of an older layout, or unreadable. The name says what
-    it was built from, so an unreadable one (a disk error, a copy cut short) is decoded again
-    from the same files, which gives the same tensors."""
-    path = source.cache
-    if not path.is_file():
-        return None
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if payload.get("version") != CACHE_VERSION or payload.get("key") != source.key:
-            return None
-        return LabelledImages(payload["images"], payload["labels"], list(payload["classes"]))
-    except Exception as error:
-        if warn:
-            log.warning("decoded-data cache %s is unreadable (%s); decoding again", path, type(error).__name__)
-        return None
-
-
-def _write_cache(source: _Source, data: LabelledImages) -> None:
-    path = source.cache
-    cache = {
-        "version": CACHE_VERSION,
-        "key": source.key,
-        "images": data.images,
-        "labels": data.labels,
-        "classes": data.classes,
-    }
-    try:
-        write_atomically(path, lambda handle: torch.save(cache, handle))
-    except OSError as error:
-        # A read-only or full data folder still trains; it just decodes again next time.
-        log.warning("cannot write decoded-data cache %s (%s); the next run decodes again", path, error.strerror)
-        return
-    # The caches of this split and size built from earlier files (and those of CACHE_VERSION 1,
-    # named without a key) can never be read again.
-    stale = re.compile(re.escape(source.stem) + r"(-[0-9a-f]{16})?\.pt")
-    for other in path.parent.iterdir():
-        if other != path and stale.fullmatch(other.name):
-            try:
-                other.unlink(missing_ok=True)
-            except OSError:
-                pass  # it only takes room
-
-
-class _DecodeLock:
-    """`with _DecodeLock(path):` returns once this process holds the lock, or once another
-    process that held it let it go (then this one reads that one's cache, or decodes for itself
-    if there is none), or at once where no lock can be created."""
-
-    def __init__(self, path: Path):
-        # The ranks of one SLURM job on several nodes share this lock: a lock of our own job is a
-        # peer's, not one left before a requeue (no requeue_takes_over).
-        self.lock = OwnerLock(path, refresh_seconds=LOCK_REFRESH_SECONDS, stale_after_seconds=LOCK_STALE_SECONDS)
-
-    def __enter__(self) -> _DecodeLock:
-        try:
-            self.lock.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            return self  # a read-only folder, or the cache folder's name taken by a file: no cache, no lock
-        while True:
-            try:
-                owner = self.lock.try_acquire()
-            except LockContended:
-                continue
-            except OSError:
-                return self  # a read-only folder or a full disk: every process decodes for itself
-            if owner is None:
-                break
-            gone = self._wait(owner)
-            if gone is None:
-                return self  # released by its owner
-            self.lock.take_over(gone)
-        if self.lock.previous_owner is not None:
-            log.warning("taking over %s from %s, which is gone", self.lock.path, describe(self.lock.previous_owner))
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.lock.release()
-
-    def _wait(self, owner: dict) -> dict | None:
-        """Waits while the lock's owner works: None once it lets go, or the owner once it is
-        gone without letting go."""
-        log.info("waiting for %s to decode (lock %s)", describe(owner), self.lock.path)
-        seen, changed = None, time.monotonic()
-        while True:
-            try:
-                mtime = self.lock.path.stat().st_mtime_ns
-            except FileNotFoundError:
-                return None
-            owner = self.lock.owner()
-            if owner is None:
-                return None
-            if self.lock.stale(owner):
-                return owner
-            # `stale` judges the lock's age by the clocks, and not on this host. A lock whose touches
-            # stop for as long, timed as seen by this machine's clock, has lost its owner too: a hung
-            # process, or a node whose clock runs behind (an NFS client may show a touch a minute late).
-            if mtime != seen:
-                seen, changed = mtime, time.monotonic()
-            elif time.monotonic() - changed > self.lock.stale_after_seconds:
-                return owner
-            time.sleep(LOCK_POLL_SECONDS)
