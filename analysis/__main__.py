@@ -42,6 +42,7 @@ from soda.tracking import STORE_DIR_ENV, STUDY, TRACKING_URI_ENV, default_tracki
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Which runs: the options every table and plot command shares.
     selection = argparse.ArgumentParser(add_help=False)
     group = selection.add_argument_group("which runs")
     group.add_argument(
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Result tables and plots from the MLflow runs. Failed and unfinished runs and sweep "
         "parents are left out of every table and counted in a note.",
     )
+
+    # The commands: tables and plots from the runs, then the pages regenerated from them.
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     main = commands.add_parser("main", parents=[selection], help="the main table: one row per configuration")
     main.add_argument("--format", choices=FORMATS, default="text")

@@ -30,6 +30,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -37,10 +38,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from ema_pytorch import EMA
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
 
 import soda.config
 from soda import tracking
@@ -48,6 +45,10 @@ from soda.build import build_evaluator, build_model, build_trainer
 from soda.data import LabelledImages, load_split
 from soda.data.shapes import make_shapes
 from soda.models.summary import training_step_flops_per_image
+
+# The baseline, a sibling script's module, found through the path line.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput_baseline import StraightforwardStep, pil_loader
 
 REPO = Path(__file__).resolve().parents[1]  # the records go to bench/results/
 
@@ -118,6 +119,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. schedule.compile=none")
     args = parser.parse_args()
 
+    # The device, the preset and the settings it measures.
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
@@ -133,6 +135,8 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     train_set, test_set = _data(args.dataset_root, preset, settings)
+
+    # What was measured, and the device's peak that the rates are a fraction of.
     record = {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -153,6 +157,7 @@ def main() -> None:
     peak, peak_source = (args.peak_tflops, "--peak-tflops") if args.peak_tflops else _peak(device)
     record["peak_tflops"], record["peak_source"] = peak, peak_source
 
+    # Measure: (a) data, (c) end to end, (b) the step alone, then the probes.
     data_batch = preset.get("data_batch", batch) if not args.batch else batch
     data = measure_data(settings, train_set, device, data_batch, preset["data_batches"], args.workers)
     data["batch"] = data_batch
@@ -172,6 +177,8 @@ def main() -> None:
                 parser.error("--eval-full needs --dataset-root")
             fast_trainer.train_set, fast_trainer.test_set = _data(args.dataset_root, None, settings)
         record["eval"] = measure_eval(settings, fast_trainer, device)
+
+    # The speedups, the report and the record.
     record["peak_memory_mib"] = _peak_memory_mib(device)
     record["speedup"] = {
         name: record[name]["fast"]["images_per_s"] / record[name]["baseline"]["images_per_s"]
@@ -228,93 +235,6 @@ def _peak_memory_mib(device: torch.device) -> dict:
     return memory
 
 
-# ------------------------------------------------------------------------------------------------
-# The baseline: per-image PIL transforms in DataLoader workers, and a straightforward step.
-
-
-def _pil_view(view, size: int) -> transforms.Compose:
-    steps = []
-    if view.crop_prob > 0:
-        crop = transforms.RandomResizedCrop(size, scale=tuple(view.crop_scale), ratio=tuple(view.crop_ratio))
-        steps.append(transforms.RandomApply([crop, transforms.RandomHorizontalFlip(view.flip_prob)], p=view.crop_prob))
-    if view.randaugment_prob > 0:
-        randaugment = transforms.RandAugment(view.randaugment_ops, view.randaugment_magnitude)
-        steps.append(transforms.RandomApply([randaugment], p=view.randaugment_prob))
-    return transforms.Compose([*steps, transforms.ToTensor()])
-
-
-class PILViews(Dataset):
-    """The seed's data path: an HWC uint8 array, PIL per image, two independent views."""
-
-    def __init__(self, images: torch.Tensor, settings):
-        self.array = images.permute(0, 2, 3, 1).numpy()
-        size = settings.dataset.image_size
-        self.source = _pil_view(settings.augmentation.source, size)
-        self.target = _pil_view(settings.augmentation.target, size)
-        self.normalize = transforms.Normalize(settings.dataset.mean, settings.dataset.std)
-
-    def __len__(self) -> int:
-        return len(self.array)
-
-    def __getitem__(self, index: int):
-        image = Image.fromarray(self.array[index])
-        return self.normalize(self.source(image)), self.target(image)
-
-
-def _loader(train_set: LabelledImages, settings, batch: int, workers: int, device) -> DataLoader:
-    return DataLoader(
-        PILViews(train_set.images, settings),
-        batch_size=batch,
-        shuffle=True,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        drop_last=True,
-        persistent_workers=workers > 0,
-    )
-
-
-class StraightforwardStep:
-    """What a first implementation does: fp16 autocast with a GradScaler on CUDA (fp32 on a CPU),
-    eager, AdamW with its defaults, clipping, ema-pytorch's update() as shipped."""
-
-    def __init__(self, model, settings, device, warmup_steps: int):
-        s = settings.schedule
-        self.model, self.settings, self.device = model.to(device), settings, device
-        lr = s.decoder_lr
-        self.optimizer = torch.optim.AdamW(
-            [
-                {"params": model.encoder.parameters(), "lr": lr * s.encoder_lr_ratio},
-                {"params": model.decoder.parameters()},
-            ],
-            lr=lr,
-            betas=tuple(s.adam_betas),
-            weight_decay=s.weight_decay,
-        )
-        self.dtype = torch.float16 if device.type == "cuda" else None
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype is not None)
-        self.ema = EMA(
-            model, beta=s.ema_decay, update_after_step=0, power=s.ema_warmup_power, include_online_model=False
-        )
-        self.base_lrs = [lr * s.encoder_lr_ratio, lr]
-        self.warmup_steps, self.step = warmup_steps, 0
-
-    def __call__(self, source_view, target_view) -> torch.Tensor:
-        factor = min(1.0, (self.step + 1) / self.warmup_steps)  # the same warm-up as the Trainer
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-            group["lr"] = base * factor
-        self.step += 1
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            loss = self.model(source_view, target_view)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.schedule.grad_clip or math.inf)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.ema.update()
-        return loss
-
-
 def _fresh(settings, train_set, test_set, device, tmp: Path):
     """The fast trainer and the baseline step, from the same initial weights."""
     torch.manual_seed(settings.seed)
@@ -353,7 +273,7 @@ def measure_data(settings, train_set, device, batch, batches, workers) -> dict:
         return count * batch / (time.perf_counter() - started)
 
     fast = timed(lambda: fast_batches(batches + 2), 2, batches)
-    loader = _loader(train_set, settings, batch, workers, device)
+    loader = pil_loader(train_set, settings, batch, workers, device)
 
     def loader_batches():
         while True:
@@ -387,7 +307,7 @@ def measure_end_to_end(settings, train_set, test_set, device, batch, steps, warm
     fast = steps * batch / (time.perf_counter() - started)
     fast_memory = _peak_memory_mib(device)
 
-    loader = _loader(train_set, settings, batch, workers, device)
+    loader = pil_loader(train_set, settings, batch, workers, device)
     baseline_losses, done = [], 0
     while done < steps + warmup:
         for source_view, target_view in loader:

@@ -198,6 +198,7 @@ def evaluate_probes(
     training set). The test set is then streamed once: each batch is classified by both probes
     and dropped.
     """
+    # The k-NN bank, and the linear probe trained on it and its augmented copies.
     progress.stage("k-NN features", train_count, "images")
     bank, bank_labels = extract_features(encode, train_batches, device)
     probe = None
@@ -220,6 +221,7 @@ def evaluate_probes(
         )
         del probe_bank, probe_features, probe_labels
 
+    # Both probes on each test batch, streamed once.
     progress.stage("k-NN and linear test" if probe is not None else "k-NN test", test_count, "images")
     knn_correct = linear_correct = total = 0
     for images, labels in test_batches:
