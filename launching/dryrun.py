@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from launching import jobs, slurm
+from launching.adapters.hydra import parse_launch_arguments
 from soda.progress import plural
 
 FLAG = "hydra.launcher.dry_run"
@@ -30,7 +31,7 @@ def main(arguments: Sequence[str]) -> int | None:
     """The dry run of `python launch.py <arguments>`: its exit status (0 when SLURM would accept
     every job, 2 with an `error:` line otherwise), or None when the arguments ask for none and the
     launch goes on. Composition and check errors are raised, as the launch raises them."""
-    args = jobs.hydra_arguments(arguments)
+    args = parse_launch_arguments(arguments)
     if args.cfg or args.help or args.hydra_help or args.info or args.shell_completion:
         return None  # those print instead of launching
     # Read as the launcher reads it (soda.config.parse_flag), so that a value the launcher takes for
@@ -70,7 +71,7 @@ def _set_by_a_config_file(arguments: list[str], overrides: list[str]) -> bool:
 def _dry_run(arguments: list[str], overrides: list[str]) -> int:
     from omegaconf import OmegaConf
 
-    from hydra_plugins.soda_launchers import launchers
+    from launching import submission
 
     overrides_of_jobs = jobs.check_launch(arguments)
     # The launcher's settings are the launch's, not a job's: Hydra makes one launcher for the sweep,
@@ -80,7 +81,7 @@ def _dry_run(arguments: list[str], overrides: list[str]) -> int:
     target = str(params.pop("_target_", ""))
     settings = [jobs.job_settings(jobs.compose_as_launched(arguments, job)) for job in overrides_of_jobs]
     sweeper = str(OmegaConf.select(launch, "hydra.sweeper._target_", default=""))
-    shown = launchers._shown_overrides(overrides_of_jobs)
+    shown = submission.shown_overrides(overrides_of_jobs)
 
     if "soda_sweeper" in sweeper:  # one launch, so one submission, per trial; sweep.n_jobs in flight
         plan = _optuna_plan(launch, overrides, overrides_of_jobs, shown)
@@ -145,15 +146,14 @@ def _optuna_plan(launch, overrides: list[str], jobs: list[list[str]], shown: lis
 
 
 def _local(params: dict, settings: list, plan: Plan, at_once: int) -> int:
-    from hydra_plugins.soda_launchers import launchers
-    from launching import site
+    from launching import checks, local, site
 
-    gpus = launchers.local_plan(params, at_once, site.visible_gpus())
-    launchers.check_local(gpus.params, settings)
-    launchers.warn_about_cpu_jobs(gpus.params["gpus_per_node"], gpus.why_no_gpu, settings)
+    gpus = local.local_plan(params, at_once, site.visible_gpus())
+    local.check_local(gpus.params, settings)
+    checks.warn_about_cpu_jobs(gpus.params["gpus_per_node"], gpus.why_no_gpu, settings)
     for number, overrides in plan.rows:
         print(f"--- {_trial(number, plan.trials)}: {overrides}")
-    threads = launchers.local_threads(gpus.params, at_once)
+    threads = local.local_threads(gpus.params, at_once)
     threads_text = "the OMP_NUM_THREADS you set" if threads is None else f"{threads} thread{'s' * (threads != 1)}"
     print(f"{gpus.line}; each rank with {threads_text} (OMP_NUM_THREADS)")
     print(
@@ -167,14 +167,14 @@ def _trial(number: int | None, total: int) -> str:
 
 
 def _slurm(params: dict, settings: list, plan: Plan, sweeper: str) -> int:
-    from hydra_plugins.soda_launchers import launchers
+    from launching import checks, submission
 
-    launchers.check_slurm(params, settings)
+    checks.check_slurm(params, settings)
     for job in settings:
-        launchers.warn_about_file_stores(job.tracking.uri, job.sweep.storage, optuna_sweep="soda_sweeper" in sweeper)
+        checks.warn_about_file_stores(job.tracking.uri, job.sweep.storage, optuna_sweep="soda_sweeper" in sweeper)
     gpus = params.get("gpus_per_node")
-    launchers.warn_about_cpu_jobs(gpus or 0, f"hydra.launcher.gpus_per_node={gpus}", settings)
-    executor = launchers.make_executor("slurm", params)
+    checks.warn_about_cpu_jobs(gpus or 0, f"hydra.launcher.gpus_per_node={gpus}", settings)
+    executor = submission.make_executor("slurm", params)
     total = plan.trials
     # One row stands for every trial when the sampler has not chosen them: its verdict is theirs.
     weight = total if plan.rows and plan.rows[0][0] is None else 1
@@ -186,7 +186,7 @@ def _slurm(params: dict, settings: list, plan: Plan, sweeper: str) -> int:
         if len(indices) > 1:
             first, last = plan.rows[indices[0]][0], plan.rows[indices[-1]][0]
             print(f"--- one job array of jobs {first}-{last}, as Hydra's basic sweeper submits them:")
-        script = launchers.submission_script(executor, len(indices))
+        script = submission.submission_script(executor, len(indices))
         print(script.rstrip("\n"))
         accepted, answer = _test_only(script)
         print(f"sbatch --test-only {'accepted' if accepted else 'refused'} it: {'; '.join(answer)}")

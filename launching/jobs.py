@@ -9,7 +9,6 @@ sweeper all go through it, so that what they refuse is what the job itself would
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import re
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from launching.adapters.hydra import parse_launch_arguments
 from soda.config import CONF_DIR, Config, compose_raw, to_settings
 from soda.errors import ConfigError
 
@@ -33,14 +33,6 @@ def job_settings(composed: DictConfig) -> Config:
     return to_settings(without_hydra(composed))
 
 
-def hydra_arguments(arguments: Sequence[str]) -> argparse.Namespace:
-    """launch.py's command line as hydra.main reads it, with hydra.main's own parser. The one use
-    in launching/ of Hydra's private get_args_parser (launching/adapters/hydra.py is to hold it)."""
-    from hydra._internal.utils import get_args_parser
-
-    return get_args_parser().parse_args(list(arguments))
-
-
 def plain_overrides(overrides: Sequence[str]) -> list[str]:
     """The overrides that are not sweeps (`seed=0,1`, `choice(...)`), as Hydra parses them: what
     the launch's own composition (its sweeper, its launcher) is made from."""
@@ -54,7 +46,7 @@ def compose_as_launched(arguments: Sequence[str], overrides: Sequence[str] | Non
     """The composition, Hydra's node included, that `python launch.py <arguments>` makes (its
     --config-path, --config-name, --config-dir), with `overrides` in place of the command line's
     when given (one job of a sweep). Hydra's errors are raised as they are."""
-    args = hydra_arguments(arguments)
+    args = parse_launch_arguments(arguments)
     # --config-path is relative to launch.py (the repository root), as hydra.main takes it.
     config_dir = (CONF_DIR.parent / args.config_path).resolve() if args.config_path else CONF_DIR
     # --config-dir: one more folder of configs, searched before conf/.
@@ -76,7 +68,7 @@ def check_launch(arguments: Sequence[str]) -> list[list[str]]:
     as the launchers check them before submitting (sweep_jobs: an interval at its lower end only).
     Returns each job's overrides. Hydra's composition errors are raised as they are (launch.py
     prints them as one line, as it does for a run); a bad value is a ConfigError."""
-    args = hydra_arguments(arguments)
+    args = parse_launch_arguments(arguments)
     overrides = list(args.overrides)
     if not args.multirun:
         composed = compose_as_launched(arguments, overrides)
@@ -116,7 +108,7 @@ def check_shown_config(arguments: Sequence[str]) -> tuple[list[str], str | None]
     multirun's config: with -m, every job is checked and the arguments returned print the first
     job's. Returns the arguments for Hydra and a note for the user (None when there is nothing to
     add); other arguments come back as they are."""
-    args = hydra_arguments(arguments)
+    args = parse_launch_arguments(arguments)
     if args.cfg not in ("job", "all", "hydra") or args.help or args.hydra_help or args.info or args.shell_completion:
         return list(arguments), None
     jobs = check_launch(arguments)

@@ -226,9 +226,9 @@ def launch_note(arguments: Sequence[str]) -> str | None:
     """The first line of a multirun: where its jobs run and why (the site profile, or that there is
     none and how to make one). None for a single run, for flags that print instead of running, and
     when the command line names the launcher itself."""
-    from launching.jobs import hydra_arguments
+    from launching.adapters.hydra import parse_launch_arguments
 
-    args = hydra_arguments(arguments)
+    args = parse_launch_arguments(arguments)
     if not args.multirun or args.cfg or args.help or args.hydra_help or args.info or args.shell_completion:
         return None
     named = [o.split("=", 1)[-1] for o in args.overrides if _override_key(o) == "hydra/launcher"]
@@ -269,10 +269,11 @@ def launch_note(arguments: Sequence[str]) -> str | None:
 
 def annotate_shown_config(arguments: Sequence[str], text: str) -> str:
     """`--cfg hydra`'s text with where each launcher value came from (launcher_sources)."""
-    from launching.jobs import compose_as_launched, hydra_arguments
+    from launching.adapters.hydra import parse_launch_arguments
+    from launching.jobs import compose_as_launched
 
     composed = compose_as_launched(arguments)
-    sources = launcher_sources(composed, hydra_arguments(arguments).overrides, current_profile())
+    sources = launcher_sources(composed, parse_launch_arguments(arguments).overrides, current_profile())
     return annotate(text, sources)
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-import launch
+from launching import cli
 from launching.jobs import check_launch
 from tests.helpers import REPO
 
@@ -222,7 +222,7 @@ def _checked(arguments: tuple[str, ...], env: tuple[tuple[str, str], ...]) -> st
     try:
         check_launch(arguments)
     except Exception as error:  # what launch.py reports as `error: <one line>`
-        return launch._one_line(error)
+        return cli.one_line(error)
     finally:
         for name, value in saved.items():
             if value is None:

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 
 from hydra_plugins.soda_launchers import launchers
-from launching import dryrun
+from launching import dryrun, submission
+from launching.checks import LauncherError
 from tests.helpers import launch
 from tests.support.services import needs_slurm
 
-PREFLIGHT = launchers.preflight_line(shlex.quote(sys.executable))  # launch.py runs under this interpreter
+PREFLIGHT = submission.preflight_line(shlex.quote(sys.executable))  # launch.py runs under this interpreter
 
 
 def test_a_command_line_without_a_dry_run_goes_on_to_the_launch():
@@ -37,7 +38,7 @@ def test_a_dry_run_needs_a_multirun(capsys):
 @pytest.mark.parametrize("launcher", [launchers.SodaLocalLauncher, launchers.SodaSlurmLauncher])
 def test_a_launcher_given_dry_run_submits_nothing(tmp_path, launcher):
     folder = tmp_path / "sweep" / ".submitit" / "%j"
-    with pytest.raises(launchers.LauncherError, match=r"^hydra.launcher.dry_run is true, so this launcher submits"):
+    with pytest.raises(LauncherError, match=r"^hydra.launcher.dry_run is true, so this launcher submits"):
         launcher(submitit_folder=str(folder), dry_run=True).launch([["seed=0"]], initial_job_idx=0)
     assert not any(tmp_path.iterdir())
 
