@@ -17,7 +17,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from launching import site_init
+from launching import site_init, site_render, site_survey
 from tests.support.services import REPO, needs_slurm
 
 # A GPU cluster as SLURM 22.05 prints it: partition gpu (the default: 4 nodes of 4 A100s and 64
@@ -58,7 +58,7 @@ def machine(tmp_path, monkeypatch):
     bin_dir.mkdir()
     monkeypatch.setenv("PATH", str(bin_dir))
     monkeypatch.setenv("USER", "alice")
-    for name in site_init.ENVIRONMENT:
+    for name in site_survey.ENVIRONMENT:
         monkeypatch.delenv(name, raising=False)
 
     def tool(name: str, answers: dict) -> None:
@@ -208,7 +208,7 @@ def test_without_sbatch_jobs_run_here_and_slurm_is_not_asked(machine, tmp_path, 
 
 
 def test_a_hung_controller_costs_the_timeout_and_is_reported(machine, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(site_init, "TIMEOUT_S", 0.5)
+    monkeypatch.setattr(site_survey, "TIMEOUT_S", 0.5)
     gpu_cluster(machine)
     machine("scontrol", {"show config": "hang", "show partition": "hang", "show node": "hang"})
     profile, text, out = write(tmp_path, capsys)
@@ -237,7 +237,7 @@ def test_store_settings_come_from_the_environment_and_say_which_variable(machine
 
 @pytest.mark.parametrize("value", ["/plain/path", "http://h:5000", "yes", "null", "1440", "a: b", "x #y", "[1]", "*x"])
 def test_scalars_load_back_as_the_same_string(value):
-    line = f"key: {site_init.scalar(value)}  # a comment"
+    line = f"key: {site_render.scalar(value)}  # a comment"
     assert yaml.safe_load(line) == {"key": value}
     assert OmegaConf.create(line).key == value
 
@@ -266,7 +266,7 @@ def test_an_unwritable_output_is_one_error_line(machine, tmp_path, capsys):
 @needs_slurm
 def test_the_profile_of_this_cluster_matches_sinfo(tmp_path):
     output = tmp_path / "site.yaml"
-    env = {name: value for name, value in os.environ.items() if name not in site_init.ENVIRONMENT}
+    env = {name: value for name, value in os.environ.items() if name not in site_survey.ENVIRONMENT}
     done = subprocess.run(
         [sys.executable, "-m", "launching.site_init", "--output", str(output)],
         cwd=REPO,
