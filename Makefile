@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo sweep-demo test test-fast test-all lint format summary bench gpu-check gpu-carry gpu-rehearsal faults table mlflow-ui mlflow-server optuna-dashboard \
+.PHONY: help install demo sweep-demo test test-fast test-all lint format summary bench gpu-check gpu-carry gpu-rehearsal faults faults-quick table mlflow-ui mlflow-server optuna-dashboard \
 	slurm-up slurm-down postgres-up postgres-down site clean
 
 help: ## List the targets
@@ -25,8 +25,8 @@ demo: install ## Train the demo run: synthetic shapes, tiny model, CPU, offline,
 sweep-demo: install ## What the latent learns at demo size: noise schedule x target view x 2 seeds, 8 trials 2 at a time, on this CPU (sweeps/learning_study.yaml)
 	$(PY) launch.py -m sweep=learning_study experiment=demo hydra/launcher=local sweep.n_jobs=2
 
-test: install ## The whole suite but slow and GPU tests (CPU, about 30 minutes; needs make slurm-up, postgres-up)
-	$(PY) -m pytest -m "not slow and not cuda"
+test: install ## The suite but the fault campaigns, slow and GPU tests (CPU; needs make slurm-up, postgres-up)
+	$(PY) -m pytest -m "not slow and not cuda and not system" --durations=15
 
 # The fast tier: unit tests, the docs' commands and one smoke run; no real processes, no services.
 FAST := not slow and not cuda and not integration and not system and not slurm and not postgres
@@ -62,6 +62,9 @@ gpu-rehearsal: install ## The two device calls of gpu-check here: the device's t
 
 faults: install ## Fault campaign: kills, SLURM requeues, a crowd of trials, failing trials, bad inputs (needs slurm-up, postgres-up; about 30 min)
 	$(PY) -m pytest tests/system -v
+
+faults-quick: install ## The fault campaign's quick part, as CI runs it after make test (no slow tests; needs slurm-up, postgres-up)
+	$(PY) -m pytest tests/system -m "not slow" -v
 
 # The store and experiment `make table` reads (default: $SODA_TRACKING_URI, else $MLFLOW_TRACKING_URI, else the embedded store, every
 # experiment), e.g. make table TRACKING_URI=http://127.0.0.1:5000 EXPERIMENT=soda
