@@ -88,20 +88,18 @@ def test_gpu_check_without_the_packages_or_carried_wheels_says_what_to_do(tmp_pa
     assert "make gpu-carry" in result.stdout and "make install" in result.stdout
 
 
-def _gpu_check_module():
-    import importlib.util
+def _bench(name: str):
+    """A module of bench/, imported as bench/gpu_check.py imports its siblings."""
+    import importlib
 
     sys.path.insert(0, str(REPO / "bench"))
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(name)
 
 
 def test_the_gpu_only_parts_read_pytest_reports_and_judge_the_targets(tmp_path):
     """What only runs on a GPU, on fabricated inputs: the pytest report of the cuda tests, and the
     targets and summary line of a CUDA record."""
-    gpu_check = _gpu_check_module()
+    gpu_stages, gpu_record = _bench("gpu_stages"), _bench("gpu_record")
     (tmp_path / "test_sample.py").write_text(
         "import pytest\n"
         "def test_good(): pass\n"
@@ -117,7 +115,7 @@ def test_the_gpu_only_parts_read_pytest_reports_and_judge_the_targets(tmp_path):
         env={k: v for k, v in os.environ.items() if k != "CI"},
         timeout=120,
     )
-    counts, failures = gpu_check._junit(report)
+    counts, failures = gpu_stages.read_junit(report)
     assert counts == {"tests": 3, "failed": 1, "errors": 0, "skipped": 1, "passed": 1}
     assert len(failures) == 1 and failures[0].startswith("test_bad: AssertionError: one is not two")
 
@@ -140,7 +138,7 @@ def test_the_gpu_only_parts_read_pytest_reports_and_judge_the_targets(tmp_path):
             },
         },
     }
-    assert gpu_check.targets(record) == {
+    assert gpu_record.targets(record) == {
         "end_to_end_at_least_6000": True,
         "step_at_least_5400": False,
         "zero_host_syncs_per_step": True,
@@ -148,41 +146,42 @@ def test_the_gpu_only_parts_read_pytest_reports_and_judge_the_targets(tmp_path):
         "knn_end_above_start": True,
         "latent_gap_grew": False,
     }
-    assert gpu_check.summary_line(record) == (
+    assert gpu_record.summary_line(record) == (
         "gpu-check ok e2e=6100 step=5000 mfu=0.314 knn_start=0.3100 knn_end=0.3500 images=1024000 latent_gap=0.0010"
     )
 
 
 def _check(tmp_path, kind="cuda", budgets=None, deadline=None, export=None):
-    gpu_check = _gpu_check_module()
-    budgets = {**gpu_check.SIZES[kind]["budgets"], **(budgets or {})}
-    check = gpu_check.Check(tmp_path / "record.json", tmp_path / "work", kind, budgets, deadline, export)
-    check.record = {"stages": {name: {} for name in gpu_check.STAGES}}
-    return gpu_check, check
+    """A Check with the stages' budgets of bench/gpu_check.py's SIZES, or those given."""
+    gpu_record = _bench("gpu_record")
+    budgets = {**_bench("gpu_check").SIZES[kind]["budgets"], **(budgets or {})}
+    check = gpu_record.Check(tmp_path / "record.json", tmp_path / "work", kind, budgets, deadline, export)
+    check.record = {"stages": {name: {} for name in gpu_record.STAGES}}
+    return check
 
 
 def test_the_training_budget_comes_from_its_own_share_and_the_cache_on_disk(tmp_path, monkeypatch):
     """Never from another stage's record: a throughput stage that timed out (or never ran) changes
     nothing; a cold cache that leaves too little trains eager instead of refusing."""
-    gpu_check, check = _check(tmp_path)
+    gpu_training, check = _bench("gpu_training"), _check(tmp_path)
     cache = tmp_path / "inductor"
     cache.mkdir()
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
-    cold = gpu_check.training_plan(check, None)
+    cold = gpu_training.training_plan(check, None)
     assert (cold["cache"], cold["compile"], cold["overhead_estimate"]) == ("cold", "none", 70)
     assert cold["train_seconds"] == 240 - 70 and "trained eager" in cold["why_eager"]
     check.record["stages"]["throughput"] = {"status": "cut", "compile_seconds": None}
     (cache / "fxgraph").mkdir()
     (cache / "fxgraph" / "graph.py").write_text("")
-    warm = gpu_check.training_plan(check, None)
+    warm = gpu_training.training_plan(check, None)
     assert (warm["cache"], warm["compile"], warm["train_seconds"]) == ("warm", "auto", 240 - 70 - 30)
-    assert gpu_check.training_plan(check, 60.0)["train_seconds"] == 60  # --train-seconds caps it
-    _, roomy = _check(tmp_path, budgets={"training": 400})
+    assert gpu_training.training_plan(check, 60.0)["train_seconds"] == 60  # --train-seconds caps it
+    roomy = _check(tmp_path, budgets={"training": 400})
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "empty"))
-    compiled = gpu_check.training_plan(roomy, None)  # room for a cold compile: compiled
+    compiled = gpu_training.training_plan(roomy, None)  # room for a cold compile: compiled
     assert (compiled["compile"], compiled["train_seconds"]) == ("auto", 400 - 70 - 165)
-    _, cpu = _check(tmp_path, kind="cpu")
-    assert gpu_check.training_plan(cpu, 8.0) == {
+    cpu = _check(tmp_path, kind="cpu")
+    assert gpu_training.training_plan(cpu, 8.0) == {
         "limit": 300.0,
         "compile": "auto",
         "cache": None,
@@ -190,7 +189,7 @@ def test_the_training_budget_comes_from_its_own_share_and_the_cache_on_disk(tmp_
         "train_seconds": 8.0,
     }
     # The call's deadline cuts a stage's share only when it is nearer.
-    _, late = _check(tmp_path, deadline=time.time() + 100)
+    late = _check(tmp_path, deadline=time.time() + 100)
     limit, by = late.timeout("training")
     assert 85 <= limit <= 90 and by == "the call's --deadline"
     assert late.timeout("data") == (60.0, "its 60 s budget")
@@ -208,17 +207,17 @@ def _alive(pid: int) -> bool:
 def test_a_stages_whole_process_group_is_ended(tmp_path, ends):
     """A cut stage, and one that exits leaving a grandchild (a DDP rank, a pytest worker), leave
     nothing running that could hold the GPU for the next stage."""
-    gpu_check, check = _check(tmp_path, budgets={"data": 2})
+    gpu_process, check = _bench("gpu_process"), _check(tmp_path, budgets={"data": 2})
     check.work.mkdir()
     pids = tmp_path / "pids"
     waits = "sleep 300" if ends == "cut at its budget" else "true"
     script = f"sleep 300 & echo $! > {pids}; {waits}"
     began = time.time()
     if ends == "cut at its budget":
-        with pytest.raises(gpu_check.Cut, match=r"cut at its 2 s budget; its process group was ended"):
-            gpu_check.run_logged(check, "data", ["bash", "-c", script])
+        with pytest.raises(_bench("gpu_record").Cut, match=r"cut at its 2 s budget; its process group was ended"):
+            gpu_process.run_logged(check, "data", ["bash", "-c", script])
     else:
-        assert gpu_check.run_logged(check, "data", ["bash", "-c", script]) == 0
+        assert gpu_process.run_logged(check, "data", ["bash", "-c", script]) == 0
     assert check.record["stages"]["data"]["group_ended"] == "SIGTERM"
     grandchild = int(pids.read_text())
     for _ in range(50):
@@ -267,24 +266,24 @@ def test_a_call_ended_by_a_signal_records_the_cut_stage_and_prints_its_line(tmp_
 
 
 def test_a_call_killed_without_a_word_is_recorded_as_cut_by_the_next(tmp_path):
-    gpu_check, check = _check(tmp_path, kind="cpu")
+    check = _check(tmp_path, kind="cpu")
     check.work.mkdir()
     check.begin(time.time(), ["data"])
     check.record["stages"]["data"] = {"status": "running", "call": 1}
     check.save()  # then SIGKILL: nothing more was written
-    _, later = _check(tmp_path, kind="cpu")
+    later = _check(tmp_path, kind="cpu")
     later.begin(time.time(), ["training"])
     assert later.call_index == 2
     assert later.record["stages"]["data"]["status"] == "cut"
     assert "killed during this stage" in later.record["stages"]["data"]["reason"]
     (check.work / "record.json").write_text(json.dumps({**later.record, "git_sha": "0" * 40}))
-    _, other = _check(tmp_path, kind="cpu")
+    other = _check(tmp_path, kind="cpu")
     other.begin(time.time(), ["data"])  # another commit: a record of its own
     assert other.call_index == 1 and other.record["stages"] == {}
 
 
 def test_the_tree_sent_without_git_is_checked_against_the_carried_commit(tmp_path):
-    gpu_env = _gpu_env_module()
+    gpu_env = _bench("gpu_env")
     tree, carry = tmp_path / "tree", tmp_path / "tree" / ".carry"
     (tree / "soda").mkdir(parents=True)
     carry.mkdir()
@@ -312,9 +311,7 @@ def test_the_tree_sent_without_git_is_checked_against_the_carried_commit(tmp_pat
 
 
 def test_gpu_carrys_manifest_names_heads_blobs():
-    sys.path.insert(0, str(REPO / "bench"))
-    import gpu_carry
-
+    gpu_carry = _bench("gpu_carry")
     manifest = gpu_carry.source_manifest()
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     blob = subprocess.run(
@@ -327,7 +324,7 @@ def test_gpu_carrys_manifest_names_heads_blobs():
 def test_the_preflight_names_an_unsupported_torch_in_one_line(monkeypatch):
     import torch
 
-    gpu_env = _gpu_env_module()
+    gpu_env = _bench("gpu_env")
     assert gpu_env.torch_problem() is None and gpu_env.import_problem() is None
     monkeypatch.setattr(torch, "__version__", "2.9.1+cu128")
     assert gpu_env.torch_problem() == "torch 2.9.1+cu128 is older than 2.11, the oldest the project supports"
@@ -342,9 +339,7 @@ def test_the_preflight_names_an_unsupported_torch_in_one_line(monkeypatch):
 
 
 def test_the_docs_give_the_device_calls_gpu_carry_prints():
-    sys.path.insert(0, str(REPO / "bench"))
-    import gpu_carry
-
+    gpu_carry = _bench("gpu_carry")
     doc = (REPO / "docs" / "performance.md").read_text()
     for stages, timeout in gpu_carry.CALLS:
         assert f"command='{gpu_carry.call_command(stages, timeout)}', carry=['.carry'], timeout_s={timeout})" in doc
@@ -370,20 +365,13 @@ def test_the_rehearsal_runs_the_documented_calls_offline_on_the_devices_torch(tm
     assert not (tmp_path / "tree" / ".git").exists()
 
 
-def _gpu_env_module():
-    sys.path.insert(0, str(REPO / "bench"))
-    import gpu_env
-
-    return gpu_env
-
-
 def test_the_training_record_is_read_back_by_the_record_contract(tmp_path):
     """read_training_record on a store written through soda.tracking's keys and tags, with the
     latent gap at the timesteps the run's config names (not necessarily the default ones)."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
-    gpu_check = _gpu_check_module()
+    gpu_training = _bench("gpu_training")
     store = tmp_path / "mlflow.db"
     client = MlflowClient(f"sqlite:///{store}")
     experiment = client.create_experiment("gpu-check", artifact_location=str(tmp_path / "artifacts"))
@@ -408,7 +396,7 @@ def test_the_training_record_is_read_back_by_the_record_contract(tmp_path):
     )
     client.set_terminated(run_id)
 
-    record = gpu_check.read_training_record(store)
+    record = gpu_training.read_training_record(store)
     assert record["mlflow_run_id"] == run_id and record["status"] == "FINISHED" and record["compile"] == "eager"
     assert (record["epochs"], record["knn_start"], record["knn_end"], record["linear_end"]) == (2, 0.2, 0.4, 0.45)
     assert (record["latent_gap_start"], record["latent_gap_end"]) == (0.001, 0.004)
