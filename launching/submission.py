@@ -102,6 +102,13 @@ class Launch:
     report_each_job: bool  # False under a sweeper that reports each trial itself
 
 
+def sweeper_runs_trials(config: DictConfig) -> bool:
+    """Whether the launch's sweeper is ours (hydra_plugins/soda_sweeper), which launches each trial
+    on its own and says how each ended: what the dry run, which has the composition but no
+    sweeper, reads; a launcher is told by the sweeper itself (run_trials)."""
+    return "soda_sweeper" in str(OmegaConf.select(config, "hydra.sweeper._target_", default=""))
+
+
 def compose_jobs(hydra_context, config: DictConfig, job_overrides) -> list:
     """Each job's settings, composed and validated here as the job would (launching.jobs.job_settings),
     so that an unknown key or a bad value in any job stops the launch before anything runs."""

@@ -23,7 +23,6 @@ from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQu
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
 
 from launching import checks, local, submission
-from launching.checks import LauncherError  # noqa: F401  (tests/test_dryrun.py: launchers.LauncherError)
 
 
 class _SodaLauncher:
@@ -90,15 +89,3 @@ class SodaSlurmConf(SlurmQueueConf):
 # options: conf/hydra/launcher/{local,slurm}.yaml build on them (`/soda_schema_launcher_local@_here_`).
 ConfigStore.instance().store(name="soda_schema_launcher_local", node=SodaLocalConf, provider="soda")
 ConfigStore.instance().store(name="soda_schema_launcher_slurm", node=SodaSlurmConf, provider="soda")
-
-# Until launching/dryrun.py and tests/test_dryrun.py import these from launching/ themselves.
-preflight_line = submission.preflight_line
-make_executor = submission.make_executor
-submission_script = submission.submission_script
-_shown_overrides = submission.shown_overrides
-local_plan, check_local, local_threads = local.local_plan, local.check_local, local.local_threads
-check_slurm, warn_about_cpu_jobs, warn_about_file_stores = (
-    checks.check_slurm,
-    checks.warn_about_cpu_jobs,
-    checks.warn_about_file_stores,
-)
