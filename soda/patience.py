@@ -42,10 +42,12 @@ def patiently(
                 deadline = now + timeout_s
                 warn(reason)
             if now >= deadline:
-                raise give_up(reason, error) from None
+                failure = give_up(reason, error)
+                break  # raised below, outside this handler: the failure says all, not the last error
             time.sleep(min(pause, deadline - now))
             pause = min(2 * pause, longest_pause_s)
             continue
         if deadline is not None and answered_again is not None:
             answered_again()
         return result
+    raise failure from None
