@@ -80,10 +80,10 @@ def _dry_run(arguments: list[str], overrides: list[str]) -> int:
     params = OmegaConf.to_container(launch.hydra.launcher, resolve=True)
     target = str(params.pop("_target_", ""))
     settings = [jobs.job_settings(jobs.compose_as_launched(arguments, job)) for job in overrides_of_jobs]
-    sweeper = str(OmegaConf.select(launch, "hydra.sweeper._target_", default=""))
+    trials_on_their_own = submission.sweeper_runs_trials(launch)
     shown = submission.shown_overrides(overrides_of_jobs)
 
-    if "soda_sweeper" in sweeper:  # one launch, so one submission, per trial; sweep.n_jobs in flight
+    if trials_on_their_own:  # our Optuna sweeper: one launch, so one submission, per trial; sweep.n_jobs in flight
         plan = _optuna_plan(launch, overrides, overrides_of_jobs, shown)
         at_once = settings[0].sweep.n_jobs
     else:  # Hydra's basic sweeper: its batches (all jobs, unless max_batch_size) are launched at once
@@ -98,7 +98,7 @@ def _dry_run(arguments: list[str], overrides: list[str]) -> int:
     if target.endswith("SodaLocalLauncher"):
         return _local(params, settings, plan, min(at_once, plan.trials))
     if target.endswith("SodaSlurmLauncher"):
-        return _slurm(params, settings, plan, sweeper)
+        return _slurm(params, settings, plan, trials_on_their_own)
     return _error(f"hydra.launcher.dry_run=true needs hydra/launcher=local or slurm, not {target}")
 
 
@@ -166,12 +166,12 @@ def _trial(number: int | None, total: int) -> str:
     return f"trial {number} of {total}" if number is not None else f"each of the {total} trials"
 
 
-def _slurm(params: dict, settings: list, plan: Plan, sweeper: str) -> int:
+def _slurm(params: dict, settings: list, plan: Plan, optuna_sweep: bool) -> int:
     from launching import checks, submission
 
     checks.check_slurm(params, settings)
     for job in settings:
-        checks.warn_about_file_stores(job.tracking.uri, job.sweep.storage, optuna_sweep="soda_sweeper" in sweeper)
+        checks.warn_about_file_stores(job.tracking.uri, job.sweep.storage, optuna_sweep=optuna_sweep)
     gpus = params.get("gpus_per_node")
     checks.warn_about_cpu_jobs(gpus or 0, f"hydra.launcher.gpus_per_node={gpus}", settings)
     executor = submission.make_executor("slurm", params)
