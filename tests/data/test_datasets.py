@@ -17,7 +17,7 @@ from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
 from soda.config import DatasetConfig
-from soda.data import datasets, load_split, load_splits
+from soda.data import cache, datasets, load_split, load_splits
 from soda.data.augment import sample_crop_boxes
 from soda.data.shapes import CLASSES, FACTORS, make_shapes, make_shapes_with_factors
 from soda.errors import DataError
@@ -506,7 +506,7 @@ def test_lock_left_by_a_dead_process_on_this_host_is_taken_over(tmp_path):
 
 def test_lock_that_stops_being_refreshed_is_taken_over(tmp_path, monkeypatch):
     # A holder on another node that died: its lock's mtime stops changing.
-    monkeypatch.setattr(datasets, "LOCK_STALE_SECONDS", 0.5)
+    monkeypatch.setattr(cache, "LOCK_STALE_SECONDS", 0.5)
     _write_tree(tmp_path, "train", {"a": 1, "b": 1})
     lock = _lock_path(tmp_path, "imagefolder-train-8px")
     lock.parent.mkdir()
