@@ -18,8 +18,8 @@ class LauncherError(SodaError):
 
 def refuse_a_dry_run(params: dict) -> None:
     """A launcher never submits with dry_run set: launch.py shows a dry run before any launch. The
-    value is read by the rule launch.py reads it by (soda.config.parse_flag)."""
-    from soda.config import parse_flag
+    value is read by the rule launch.py reads it by (launching.jobs.parse_flag)."""
+    from launching.jobs import parse_flag
 
     if parse_flag("hydra.launcher.dry_run", params.get("dry_run", False)):
         raise LauncherError(

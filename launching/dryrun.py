@@ -34,7 +34,7 @@ def main(arguments: Sequence[str]) -> int | None:
     args = parse_launch_arguments(arguments)
     if args.cfg or args.help or args.hydra_help or args.info or args.shell_completion:
         return None  # those print instead of launching
-    # Read as the launcher reads it (soda.config.parse_flag), so that a value the launcher takes for
+    # Read as the launcher reads it (launching.jobs.parse_flag), so that a value the launcher takes for
     # true (1, on, ...) is a dry run here too, never a launch whose every job the launcher refuses.
     asked = jobs.command_line_flag(arguments, FLAG)
     if asked is None and args.multirun:
@@ -59,13 +59,11 @@ def _set_by_a_config_file(arguments: list[str], overrides: list[str]) -> bool:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from soda import config
-
     try:
         launch = jobs.compose_as_launched(arguments, jobs.plain_overrides(overrides))
     except (HydraException, OmegaConfBaseException):
         return False
-    return config.parse_flag(FLAG, OmegaConf.select(launch, FLAG, default=False))
+    return jobs.parse_flag(FLAG, OmegaConf.select(launch, FLAG, default=False))
 
 
 def _dry_run(arguments: list[str], overrides: list[str]) -> int:

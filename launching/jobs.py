@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -123,11 +124,9 @@ def check_shown_config(arguments: Sequence[str]) -> tuple[list[str], str | None]
 
 def command_line_flag(arguments: Sequence[str], key: str) -> bool | None:
     """The value the command line gives a boolean flag (`hydra.launcher.dry_run=1`, `+key=on`), its
-    last one parsed as Hydra parses an override and read by soda.config.parse_flag, the launchers'
+    last one parsed as Hydra parses an override and read by parse_flag, the launchers'
     rule; None when it gives none."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from soda.config import parse_flag
 
     given = [a for a in arguments if re.fullmatch(rf"\+{{0,2}}{re.escape(key)}=.*", a, flags=re.DOTALL)]
     if not given:
@@ -135,3 +134,26 @@ def command_line_flag(arguments: Sequence[str], key: str) -> bool | None:
     override = OverridesParser.create().parse_overrides([given[-1]])[0]
     value = given[-1].split("=", 1)[1] if override.is_sweep_override() else override.value()
     return parse_flag(key, value, text=given[-1].split("=", 1)[1])
+
+
+@dataclass
+class _Flag:
+    value: bool = False
+
+
+def parse_flag(key: str, value: Any, text: str | None = None) -> bool:
+    """A boolean flag's value (`hydra.launcher.dry_run`, ...) as OmegaConf reads it into a `bool`
+    field, which is how the launchers get it: true/false, yes/no, y/n, on/off in any case, and
+    integers (0 is false, any other true). The one rule for every boolean flag, so that launch.py
+    never reads one way what a launcher reads another; anything else is a one-line ConfigError
+    (quoting `text`, the value as the user wrote it, when given)."""
+    from omegaconf.errors import ValidationError
+
+    flag = OmegaConf.structured(_Flag)
+    try:
+        flag.value = value
+    except ValidationError:
+        raise ConfigError(
+            f"{key}={value if text is None else text} is neither true nor false; give true or false (yes/no, on/off and 1/0 are read too)"
+        ) from None
+    return bool(flag.value)

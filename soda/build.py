@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from soda import dist
-from soda.config import Config, ViewConfig
+from soda.config import Config
+from soda.config_groups import ViewConfig
 from soda.data import LabelledImages, ViewAugmentation, load_splits
 from soda.errors import ConfigError
 from soda.evaluator import Evaluator

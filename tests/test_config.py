@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import MISSING, OmegaConf
 
 from launching.jobs import check_launch, check_shown_config, sweep_jobs
-from soda import config
+from soda import config, config_groups
 from soda.config import to_settings
 from soda.errors import ConfigError
 from tests.helpers import CONF, compose_config, launch
@@ -86,7 +86,10 @@ def test_data_root_follows_soda_data(monkeypatch):
 def test_the_schema_holds_types_and_conf_the_values():
     # Each default is written once: a field that a YAML file of conf/ sets has none in the schema.
     # These four are the exceptions no YAML file needs (shapes sets its sizes).
-    schemas = [v for name, v in vars(config).items() if dataclasses.is_dataclass(v) and not name.startswith("_")]
+    modules = (config, config_groups)
+    schemas = {
+        v for m in modules for name, v in vars(m).items() if dataclasses.is_dataclass(v) and not name.startswith("_")
+    }
     assert len(schemas) == 9
     fields = [(schema.__name__, field) for schema in schemas for field in dataclasses.fields(schema)]
     with_default = {f"{schema}.{field.name}" for schema, field in fields if field.default != MISSING}

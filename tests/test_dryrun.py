@@ -66,7 +66,7 @@ def test_a_launcher_option_that_sets_dry_run_makes_the_multirun_a_dry_run(tmp_pa
 @pytest.mark.parametrize("value", ["true", "True", "yes", "Y", "on", "ON", "1", "2", "false", "no", "n", "off", "0"])
 def test_the_command_line_reads_the_flag_as_the_launcher_does(value):
     # launch.py decides on a dry run from the command line; the launcher reads the same override
-    # into its typed schema. One rule (soda.config.parse_flag) for both: what one takes for true,
+    # into its typed schema. One rule (launching.jobs.parse_flag) for both: what one takes for true,
     # so does the other.
     from hydra import compose, initialize_config_dir
 
