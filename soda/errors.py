@@ -25,6 +25,14 @@ class TrackingLost(TrackingError):
     """The tracking store stopped answering during a run for longer than tracking.timeout_s."""
 
 
+class SweepError(SodaError):
+    """A sweep that cannot start or continue: bad sweep file, unusable storage, too many failures."""
+
+
+class StorageLost(SweepError):
+    """The Optuna storage stopped answering for longer than the sweep waits for it."""
+
+
 class RunDirError(SodaError):
     """The run directory cannot be used: unwritable, in use by another process, or holding a
     run with other settings."""

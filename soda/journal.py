@@ -31,7 +31,7 @@ from typing import Any
 
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
-from soda.sweep import SweepError
+from soda.errors import SweepError
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import logging
 import math
 from pathlib import Path
 
-from soda.errors import SodaError, first_line
+from soda.errors import StorageLost, SweepError, first_line
 from soda.patience import patiently
 from soda.tracking import redact
 
@@ -47,14 +47,6 @@ POSTGRES_CONNECT_ARGS = {
     "keepalives_interval": 5,
     "keepalives_count": 3,
 }
-
-
-class SweepError(SodaError):
-    """A sweep that cannot start or continue: bad sweep file, unusable storage, too many failures."""
-
-
-class StorageLost(SweepError):
-    """The Optuna storage stopped answering for longer than the sweep waits for it."""
 
 
 def open_storage(spec: str, timeout_s: float = STORAGE_TIMEOUT_S):

@@ -150,11 +150,6 @@ def test_each_layer_imports_only_the_layers_below_it():
     assert layer_violations() == []
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="soda.sweep imports soda.journal (in a function), which imports SweepError from soda.sweep: "
-    "the error belongs in soda.errors (soda/sweep.py is being reworked elsewhere)",
-)
 def test_soda_modules_import_each_other_without_a_cycle():
     assert import_cycles() == []
 
