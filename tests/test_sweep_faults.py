@@ -18,9 +18,10 @@ from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
 from launching.sweeper.parent_run import ParentRun
 from launching.sweeper.sampler import SamplerSpec
-from launching.sweeper.scheduler import ERROR_ATTR, STORAGE_LOST, Scheduler, SweepState, recover
+from launching.sweeper.scheduler import Scheduler
 from launching.sweeper.search_space import grid_cells, parse_space
 from launching.sweeper.study import SETTINGS_ATTR, check_sweep_settings, sweep_settings
+from launching.sweeper.trials import ERROR_ATTR, STORAGE_LOST, SweepState, recover
 from soda import tracking
 from soda.journal import TORN_SUFFIX
 from soda.sweep import PatientStorage, StorageLost, SweepError, open_storage

@@ -16,16 +16,9 @@ from optuna.trial import TrialState
 
 from launching import submission
 from launching.sweeper.parent_run import END_ATTR, ParentRun
-from launching.sweeper.scheduler import (
-    ERROR_ATTR,
-    TRACKING_LOST,
-    Scheduler,
-    SweepState,
-    plan,
-    recover,
-    summary,
-)
+from launching.sweeper.scheduler import Scheduler
 from launching.sweeper.search_space import check_every_value, grid_cells, parse_space
+from launching.sweeper.trials import ERROR_ATTR, TRACKING_LOST, SweepState, plan, recover, summary
 from soda import tracking
 from soda.errors import TrackingLost
 from soda.sweep import SweepError

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 PARENT_ATTR = "soda_mlflow_parent"  # study user attribute: the sweep's MLflow run id
 # Study user attribute: why the sweep stopped, where MLflow could not be told (its tracking store
-# was lost); the run that continues the sweep records it and clears it (scheduler.recover).
+# was lost); the run that continues the sweep records it and clears it (trials.recover).
 END_ATTR = "soda_sweep_end"
 RESUMED = tracking.RESUMED
 BEST_TRIAL = "best_trial"

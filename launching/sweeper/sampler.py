@@ -11,9 +11,6 @@ of LEGACY. Neither (null): TPE with Optuna's defaults, the older form's default.
 A grid (GridSampler, or the older `name: grid`) runs every combination of `params`' values once,
 in order: the sweeper enqueues each cell, and the sampler that asks for the trial only fills in
 what a custom search space suggests, so it is a RandomSampler (seeded when `seed` is given).
-
-No `from __future__ import annotations` here: Hydra's plugin scan executes this module outside
-sys.modules, and dataclasses cannot resolve string annotations then.
 """
 
 from collections.abc import Callable

@@ -5,9 +5,6 @@ override syntax, as Optuna distributions (and, for choices and ranges, the value
 `range(0, 3)`, `interval(1e-4, 1e-2)`, `tag(log, interval(...))`, `tag(int, interval(1, 8))`,
 or a plain value that every trial gets. Sweep-syntax overrides on the command line (`seed=0,1,2`)
 add dimensions too, and replace a dimension of the same name.
-
-No `from __future__ import annotations` here: Hydra's plugin scan executes this module outside
-sys.modules, and dataclasses cannot resolve string annotations then.
 """
 
 import itertools

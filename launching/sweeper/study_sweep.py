@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from launching.jobs import job_settings, without_hydra
 from launching.sweeper.parent_run import ParentRun
 from launching.sweeper.sampler import SamplerSpec, custom_search_space, make_sampler, sampler_spec
-from launching.sweeper.scheduler import Scheduler, SweepState, plan, recover, summary
+from launching.sweeper.scheduler import Scheduler
 from launching.sweeper.search_space import check_every_value, grid_cells, parse_space, spec_text
 from launching.sweeper.study import (
     SETTINGS_ATTR,
@@ -33,6 +33,7 @@ from launching.sweeper.study import (
     open_study,
     sweep_settings,
 )
+from launching.sweeper.trials import SweepState, plan, recover, summary
 from soda import tracking
 from soda.errors import TrackingLost
 from soda.sweep import STORAGE_TIMEOUT_ATTR, STORAGE_TIMEOUT_S, StorageLost, SweepError, make_pruner, open_storage

@@ -17,7 +17,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from launching.sweeper.scheduler import ERROR_ATTR
+from launching.sweeper.trials import ERROR_ATTR
 from soda import tracking
 from soda.sweep import open_storage
 from tests.helpers import free_port

@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from launching.sweeper.scheduler import ERROR_ATTR
+from launching.sweeper.trials import ERROR_ATTR
 from soda import tracking
 from soda.sweep import open_storage
 from tests.system.campaign import REPO, TINY, Store, environment, launch_command, tracking_overrides
