@@ -31,7 +31,7 @@ test: install ## The suite but the fault campaigns, slow and GPU tests (CPU; nee
 # The fast tier: unit tests, the docs' commands and one smoke run; no real processes, no services.
 FAST := not slow and not cuda and not integration and not system and not slurm and not postgres
 
-test-fast: install ## Unit tests, the docs' commands, one smoke run (CPU, under 3 minutes; no SLURM or PostgreSQL)
+test-fast: install ## Unit tests, the docs' commands, one smoke run (CPU; no SLURM or PostgreSQL)
 	$(PY) -m pytest -m "$(FAST)"
 
 test-all: install ## Run every test, slow ones included
