@@ -24,39 +24,12 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig
 
 from launching.sweeper.study_sweep import StudySweep
-from soda.sweep import STORAGE_TIMEOUT_S
 
 
 class OptunaSweeper(Sweeper):
-    def __init__(
-        self,
-        study_name: str | None,
-        storage: str,
-        direction: Any,
-        n_trials: int | None,
-        n_jobs: int,
-        max_failure_rate: float,
-        sampler: Any,
-        pruner: Any,
-        params: Any,
-        custom_search_space: str | None = None,
-        storage_timeout_s: float = STORAGE_TIMEOUT_S,
-        resume_with_changes: bool = False,
-    ):
-        self.study_sweep = StudySweep(
-            study_name,
-            storage,
-            direction,
-            n_trials,
-            n_jobs,
-            max_failure_rate,
-            sampler,
-            pruner,
-            params,
-            custom_search_space,
-            storage_timeout_s,
-            resume_with_changes,
-        )
+    def __init__(self, **settings: Any):
+        # hydra.sweeper.* (hydra_plugins/soda_sweeper/config.py), as StudySweep takes them.
+        self.study_sweep = StudySweep(**settings)
         self.launcher = None
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
