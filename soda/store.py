@@ -89,16 +89,21 @@ def server_unreachable(uri: str) -> str | None:
     return None
 
 
+def _server_answers(uri: str, otherwise: str) -> None:
+    """A TrackingError, ending with what to do (`otherwise`: the caller's other way out), unless
+    the tracking server at `uri` answers."""
+    reason = server_unreachable(uri)
+    if reason:
+        raise TrackingError(
+            f"MLflow tracking server {redact(uri)} is unreachable ({reason}); start it (make mlflow-server), {otherwise}"
+        )
+
+
 def check_reachable(uri: str) -> None:
     """Fail now, with what to do, if the tracking store cannot be written."""
     parsed = urlparse(uri)
     if parsed.scheme in ("http", "https"):
-        reason = server_unreachable(uri)
-        if reason:
-            raise TrackingError(
-                f"MLflow tracking server {uri} is unreachable ({reason}); start it "
-                f"(make mlflow-server), fix tracking.uri, or use tracking=local"
-            )
+        _server_answers(uri, "fix tracking.uri, or use tracking=local")
     elif parsed.scheme == "sqlite":
         database = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
         if database is not None:
@@ -219,12 +224,7 @@ class Store:
             if not folder.is_dir():
                 raise TrackingError(f"no MLflow store at {shown}: {folder} is not a folder (pass another {option})")
         elif parsed.scheme in ("http", "https"):
-            reason = server_unreachable(uri)
-            if reason:
-                raise TrackingError(
-                    f"MLflow tracking server {shown} is unreachable ({reason}); "
-                    f"start it (make mlflow-server) or pass another {option}"
-                )
+            _server_answers(uri, f"or pass another {option}")
         store = cls(uri)
         try:
             with quick_http_failures():
