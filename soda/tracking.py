@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -89,6 +90,7 @@ from soda.store import store_dir as store_dir
 from soda.store import unanswered as unanswered
 
 log = logging.getLogger(__name__)
+RUN_NAME_TAG = "mlflow.runName"  # what mlflow.start_run sets from run_name (mlflow.utils.mlflow_tags)
 RUN_ID_FILE = "mlflow_run_id"
 # How the last process ended, written into the run directory when it could not say so in the
 # store (the store had stopped answering); the next start records it as PREVIOUS_END.
@@ -123,6 +125,8 @@ class Tracker:
         self._recorded_steps: dict[str, int] = {}  # key -> last step already in the store
         self.points_logged = 0  # metric points this process sent (a check against what the store holds)
         self._client = None
+        self._live = False  # started and not yet ended by this process
+        self._monitor = None  # MLflow's system-metrics monitor, while the run is live
 
     @property
     def client(self):
@@ -165,70 +169,68 @@ class Tracker:
         except TrackingError:
             raise
         except Exception as error:
-            import mlflow
-
-            if mlflow.active_run() is not None:  # created, then a write failed: not left RUNNING
-                try:
-                    mlflow.end_run(status="FAILED")
-                except Exception:
-                    pass
+            if self._live:  # created, then a write failed: not left RUNNING
+                with contextlib.suppress(Exception):
+                    self._end("FAILED")
+            self.run_id = None
             raise self._unwritable(error) from None
 
     def _start(self, run_dir: Path, params: dict[str, str], config_yaml: str, tags: dict[str, str], epoch: int) -> str:
-        import mlflow
+        from mlflow.entities import Param
 
-        mlflow.set_tracking_uri(self.uri)
-        experiment_id = self._experiment_id(mlflow)
+        from soda.mlflow_adapter import context_tags, watch_system
+
+        client = self.client
+        experiment_id = get_or_create_experiment(client, self.experiment, self.artifact_location)
         run_dir = Path(run_dir)
-        previous = self._previous_run(mlflow, experiment_id, run_dir)
+        previous = self._previous_run(experiment_id, run_dir)
         unrecorded_end = _take_end_file(run_dir)
         if previous is not None:
-            ended = self._previous_end(mlflow.get_run(previous), unrecorded_end)
-            run = mlflow.start_run(run_id=previous, log_system_metrics=self.system_metrics)
-            self.resumed = True
-            self._recorded_steps = self._last_steps(mlflow, previous)
+            ended = self._previous_end(client.get_run(previous), unrecorded_end)
+            client.update_run(previous, status="RUNNING")
+            self.run_id, self._live, self.resumed = previous, True, True
+            self._recorded_steps = self._last_steps(previous)
             # The run is live again: how the earlier process ended moves to PREVIOUS_END.
-            mlflow.set_tags({RESUMED: "true", PREVIOUS_END: ended[:5000]})
-            _delete_tag(self.client, previous, ERROR)
+            _set_tags(client, previous, {RESUMED: "true", PREVIOUS_END: ended[:5000]})
+            _delete_tag(client, previous, ERROR)
             log.info("continuing MLflow run %s (its previous process: %s)", previous, ended)
         else:
             # The run directory is a tag from the run's creation on, so a process killed before it
             # wrote mlflow_run_id still finds its run on restart instead of leaving it orphaned.
-            run = mlflow.start_run(
-                experiment_id=experiment_id,
-                run_name=self.run_name,
-                tags={"run_dir": str(run_dir.resolve()), **self._lost_record_tags(unrecorded_end, epoch)},
-                log_system_metrics=self.system_metrics,
-            )
+            first_tags = {"run_dir": str(run_dir.resolve()), **self._lost_record_tags(unrecorded_end, epoch)}
+            if self.run_name:
+                first_tags[RUN_NAME_TAG] = self.run_name
+            run = client.create_run(experiment_id, run_name=self.run_name, tags=context_tags(first_tags))
+            self.run_id, self._live = run.info.run_id, True
             write_atomically(run_dir / RUN_ID_FILE, lambda handle: handle.write(f"{run.info.run_id}\n".encode()))
+        if self.system_metrics:
+            self._monitor = watch_system(self.run_id, self.uri, resumed=previous is not None)
         # Written on a resumed run too when the first process died before writing them.
-        recorded = mlflow.get_run(run.info.run_id)
+        recorded = client.get_run(self.run_id)
         missing = {k: v for k, v in params.items() if k not in recorded.data.params}
         if missing:
-            mlflow.log_params(missing)
-        if not any(a.path == "config.yaml" for a in self.client.list_artifacts(run.info.run_id)):
-            mlflow.log_text(config_yaml, "config.yaml")
-        mlflow.set_tags({**tags, **self.tags})
-        self.run_id = run.info.run_id
+            client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in missing.items()])
+        if not any(a.path == "config.yaml" for a in client.list_artifacts(self.run_id)):
+            client.log_text(self.run_id, config_yaml, "config.yaml")
+        _set_tags(client, self.run_id, {**tags, **self.tags})
         return self.run_id
 
-    def _previous_run(self, mlflow, experiment_id: str, run_dir: Path) -> str | None:
+    def _previous_run(self, experiment_id: str, run_dir: Path) -> str | None:
         """The MLflow run this run directory already has: the id in its mlflow_run_id file, or
         else (killed between creating the run and writing the file) the newest run tagged with
         this directory."""
         id_file = run_dir / RUN_ID_FILE
         previous = id_file.read_text().strip() if id_file.exists() else ""
-        if previous and self._run_exists(mlflow, previous):
+        if previous and self._run_exists(previous):
             return previous
         where = str(run_dir.resolve())
         found = []
         if "'" not in where:
-            found = mlflow.search_runs(
+            found = self.client.search_runs(
                 experiment_ids=[experiment_id],
                 filter_string=f"tags.run_dir = '{where}'",
                 order_by=["attributes.start_time DESC"],
                 max_results=1,
-                output_format="list",
             )
         if found:
             return found[0].info.run_id
@@ -278,30 +280,25 @@ class Tracker:
     def record_resume_changes(self, changes: dict[str, tuple[str, str]]) -> None:
         """Settings that changed on resume (soda.rundir.RESUMABLE_CHANGES), added to the run's
         RESUME_CHANGES tag; the params keep the values the run started with."""
-        import mlflow
-
         if not changes or self.run_id is None:
             return
-        earlier = self._write(mlflow.get_run, self.run_id).data.tags.get(RESUME_CHANGES, "")
+        client = self.client
+        earlier = self._write(client.get_run, self.run_id).data.tags.get(RESUME_CHANGES, "")
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         added = f"{now} " + ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changes.items())
-        self._write(mlflow.set_tag, RESUME_CHANGES, "\n".join(filter(None, [earlier, added]))[-5000:])
+        self._write(client.set_tag, self.run_id, RESUME_CHANGES, "\n".join(filter(None, [earlier, added]))[-5000:])
         log.info("resumed with changed settings: %s", added)
 
-    def _experiment_id(self, mlflow) -> str:
-        return get_or_create_experiment(self.client, self.experiment, self.artifact_location)
-
-    @staticmethod
-    def _run_exists(mlflow, run_id: str) -> bool:
+    def _run_exists(self, run_id: str) -> bool:
         try:
-            mlflow.get_run(run_id)
+            self.client.get_run(run_id)
             return True
         except Exception:
             return False
 
-    def _last_steps(self, mlflow, run_id: str) -> dict[str, int]:
+    def _last_steps(self, run_id: str) -> dict[str, int]:
         client = self.client
-        keys = mlflow.get_run(run_id).data.metrics.keys()
+        keys = client.get_run(run_id).data.metrics.keys()
         return {
             key: max(m.step for m in client.get_metric_history(run_id, key))
             for key in keys
@@ -354,21 +351,20 @@ class Tracker:
         """The store is gone: leave the run without contacting it again, and say in the run
         directory how this process ended (END_FILE, `where`: e.g. `in epoch 3`), for the record
         of the next start."""
-        import mlflow
-
         write_end_file(run_dir, self.run_id, f"tracking_lost: {self.lost_reason} {where}")
-        # One quick try to say it in the store as well (it may be back); end_run forgets the run
-        # even when the store does not answer, so nothing waits on it again.
+        # One quick try to say it in the store as well (it may be back); the run is over for this
+        # process even when the store does not answer, so nothing waits on it again.
         with quick_http_failures(timeout=2), contextlib.suppress(Exception):
             client = self.client
             client.set_tag(self.run_id, ERROR, f"{self.lost_reason} {where}"[:5000])
             client.set_tag(self.run_id, ENDED, "tracking_lost")
         with quick_http_failures(timeout=2), contextlib.suppress(Exception):
-            mlflow.end_run(status=ENDINGS["tracking_lost"])
+            self._end(ENDINGS["tracking_lost"])
+        self._live = False
 
     def fail_from_another_thread(self, error: str) -> None:
-        """End the run FAILED from a thread other than the one that started it (MLflow's active
-        run is the starting thread's): soda.heartbeat's watch, before the process leaves."""
+        """End the run FAILED from a thread other than the one training (soda.heartbeat's watch,
+        before the process leaves): written through the client, leaving the run's own end alone."""
 
         if self.run_id is None:
             return
@@ -378,27 +374,24 @@ class Tracker:
         self._write(client.set_terminated, self.run_id, ENDINGS["failed"])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import mlflow
+        from mlflow.entities import Metric
 
         fresh = {k: float(v) for k, v in metrics.items() if step > self._recorded_steps.get(k, -1)}
         if fresh:
             mark("mlflow.log_metrics")
-            self._write(mlflow.log_metrics, fresh, step=step)
+            now = int(time.time() * 1000)
+            points = [Metric(key, value, now, step) for key, value in fresh.items()]
+            self._write(self.client.log_batch, self.run_id, metrics=points)
             self.points_logged += len(fresh)
 
     def log_artifact(self, path: Path, folder: str) -> None:
-        import mlflow
-
-        self._write(mlflow.log_artifact, str(path), folder)
+        self._write(self.client.log_artifact, self.run_id, str(path), folder)
 
     def finish(self, ended: str, error: str | None = None, tags: dict[str, str] | None = None) -> None:
         """End the run as `ended` (a key of ENDINGS) says, with its MLflow status and tags."""
-        import mlflow
-
-        active = mlflow.active_run()
-        if active is None:
+        if not self._live:
             return
-        run_id, client, status = active.info.run_id, self.client, ENDINGS[ended]
+        run_id, client, status = self.run_id, self.client, ENDINGS[ended]
         # Each write on its own (a retried write must not repeat one the store already took).
         if error and status != "FINISHED":
             self._write(client.set_tag, run_id, ERROR, error[:5000])
@@ -407,9 +400,19 @@ class Tracker:
         # Points sent by this process (a resumed run's earlier points were sent by earlier ones).
         for key, value in {**(tags or {}), ENDED: ended, POINTS_LOGGED: str(self.points_logged)}.items():
             self._write(client.set_tag, run_id, key, value)
-        self._write(client.set_terminated, run_id, status)
-        with quick_http_failures(timeout=5), contextlib.suppress(Exception):
-            mlflow.end_run(status=status)  # MLflow's side: its active run and system metrics stop
+        self._write(self._end, status)
+
+    def _end(self, status: str) -> None:
+        """The run's end in the store, then its system metrics' monitor's (whose last flush goes
+        to the store as well); the monitor stops even when the store does not answer."""
+        try:
+            self.client.set_terminated(self.run_id, status)
+            self._live = False
+        finally:
+            monitor, self._monitor = self._monitor, None
+            if monitor is not None:
+                with quick_http_failures(timeout=5), contextlib.suppress(Exception):
+                    monitor.finish()
 
 
 def write_end_file(run_dir: Path, run_id: str | None, ended: str) -> None:
@@ -428,6 +431,12 @@ def _take_end_file(run_dir: Path) -> str | None:
         return None
     path.unlink(missing_ok=True)
     return str(ended)
+
+
+def _set_tags(client, run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
 
 
 def _delete_tag(client, run_id: str, key: str) -> None:

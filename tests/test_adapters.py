@@ -1,5 +1,6 @@
-"""The private APIs of submitit and Hydra that launching/adapters/ relies on: each test fails when
-the library changes what its adapter function uses, on a tiny object of that library."""
+"""The private APIs of submitit and Hydra that launching/adapters/ relies on, and MLflow's
+undocumented parts in soda/mlflow_adapter.py: each test fails when the library changes what its
+adapter function uses, on a tiny object of that library."""
 
 from __future__ import annotations
 
@@ -88,3 +89,28 @@ def test_job_outcome_is_the_return_value_or_the_exception_without_writing_to_std
     result = JobReturn(status=JobStatus[status], _return_value=value)
     assert hydra_adapter.job_outcome(result) is value
     assert capsys.readouterr().err == ""
+
+
+def test_context_tags_are_the_ones_mlflow_start_run_adds():
+    from soda.mlflow_adapter import context_tags
+
+    tags = context_tags({"mine": "1"})
+    assert tags["mine"] == "1"
+    assert {"mlflow.user", "mlflow.source.name", "mlflow.source.type"} <= set(tags)
+
+
+def test_watch_system_logs_system_metrics_to_the_store_it_is_given(tmp_path, monkeypatch):
+    import time
+
+    import mlflow
+
+    from soda.mlflow_adapter import watch_system
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = client.create_run(client.create_experiment("watched")).info.run_id
+    monitor = watch_system(run_id, client.tracking_uri, resumed=False)
+    assert monitor is not None
+    time.sleep(1.5)
+    monitor.finish()
+    assert any(key.startswith("system/") for key in client.get_run(run_id).data.metrics)
