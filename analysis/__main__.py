@@ -38,7 +38,8 @@ from analysis.runs import (
     select_runs,
 )
 from analysis.tables import ABLATION_STUDY, FORMATS, ablation_table, format_table, main_table
-from soda.tracking import STORE_DIR_ENV, STUDY, TRACKING_URI_ENV, default_tracking_uri, redact
+from soda.record import STUDY
+from soda.store import STORE_DIR_ENV, TRACKING_URI_ENV, default_tracking_uri, redact
 
 
 def build_parser() -> argparse.ArgumentParser:

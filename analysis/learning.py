@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from analysis.runs import AnalysisError, exclusion_note, finished_runs, select_runs
 from analysis.tables import NO_VALUE, Table, common_setup, missing_metric_notes, summarize
 from soda.data.shapes import FACTORS
-from soda.tracking import (
+from soda.record import (
     DIAGNOSTICS,
     FACTOR_PREFIX,
     IMAGES_SEEN,

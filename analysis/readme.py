@@ -33,7 +33,8 @@ from analysis.runs import (
     select_runs,
 )
 from analysis.tables import ABLATION_STUDY, Table, ablation_table, format_table, main_table
-from soda.tracking import DIAGNOSTICS, IMAGES_SEEN, TRAIN_LOSS, default_tracking_uri
+from soda.record import DIAGNOSTICS, IMAGES_SEEN, TRAIN_LOSS
+from soda.store import default_tracking_uri
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 # docs/learning.md's block: the learning study's table, regenerated with the README's section.

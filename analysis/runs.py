@@ -15,17 +15,8 @@ from collections.abc import Iterable, Mapping
 import pandas as pd
 
 from soda.errors import SodaError, TrackingError, first_line
-from soda.tracking import (
-    STUDY,
-    SWEEP,
-    SWEEP_PARENT,
-    TRIAL,
-    TRIAL_STATE,
-    Store,
-    default_tracking_uri,
-    quick_http_failures,
-    redact,
-)
+from soda.record import STUDY, SWEEP, SWEEP_PARENT, TRIAL, TRIAL_STATE
+from soda.store import Store, default_tracking_uri, quick_http_failures, redact
 
 RUN_COLUMNS = ["run_id", "experiment", "experiment_id", "status", "start_time", "end_time", "run_name"]
 PAGE_SIZE = 1000
@@ -36,7 +27,7 @@ class AnalysisError(SodaError):
 
 
 def open_store(tracking_uri: str):
-    """An MlflowClient on `tracking_uri`, checked readable (soda.tracking.Store.for_reading);
+    """An MlflowClient on `tracking_uri`, checked readable (soda.store.Store.for_reading);
     AnalysisError (one line) if it is not."""
     try:
         return Store.for_reading(tracking_uri, option="--tracking-uri").client
@@ -159,7 +150,7 @@ def _tag(runs: pd.DataFrame, key: str) -> pd.Series:
 
 
 def sweep_parents(runs: pd.DataFrame) -> pd.Series:
-    """True for a sweep's own run (soda.tracking.parent_tags): it holds the study, not a result."""
+    """True for a sweep's own run (soda.record.parent_tags): it holds the study, not a result."""
     return _tag(runs, SWEEP).eq(SWEEP_PARENT)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from analysis.runs import AnalysisError, exclusion_note, finished_runs, select_runs
-from soda.tracking import KNN_ACC, LATENT_GAP, LINEAR_ACC, RECON_MSE
+from soda.record import KNN_ACC, LATENT_GAP, LINEAR_ACC, RECON_MSE
 
 METRIC_LABELS = {KNN_ACC: "k-NN", LINEAR_ACC: "Linear probe", RECON_MSE: "Recon. MSE", LATENT_GAP: "Latent gap (%)"}
 ACCURACIES = (KNN_ACC, LINEAR_ACC)  # fractions, shown in % with one decimal

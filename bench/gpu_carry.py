@@ -168,7 +168,7 @@ def main() -> None:
 def source_manifest() -> dict:
     """HEAD's commit and the blob id of every file in it (what bench/gpu_env.py checks the tree
     that arrived against), and whether the work tree had uncommitted changes when carried."""
-    from soda.tracking import git_state
+    from soda.record import git_state
 
     listing = subprocess.run(
         ["git", "ls-tree", "-r", "-z", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True

@@ -180,7 +180,7 @@ def blob_id(path: Path) -> str:
 def source_state(carry: Path, repo: Path = REPO) -> dict:
     """The commit the tree here is: from git where the checkout has its .git, else from the
     blob ids `make gpu-carry` recorded in <carry>/source.json, checked against the files here."""
-    from soda.tracking import git_state
+    from soda.record import git_state
 
     state = git_state(repo)
     if state["git_sha"] != "unknown":

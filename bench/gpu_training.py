@@ -14,6 +14,21 @@ import tarfile
 import time
 from pathlib import Path
 
+from soda.record import (
+    COMPILE,
+    EVAL_SECONDS,
+    FIRST_STEP_SECONDS,
+    IMAGES_PER_SECOND,
+    IMAGES_SEEN,
+    KNN_ACC,
+    LATENT_GAP,
+    LINEAR_ACC,
+    RECON_MSE,
+    TRAIN_LOSS,
+    TRAIN_SECONDS,
+    latent_gap_at,
+)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: the sibling modules below
 from gpu_process import last_line, run_logged
 from gpu_record import Check, StageError
@@ -160,7 +175,6 @@ def read_training_record(store: Path) -> dict:
     """The run's evaluations and progress, from its MLflow store (through analysis/, which reads
     every table's records)."""
     from analysis import load_history, load_runs
-    from soda import tracking
 
     uri = f"sqlite:///{store}"
     (run,) = load_runs(uri, ["gpu-check"]).to_dict("records")
@@ -168,28 +182,28 @@ def read_training_record(store: Path) -> dict:
     timesteps = run.get("params.eval.latent_gap_timesteps")
     timesteps = json.loads(timesteps) if isinstance(timesteps, str) else []
     keys = (
-        tracking.KNN_ACC,
-        tracking.LINEAR_ACC,
-        tracking.LATENT_GAP,
-        *(tracking.latent_gap_at(timestep) for timestep in timesteps),
-        tracking.RECON_MSE,
-        tracking.EVAL_SECONDS,
-        tracking.IMAGES_SEEN,
-        tracking.TRAIN_SECONDS,
-        tracking.IMAGES_PER_SECOND,
-        tracking.FIRST_STEP_SECONDS,
-        tracking.TRAIN_LOSS,
+        KNN_ACC,
+        LINEAR_ACC,
+        LATENT_GAP,
+        *(latent_gap_at(timestep) for timestep in timesteps),
+        RECON_MSE,
+        EVAL_SECONDS,
+        IMAGES_SEEN,
+        TRAIN_SECONDS,
+        IMAGES_PER_SECOND,
+        FIRST_STEP_SECONDS,
+        TRAIN_LOSS,
     )
     history = load_history(uri, [run["run_id"]], keys)
     curves = {key: history.loc[history["key"] == key, ["step", "value"]].values.tolist() for key in keys}
-    knn, linear, gap = curves[tracking.KNN_ACC], curves[tracking.LINEAR_ACC], curves[tracking.LATENT_GAP]
-    images, seconds = curves[tracking.IMAGES_SEEN], curves[tracking.TRAIN_SECONDS]
-    first_step = curves[tracking.FIRST_STEP_SECONDS]
-    rates = [value for _, value in curves[tracking.IMAGES_PER_SECOND]]
+    knn, linear, gap = curves[KNN_ACC], curves[LINEAR_ACC], curves[LATENT_GAP]
+    images, seconds = curves[IMAGES_SEEN], curves[TRAIN_SECONDS]
+    first_step = curves[FIRST_STEP_SECONDS]
+    rates = [value for _, value in curves[IMAGES_PER_SECOND]]
     result = {
         "mlflow_run_id": run["run_id"],
         "status": run["status"],
-        "compile": run.get(f"tags.{tracking.COMPILE}"),
+        "compile": run.get(f"tags.{COMPILE}"),
         "epochs": int(knn[-1][0]) if knn else 0,
         "knn_start": knn[0][1] if knn else None,
         "knn_end": knn[-1][1] if knn else None,
@@ -201,7 +215,7 @@ def read_training_record(store: Path) -> dict:
         "first_step_seconds": first_step[0][1] if first_step else None,
         # Epochs after the first (which includes the warm-up step), as the run logged them.
         "images_per_s_median": sorted(rates[1:])[len(rates[1:]) // 2] if len(rates) > 1 else None,
-        "curves": {key: value for key, value in curves.items() if key != tracking.TRAIN_LOSS},
-        "loss_points": len(curves[tracking.TRAIN_LOSS]),
+        "curves": {key: value for key, value in curves.items() if key != TRAIN_LOSS},
+        "loss_points": len(curves[TRAIN_LOSS]),
     }
     return result

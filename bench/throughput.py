@@ -40,11 +40,11 @@ from pathlib import Path
 import torch
 
 import soda.config
-from soda import tracking
 from soda.build import build_evaluator, build_model, build_trainer
 from soda.data import LabelledImages, load_split
 from soda.data.shapes import make_shapes
 from soda.models.summary import training_step_flops_per_image
+from soda.record import git_state
 
 # The baseline, a sibling script's module, found through the path line.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -142,7 +142,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        **tracking.git_state(),  # git_sha, git_dirty: the code that was measured
+        **git_state(),  # git_sha, git_dirty: the code that was measured
         "preset": args.preset or ("reference" if device.type == "cuda" else "cpu"),
         "batch": batch,
         "baseline_workers": args.workers,

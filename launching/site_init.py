@@ -27,7 +27,7 @@ from launching import site
 from launching.site_render import render, summary
 from launching.site_survey import ENVIRONMENT, survey
 from soda.files import write_atomically
-from soda.tracking import redact
+from soda.store import redact
 
 DEFAULT_OUTPUT = site.DEFAULT_PROFILE
 

@@ -15,7 +15,7 @@ import yaml
 from launching.site_survey import ENVIRONMENT, Machine, Partition, Reply
 from launching.slurm import slurm_minutes
 from soda.progress import plural
-from soda.tracking import redact
+from soda.store import redact
 
 WIDTH = 100  # of the comment lines
 DAY_MIN = 1440  # conf/hydra/launcher/slurm.yaml's timeout_min, the most a profile asks for

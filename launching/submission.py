@@ -33,8 +33,9 @@ from launching.adapters import hydra as hydra_adapter
 from launching.adapters import submitit as submitit_adapter
 from launching.checks import LauncherError
 from launching.jobs import job_settings
-from soda import progress, tracking
-from soda.tracking import redact
+from soda import progress
+from soda.record import KNN_ACC, LINEAR_ACC
+from soda.store import redact
 
 log = logging.getLogger(__name__)
 _EXECUTOR_INIT_KEYS = ("submitit_folder", "max_num_timeout", "python")
@@ -259,9 +260,7 @@ def ending(job, result) -> tuple:
     metrics, objective = final.get("metrics", {}), final.get("objective", {})
     shown = [f"objective {name}={value:.4f}" for name, value in objective.items()]
     shown += [
-        f"{name}={metrics[name]:.4f}"
-        for name in (tracking.KNN_ACC, tracking.LINEAR_ACC)
-        if name in metrics and name not in objective
+        f"{name}={metrics[name]:.4f}" for name in (KNN_ACC, LINEAR_ACC) if name in metrics and name not in objective
     ]
     return "finished", f"epoch {final.get('epoch')}, " + ", ".join(shown), log_path
 

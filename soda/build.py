@@ -20,7 +20,7 @@ from soda.errors import ConfigError
 from soda.evaluator import Evaluator
 from soda.loop import PRECISION_DTYPES, Trainer
 from soda.models import SODA, build_soda
-from soda.tracking import flatten
+from soda.record import flatten
 from soda.trainer_parts import Hooks, OnEvaluation, Optimization, Schedule, Views
 
 

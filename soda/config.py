@@ -27,7 +27,6 @@ from typing import Any, Optional  # OmegaConf needs typing's generics
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from soda import tracking
 from soda.config_groups import (
     DEVICES,
     AugmentationConfig,
@@ -43,10 +42,12 @@ from soda.config_groups import (
 from soda.data.shapes import FACTORS as SHAPE_FACTORS
 from soda.errors import ConfigError, first_line
 from soda.models.soda import check_soda_arguments
+from soda.record import LATENT_GAP, OBJECTIVES, RECON_MSE, factor_metric
+from soda.store import default_artifact_location, default_sweep_storage, default_tracking_uri
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
-METRICS = tracking.OBJECTIVES
+METRICS = OBJECTIVES
 
 
 @dataclass
@@ -79,7 +80,7 @@ class Config:
             f"peer_timeout_s={self.peer_timeout_s} must be at least 2 (seconds) or null",
         )
         names = [self.objective] if isinstance(self.objective, str) else list(self.objective or [])
-        factors = [tracking.factor_metric(name) for name in SHAPE_FACTORS] if self.dataset.name == "shapes" else []
+        factors = [factor_metric(name) for name in SHAPE_FACTORS] if self.dataset.name == "shapes" else []
         check_value(
             bool(names) and all(name in METRICS or name in factors for name in names),
             f"objective={self.objective!r} must be one of {', '.join([*METRICS, *factors])}, or a list of them",
@@ -87,12 +88,12 @@ class Config:
         if not isinstance(self.objective, str):
             self.objective = names
         check_value(
-            tracking.RECON_MSE not in names or self.eval.num_reconstructions > 0,
-            f"objective {tracking.RECON_MSE} needs eval.num_reconstructions > 0",
+            RECON_MSE not in names or self.eval.num_reconstructions > 0,
+            f"objective {RECON_MSE} needs eval.num_reconstructions > 0",
         )
         check_value(
-            tracking.LATENT_GAP not in names or self.eval.latent_gap_images > 0,
-            f"objective {tracking.LATENT_GAP} needs eval.latent_gap_images > 0",
+            LATENT_GAP not in names or self.eval.latent_gap_images > 0,
+            f"objective {LATENT_GAP} needs eval.latent_gap_images > 0",
         )
         steps = self.model.timesteps
         check_value(
@@ -146,9 +147,9 @@ def register() -> None:
 
 
 STORE_DEFAULTS = {
-    "tracking_uri": tracking.default_tracking_uri,
-    "artifact_location": tracking.default_artifact_location,
-    "sweep_storage": tracking.default_sweep_storage,
+    "tracking_uri": default_tracking_uri,
+    "artifact_location": default_artifact_location,
+    "sweep_storage": default_sweep_storage,
 }
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from soda import tracking
 from soda.models import SODA
+from soda.record import DECODER_GRAD_NORM, ENCODER_GRAD_NORM, LATENT_NORM, LATENT_RANK, LATENT_STD, MODULATION_STD
 
 
 @torch.no_grad()
@@ -36,10 +36,10 @@ def training_diagnostics(model: SODA, source_view: torch.Tensor) -> dict[str, to
     weights = singular / singular.sum().clamp_min(1e-12)
     entropy = -(weights * weights.clamp_min(1e-12).log()).sum()
     return {
-        tracking.ENCODER_GRAD_NORM: grad_norm(model.encoder),
-        tracking.DECODER_GRAD_NORM: grad_norm(model.decoder),
-        tracking.LATENT_NORM: latent.norm(dim=1).mean(),
-        tracking.LATENT_STD: latent.std(dim=0).mean(),
-        tracking.LATENT_RANK: entropy.exp(),
-        tracking.MODULATION_STD: model.decoder.modulation_spread(latent),
+        ENCODER_GRAD_NORM: grad_norm(model.encoder),
+        DECODER_GRAD_NORM: grad_norm(model.decoder),
+        LATENT_NORM: latent.norm(dim=1).mean(),
+        LATENT_STD: latent.std(dim=0).mean(),
+        LATENT_RANK: entropy.exp(),
+        MODULATION_STD: model.decoder.modulation_spread(latent),
     }

@@ -10,8 +10,9 @@ import math
 
 import torch
 
-from soda import dist, tracking
+from soda import dist
 from soda.errors import DivergenceError
+from soda.record import TRAIN_LOSS
 
 DIVERGENCE_ADVICE = "lower schedule.decoder_lr, keep schedule.grad_clip, or try schedule.precision=bf16"
 
@@ -47,12 +48,12 @@ class DivergenceWatch:
         if not diverged_here:
             # Every rank raises together; the rank that diverged names the step in its message.
             raise DivergenceError(
-                f"{tracking.TRAIN_LOSS} became non-finite on another rank by step {global_step}; {DIVERGENCE_ADVICE}"
+                f"{TRAIN_LOSS} became non-finite on another rank by step {global_step}; {DIVERGENCE_ADVICE}"
             )
         step, loss = int(self.step.item()), self.loss.item()
         if not math.isfinite(loss):
-            raise DivergenceError(f"{tracking.TRAIN_LOSS} is {loss} at step {step}; {DIVERGENCE_ADVICE}")
+            raise DivergenceError(f"{TRAIN_LOSS} is {loss} at step {step}; {DIVERGENCE_ADVICE}")
         raise DivergenceError(
             f"the gradient norm is {self.grad_norm.item()} at step {step} "
-            f"({tracking.TRAIN_LOSS} {loss:.4g}), so AdamW made the weights non-finite; {DIVERGENCE_ADVICE}"
+            f"({TRAIN_LOSS} {loss:.4g}), so AdamW made the weights non-finite; {DIVERGENCE_ADVICE}"
         )

@@ -10,14 +10,15 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from soda import progress, tracking
+from soda import progress
 from soda.data import LabelledImages, ViewAugmentation
 from soda.eval import evaluate_probes, extract_features, factor_probes, latent_errors, latent_gap
 from soda.models import SODA
+from soda.record import KNN_ACC, LATENT_GAP, LINEAR_ACC, RECON_MSE, factor_metric, latent_gap_at
 
 
 class Evaluator:
-    """evaluator(ema_model, epoch, last) -> {tracking.KNN_ACC: ..., ...}. Runs under its own seeded
+    """evaluator(ema_model, epoch, last) -> {KNN_ACC: ..., ...}. Runs under its own seeded
     RNG, so evaluating, or not, never changes the training that follows."""
 
     def __init__(
@@ -78,7 +79,7 @@ class Evaluator:
                 metrics.update(self.latent_gaps(ema_model))
             if self.num_reconstructions > 0:
                 progress.stage("samples", self.num_reconstructions, "images")
-                metrics[tracking.RECON_MSE] = self.reconstruct(ema_model, epoch)
+                metrics[RECON_MSE] = self.reconstruct(ema_model, epoch)
         return {k: float(v) for k, v in metrics.items()}
 
     def latent_gaps(self, ema_model: SODA) -> dict[str, float]:
@@ -89,8 +90,8 @@ class Evaluator:
             ema_model, images, self.latent_gap_timesteps, seed=self.seed, dropped=self.keep_latent_errors
         )
         self.latent_errors = errors
-        gaps = {tracking.latent_gap_at(step): latent_gap({step: errors[step]}) for step in errors}
-        return {tracking.LATENT_GAP: latent_gap(errors), **gaps}
+        gaps = {latent_gap_at(step): latent_gap({step: errors[step]}) for step in errors}
+        return {LATENT_GAP: latent_gap(errors), **gaps}
 
     def _encoder(self, ema_model: SODA):
         def encode(images: torch.Tensor) -> torch.Tensor:
@@ -115,7 +116,7 @@ class Evaluator:
         train, _ = extract_features(encode, self._batches(self.train_set), self.device)
         test, _ = extract_features(encode, self._batches(self.test_set), self.device)
         scores = factor_probes(train, self.train_set.factors, test, self.test_set.factors)
-        return {tracking.factor_metric(name): score for name, score in scores.items()}
+        return {factor_metric(name): score for name, score in scores.items()}
 
     def probes(self, ema_model: SODA, linear: bool = True) -> dict[str, float]:
         encode, batches = self._encoder(ema_model), self._batches
@@ -134,7 +135,7 @@ class Evaluator:
             train_count=len(self.train_set),
             test_count=len(self.test_set),
         )
-        keys = {"knn_acc": tracking.KNN_ACC, "linear_acc": tracking.LINEAR_ACC}
+        keys = {"knn_acc": KNN_ACC, "linear_acc": LINEAR_ACC}
         return {keys[name]: value for name, value in result.items()}
 
     def reconstruct(self, ema_model: SODA, epoch: int) -> float:

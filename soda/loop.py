@@ -22,7 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from soda import dist, progress, tracking
+from soda import dist, progress
 from soda.checkpoint import save_checkpoint
 from soda.compiled import compile_loss, compile_state
 from soda.diagnostics import training_diagnostics
@@ -30,6 +30,17 @@ from soda.divergence import DivergenceWatch
 from soda.ema import SyncFreeEMA
 from soda.errors import ConfigError
 from soda.models import SODA
+from soda.record import (
+    EPOCH_SECONDS,
+    EVAL_SECONDS,
+    FIRST_STEP_SECONDS,
+    IMAGES_PER_SECOND,
+    IMAGES_SEEN,
+    TRAIN_LOSS,
+    TRAIN_LR,
+    TRAIN_SECONDS,
+    shown_order,
+)
 from soda.tracking import NullTracker
 from soda.trainer_parts import Hooks, Optimization, Schedule, Views
 from soda.trainer_parts import OnEvaluation as OnEvaluation
@@ -253,13 +264,13 @@ class Trainer:
                 self.metrics = {k: float(v) for k, v in self.evaluate(self.ema.ema_model, epoch, last).items()}
             seconds = time.perf_counter() - started
             counters = {
-                tracking.EVAL_SECONDS: seconds,
+                EVAL_SECONDS: seconds,
                 # Progress in images and training seconds: comparable across batch sizes, GPU
                 # counts and time-boxed runs.
-                tracking.IMAGES_SEEN: float(self.global_step * self.batch_size),
-                tracking.TRAIN_SECONDS: self.train_seconds,
+                IMAGES_SEEN: float(self.global_step * self.batch_size),
+                TRAIN_SECONDS: self.train_seconds,
             }
-            shown = "  ".join(f"{k}={v:.4f}" for k, v in tracking.shown_order(self.metrics))
+            shown = "  ".join(f"{k}={v:.4f}" for k, v in shown_order(self.metrics))
             log.info("eval epoch %d: %s  (%.1f s)", epoch, shown, seconds)
             stop = bool(self.on_evaluation(epoch, {**self.metrics, **counters}))
         dist.wait_for_all()
@@ -324,7 +335,7 @@ class Trainer:
             diagnosed = dict(zip(self.diagnostics, values, strict=True))
             self.diagnostics = {}
             self.tracker.log_metrics(
-                {tracking.TRAIN_LOSS: value, tracking.TRAIN_LR: self._lr_factor() * self.decoder_lr, **diagnosed},
+                {TRAIN_LOSS: value, TRAIN_LR: self._lr_factor() * self.decoder_lr, **diagnosed},
                 step=self.global_step,
             )
             bar.set_postfix(loss=f"{value:.4f}")
@@ -349,9 +360,7 @@ class Trainer:
         steps = self.step_in_epoch - first
         throughput = steps * self.batch_size / seconds if steps and seconds > 0 else math.nan
         if steps:
-            self.tracker.log_metrics(
-                {tracking.EPOCH_SECONDS: seconds, tracking.IMAGES_PER_SECOND: throughput}, step=epoch
-            )
+            self.tracker.log_metrics({EPOCH_SECONDS: seconds, IMAGES_PER_SECOND: throughput}, step=epoch)
             # A whole epoch's time, also for an epoch that resumed mid-way or began with the first step.
             self.recent_seconds["epoch"].append(seconds * self.steps_per_epoch / steps)
         log.info("epoch %d/%d  %.1f s  %.0f images/s  %s", epoch, self.epochs, seconds, throughput, self._eta(epoch))
@@ -368,7 +377,7 @@ class Trainer:
     def _first_step_finished(self, seconds: float) -> None:
         """Record how long this process's first step took (compilation, cuDNN autotuning)."""
         self.first_step_done = True
-        self.tracker.log_metrics({tracking.FIRST_STEP_SECONDS: seconds}, step=self.global_step)
+        self.tracker.log_metrics({FIRST_STEP_SECONDS: seconds}, step=self.global_step)
         log.info("first step (compilation, warm-up) took %.1f s", seconds)
 
     def train_step(self, images: torch.Tensor) -> torch.Tensor:

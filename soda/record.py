@@ -1,7 +1,7 @@
 """The record's contract: the metric keys and tags a run writes, and the names and tags of runs.
 
 Runs write these keys and tags; analysis/, the sweeper, the benchmarks and the tests read them
-(most as soda.tracking.<NAME>, which re-exports them). Each is spelled here and nowhere else.
+(by importing them from here). Each is spelled here and nowhere else.
 """
 
 from __future__ import annotations

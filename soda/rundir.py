@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from soda.errors import RunDirError
 from soda.files import LockContended, OwnerLock, describe, write_atomically
-from soda.tracking import flatten, redact
+from soda.record import flatten
+from soda.store import redact
 
 LOCK_FILE = ".soda-lock"
 CONFIG_FILE = "config.yaml"

@@ -19,6 +19,7 @@ from soda.eval import latent_gap
 from soda.files import LockContended, OwnerLock, describe
 from soda.loop import CHECKPOINT
 from soda.rundir import CONFIG_FILE, HEARTBEAT_SECONDS, STALE_AFTER_SECONDS
+from soda.store import Store, redact
 
 # The lock of a name being recorded (`--name`): <run dir>/.soda-evaluate-<name>.
 EVALUATE_LOCK_PREFIX = ".soda-evaluate-"
@@ -39,15 +40,13 @@ def evaluate_saved_run(run_dir: Path, overrides: list[str], name: str = "posthoc
     # check too and add a second point at the step.
     lock = _claim_name(run_dir, name)
     try:
-        store = tracking.Store.checked(settings.tracking.uri)
+        store = Store.checked(settings.tracking.uri)
         _check_unrecorded(store, run_id, name, epoch)
         metrics = _evaluate(run_dir, settings, state, device, epoch)
         _record(store, run_id, name, epoch, metrics, overrides)
     finally:
         lock.release()
-    print(
-        f"recorded as {name}/<metric> at step {epoch} on MLflow run {run_id} ({tracking.redact(settings.tracking.uri)})"
-    )
+    print(f"recorded as {name}/<metric> at step {epoch} on MLflow run {run_id} ({redact(settings.tracking.uri)})")
     return metrics
 
 
@@ -141,7 +140,7 @@ def _run_id(run_dir: Path) -> str:
     return path.read_text().strip()
 
 
-def _check_unrecorded(store: tracking.Store, run_id: str, name: str, epoch: int) -> None:
+def _check_unrecorded(store: Store, run_id: str, name: str, epoch: int) -> None:
     """A second evaluation under the same name at the same epoch would add a second point at that
     step; refuse before any work."""
     try:
@@ -150,14 +149,14 @@ def _check_unrecorded(store: tracking.Store, run_id: str, name: str, epoch: int)
         raise
     except Exception as error:
         raise TrackingError(
-            f"MLflow run {run_id} cannot be read from {tracking.redact(store.uri)} ({first_line(error)})"
+            f"MLflow run {run_id} cannot be read from {redact(store.uri)} ({first_line(error)})"
         ) from None
     taken = [key for key in recorded if key.startswith(f"{name}/")]
     if taken and epoch in store.steps_of(run_id, taken[0]):
         raise ConfigError(f"MLflow run {run_id} already has {name}/... metrics at epoch {epoch}; pass another --name")
 
 
-def _record(store: tracking.Store, run_id: str, name: str, epoch: int, metrics: dict, overrides: list[str]) -> None:
+def _record(store: Store, run_id: str, name: str, epoch: int, metrics: dict, overrides: list[str]) -> None:
     store.check()  # again: the evaluation may have taken long
     points = {f"{name}/{key.split('/', 1)[1]}": value for key, value in metrics.items()}
     store.log_batch(run_id, points, step=epoch, tags={f"{name}.overrides": " ".join(overrides) or "(none)"})

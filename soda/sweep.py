@@ -29,7 +29,7 @@ from pathlib import Path
 
 from soda.errors import StorageLost, SweepError, first_line
 from soda.patience import patiently
-from soda.tracking import redact
+from soda.store import redact
 
 log = logging.getLogger(__name__)
 

@@ -18,76 +18,19 @@ from soda.errors import TrackingError, TrackingLost, first_line
 from soda.faults import mark
 from soda.files import write_atomically
 from soda.patience import patiently
-from soda.record import COMPILE as COMPILE
-from soda.record import DECODER_GRAD_NORM as DECODER_GRAD_NORM
-from soda.record import DIAGNOSTICS as DIAGNOSTICS
-from soda.record import ENCODER_GRAD_NORM as ENCODER_GRAD_NORM
-from soda.record import ENDED as ENDED
-from soda.record import ENDINGS as ENDINGS
-from soda.record import EPOCH_SECONDS as EPOCH_SECONDS
-from soda.record import ERROR as ERROR
-from soda.record import EVAL_SECONDS as EVAL_SECONDS
-from soda.record import FACTOR_PREFIX as FACTOR_PREFIX
-from soda.record import FIRST_STEP_SECONDS as FIRST_STEP_SECONDS
-from soda.record import HOST as HOST
-from soda.record import IMAGES_PER_SECOND as IMAGES_PER_SECOND
-from soda.record import IMAGES_SEEN as IMAGES_SEEN
-
-# The record's contract (soda.record), under the names the rest of the code reads them by.
-from soda.record import KNN_ACC as KNN_ACC
-from soda.record import LATENT_GAP as LATENT_GAP
-from soda.record import LATENT_NORM as LATENT_NORM
-from soda.record import LATENT_RANK as LATENT_RANK
-from soda.record import LATENT_STD as LATENT_STD
-from soda.record import LINEAR_ACC as LINEAR_ACC
-from soda.record import LOST as LOST
-from soda.record import LOST_RECORD as LOST_RECORD
-from soda.record import MODULATION_STD as MODULATION_STD
-from soda.record import OBJECTIVES as OBJECTIVES
-from soda.record import PARENT_RUN as PARENT_RUN
-from soda.record import PID as PID
-from soda.record import POINTS_LOGGED as POINTS_LOGGED
-from soda.record import PREVIOUS_END as PREVIOUS_END
-from soda.record import RECON_MSE as RECON_MSE
-from soda.record import RECORD_STARTS_AT as RECORD_STARTS_AT
-from soda.record import RESUME_CHANGES as RESUME_CHANGES
-from soda.record import RESUMED as RESUMED
-from soda.record import RUN_DIR as RUN_DIR
-from soda.record import STUDY as STUDY
-from soda.record import SWEEP as SWEEP
-from soda.record import SWEEP_PARENT as SWEEP_PARENT
-from soda.record import TRAIN_LOSS as TRAIN_LOSS
-from soda.record import TRAIN_LR as TRAIN_LR
-from soda.record import TRAIN_SECONDS as TRAIN_SECONDS
-from soda.record import TRIAL as TRIAL
-from soda.record import TRIAL_STATE as TRIAL_STATE
-from soda.record import factor_metric as factor_metric
-from soda.record import flatten as flatten
-from soda.record import git_state as git_state
-from soda.record import latent_gap_at as latent_gap_at
-from soda.record import parent_tags as parent_tags
-from soda.record import run_name as run_name
-from soda.record import short_value as short_value
-from soda.record import shown_order as shown_order
-from soda.record import trial_run_name as trial_run_name
-from soda.record import trial_tags as trial_tags
-
-# The store's side (soda.store), under the names the rest of the code reads them by.
-from soda.store import MLFLOW_URI_ENV as MLFLOW_URI_ENV
-from soda.store import STORE_DIR_ENV as STORE_DIR_ENV
-from soda.store import SWEEP_STORAGE_ENV as SWEEP_STORAGE_ENV
-from soda.store import TRACKING_URI_ENV as TRACKING_URI_ENV
-from soda.store import Store as Store
-from soda.store import check_reachable as check_reachable
-from soda.store import default_artifact_location as default_artifact_location
-from soda.store import default_sweep_storage as default_sweep_storage
-from soda.store import default_tracking_uri as default_tracking_uri
-from soda.store import get_or_create_experiment as get_or_create_experiment
-from soda.store import quick_http_failures as quick_http_failures
-from soda.store import redact as redact
-from soda.store import server_unreachable as server_unreachable
-from soda.store import store_dir as store_dir
-from soda.store import unanswered as unanswered
+from soda.record import (
+    ENDED,
+    ENDINGS,
+    ERROR,
+    LOST,
+    LOST_RECORD,
+    POINTS_LOGGED,
+    PREVIOUS_END,
+    RECORD_STARTS_AT,
+    RESUME_CHANGES,
+    RESUMED,
+)
+from soda.store import check_reachable, get_or_create_experiment, quick_http_failures, redact, unanswered
 
 log = logging.getLogger(__name__)
 RUN_NAME_TAG = "mlflow.runName"  # what mlflow.start_run sets from run_name (mlflow.utils.mlflow_tags)

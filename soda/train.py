@@ -31,9 +31,10 @@ from soda.errors import ConfigError, RunDirError, Terminated, TrackingLost
 from soda.heartbeat import Heartbeat, PeerStalled
 from soda.loop import CHECKPOINT, OnEvaluation, Preempted, StopRequested, Trainer
 from soda.models import SODA
+from soda.record import COMPILE, HOST, PID, TRIAL_STATE, flatten, git_state, run_name, shown_order, trial_tags
 from soda.rundir import RunDirectory, resolved_settings
 from soda.sweep import TrialReporter
-from soda.tracking import NullTracker, Tracker, flatten, git_state
+from soda.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
@@ -161,7 +162,7 @@ def _run(
     tracker.start(run_dir, *_record(resolved, settings, model, world), epoch=trainer.epoch)
     tracker.record_resume_changes(changes)
 
-    # Train, and leave the record saying how it ended (soda.tracking.ENDINGS).
+    # Train, and leave the record saying how it ended (soda.record.ENDINGS).
     # SLURM's warning signal: submitit asks for USR2, a plain `sbatch --signal` often USR1.
     previous_handlers = {sig: signal.signal(sig, trainer.request_preemption) for sig in PREEMPTION_SIGNALS}
     resume_hint = f"re-run with hydra.run.dir={run_dir} to resume from its last checkpoint"
@@ -181,7 +182,7 @@ def _run(
         raise Terminated(f"terminated (SIGTERM); MLflow run {tracker.run_id} is KILLED; {resume_hint}") from None
     except StopRequested as stopped:
         # Stopped on purpose by the sweep's pruner: not a failure, and not a finished run.
-        tracker.finish("pruned", tags={tracking.TRIAL_STATE: "PRUNED", "pruned": str(stopped)})
+        tracker.finish("pruned", tags={TRIAL_STATE: "PRUNED", "pruned": str(stopped)})
         raise optuna.TrialPruned(str(stopped)) from None
     except TrackingLost as lost:
         # The store is gone: the record cannot say how this ended, so the run directory does.
@@ -207,8 +208,8 @@ def _run(
         return None
     # How the loss ran: a compile that fell back to eager trains at eager speed, so say so.
     tags = {
-        tracking.COMPILE: trainer.compile_state,
-        **({tracking.TRIAL_STATE: "COMPLETE"} if settings.sweep.trial is not None else {}),
+        COMPILE: trainer.compile_state,
+        **({TRIAL_STATE: "COMPLETE"} if settings.sweep.trial is not None else {}),
     }
     try:
         tracker.finish("finished", tags=tags)
@@ -232,7 +233,7 @@ def _run(
             error.filename,
             error.strerror,
         )
-    summary = " ".join(f"{k}={v:.4f}" for k, v in tracking.shown_order(metrics))
+    summary = " ".join(f"{k}={v:.4f}" for k, v in shown_order(metrics))
     print(f"final {summary} (epoch {trainer.epoch}, mlflow run {tracker.run_id}, {run_dir})", flush=True)
     if isinstance(settings.objective, str):
         return metrics[settings.objective]
@@ -276,7 +277,7 @@ def _sigterm_raises():
 def _tracker(settings: Config) -> Tracker:
     options = {k: v for k, v in asdict(settings.tracking).items() if k != "name"}
     if options["run_name"] is None:
-        options["run_name"] = tracking.run_name(settings)
+        options["run_name"] = run_name(settings)
     return Tracker(**options)
 
 
@@ -304,9 +305,9 @@ def _record(resolved: dict, settings: Config, model: SODA, world: dist.Distribut
         "seed": str(settings.seed),
         "world_size": str(world.world_size),
         # Which process to look at (or stop) while the run is live.
-        tracking.HOST: socket.gethostname(),
-        tracking.PID: str(os.getpid()),
-        **(tracking.trial_tags(sweep.study_name, sweep.trial, sweep.parent_run_id) if sweep.trial is not None else {}),
+        HOST: socket.gethostname(),
+        PID: str(os.getpid()),
+        **(trial_tags(sweep.study_name, sweep.trial, sweep.parent_run_id) if sweep.trial is not None else {}),
     }
     params = flatten(resolved)
     params["model.encoder_parameters"] = str(sum(p.numel() for p in model.encoder.parameters()))

@@ -36,18 +36,8 @@ from analysis import (
 from analysis.__main__ import main as cli
 from analysis.bench import BENCH_END, BENCH_START, regenerate_bench
 from analysis.readme import END, START
-from soda.tracking import (
-    KNN_ACC,
-    LATENT_GAP,
-    LINEAR_ACC,
-    RECON_MSE,
-    STORE_DIR_ENV,
-    TRACKING_URI_ENV,
-    TRAIN_LOSS,
-    TRIAL_STATE,
-    parent_tags,
-    trial_tags,
-)
+from soda.record import KNN_ACC, LATENT_GAP, LINEAR_ACC, RECON_MSE, TRAIN_LOSS, TRIAL_STATE, parent_tags, trial_tags
+from soda.store import STORE_DIR_ENV, TRACKING_URI_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 HOUR_MS = 3_600_000

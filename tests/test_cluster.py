@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from soda import tracking
+from soda.record import PARENT_RUN, SWEEP, SWEEP_PARENT
 from tests.helpers import SMOKE
 from tests.support.services import needs_slurm
 
@@ -104,10 +104,10 @@ def test_the_headline_command_as_typed_runs_the_ablation_as_slurm_jobs(tmp_path)
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{checkout / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("soda")
     runs = client.search_runs([experiment.experiment_id], max_results=100)
-    parents = [run for run in runs if run.data.tags.get(tracking.SWEEP) == tracking.SWEEP_PARENT]
-    children = [run for run in runs if run.data.tags.get(tracking.PARENT_RUN)]
+    parents = [run for run in runs if run.data.tags.get(SWEEP) == SWEEP_PARENT]
+    children = [run for run in runs if run.data.tags.get(PARENT_RUN)]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(children) == 12 and {run.data.tags[tracking.PARENT_RUN] for run in children} == {parents[0].info.run_id}
+    assert len(children) == 12 and {run.data.tags[PARENT_RUN] for run in children} == {parents[0].info.run_id}
     assert all(run.info.status == "FINISHED" for run in children)
     table = subprocess.run(
         [sys.executable, "-m", "analysis", "ablation"], cwd=checkout, env=env, capture_output=True, text=True

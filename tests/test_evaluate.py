@@ -9,6 +9,7 @@ import mlflow
 import pytest
 
 from soda import tracking
+from soda.record import KNN_ACC, LATENT_GAP, LINEAR_ACC, RECON_MSE
 from tests.helpers import REPO, SMOKE, launch
 
 
@@ -47,7 +48,7 @@ def test_the_saved_model_reproduces_the_runs_final_metrics_and_records_them_apar
 
     after = client.get_run(run_id)
     # The same EMA weights, data and seeded evaluation as training's last one: the same numbers.
-    for key in (tracking.KNN_ACC, tracking.LINEAR_ACC, tracking.LATENT_GAP, tracking.RECON_MSE):
+    for key in (KNN_ACC, LINEAR_ACC, LATENT_GAP, RECON_MSE):
         name = key.split("/", 1)[1]
         assert after.data.metrics[f"posthoc/{name}"] == pytest.approx(before[key], abs=1e-6)
         assert f"{name} " in result.stdout or f"{key} " in result.stdout

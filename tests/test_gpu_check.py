@@ -16,7 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from soda import tracking
+from soda.record import (
+    COMPILE,
+    FIRST_STEP_SECONDS,
+    IMAGES_PER_SECOND,
+    IMAGES_SEEN,
+    KNN_ACC,
+    LATENT_GAP,
+    LINEAR_ACC,
+    TRAIN_LOSS,
+    TRAIN_SECONDS,
+    latent_gap_at,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY = re.compile(
@@ -55,16 +66,16 @@ def test_cpu_sized_gpu_check_runs_every_stage_and_writes_its_record(tmp_path):
     assert round(stages["throughput"]["end_to_end_images_per_s"]) == int(match.group(1))
 
     training = stages["training"]
-    knn = training["curves"][tracking.KNN_ACC]
+    knn = training["curves"][KNN_ACC]
     assert knn[0][0] == 0 and len(knn) >= 2  # the untrained encoder, then at least the end
-    assert [step for step, _ in training["curves"][tracking.LINEAR_ACC]] == [knn[-1][0]]  # the probe at the end only
+    assert [step for step, _ in training["curves"][LINEAR_ACC]] == [knn[-1][0]]  # the probe at the end only
     assert [training["knn_start"], training["knn_end"]] == [knn[0][1], knn[-1][1]]
     assert float(match.group(3)) == round(knn[0][1], 4) and float(match.group(4)) == round(knn[-1][1], 4)
     assert 0.1 < training["knn_start"] <= 1  # 10 classes that a pixel k-NN tells apart
-    gaps = training["curves"][tracking.LATENT_GAP]
+    gaps = training["curves"][LATENT_GAP]
     assert len(gaps) == len(knn) and training["latent_gap_end"] == gaps[-1][1]
     for timestep in (500, 700):  # the run's eval.latent_gap_timesteps (conf/eval/reference.yaml)
-        assert [step for step, _ in training["curves"][tracking.latent_gap_at(timestep)]] == [step for step, _ in knn]
+        assert [step for step, _ in training["curves"][latent_gap_at(timestep)]] == [step for step, _ in knn]
     images = training["images_seen"]
     assert images == int(match.group(5)) > 0 and images % 64 == 0
     assert training["train_seconds"] >= training["train_seconds_budget"] > 0
@@ -377,22 +388,22 @@ def test_the_training_record_is_read_back_by_the_record_contract(tmp_path):
     experiment = client.create_experiment("gpu-check", artifact_location=str(tmp_path / "artifacts"))
     run_id = client.create_run(experiment).info.run_id
     series = {
-        tracking.KNN_ACC: [(0, 0.2), (1, 0.3), (2, 0.4)],
-        tracking.LINEAR_ACC: [(2, 0.45)],
-        tracking.LATENT_GAP: [(0, 0.001), (1, 0.002), (2, 0.004)],
-        tracking.latent_gap_at(100): [(0, 0.01), (1, 0.02), (2, 0.03)],
-        tracking.latent_gap_at(900): [(0, 0.0), (1, 0.0), (2, 0.001)],
-        tracking.IMAGES_SEEN: [(1, 640), (2, 1280)],
-        tracking.TRAIN_SECONDS: [(1, 4.0), (2, 8.5)],
-        tracking.IMAGES_PER_SECOND: [(1, 100.0), (2, 150.0)],
-        tracking.FIRST_STEP_SECONDS: [(0, 3.0)],
-        tracking.TRAIN_LOSS: [(step, 1.0 / (step + 1)) for step in range(7)],
+        KNN_ACC: [(0, 0.2), (1, 0.3), (2, 0.4)],
+        LINEAR_ACC: [(2, 0.45)],
+        LATENT_GAP: [(0, 0.001), (1, 0.002), (2, 0.004)],
+        latent_gap_at(100): [(0, 0.01), (1, 0.02), (2, 0.03)],
+        latent_gap_at(900): [(0, 0.0), (1, 0.0), (2, 0.001)],
+        IMAGES_SEEN: [(1, 640), (2, 1280)],
+        TRAIN_SECONDS: [(1, 4.0), (2, 8.5)],
+        IMAGES_PER_SECOND: [(1, 100.0), (2, 150.0)],
+        FIRST_STEP_SECONDS: [(0, 3.0)],
+        TRAIN_LOSS: [(step, 1.0 / (step + 1)) for step in range(7)],
     }
     client.log_batch(
         run_id,
         metrics=[Metric(key, value, 0, step) for key, points in series.items() for step, value in points],
         params=[Param("eval.latent_gap_timesteps", "[100, 900]")],
-        tags=[RunTag(tracking.COMPILE, "eager")],
+        tags=[RunTag(COMPILE, "eager")],
     )
     client.set_terminated(run_id)
 
@@ -402,7 +413,7 @@ def test_the_training_record_is_read_back_by_the_record_contract(tmp_path):
     assert (record["latent_gap_start"], record["latent_gap_end"]) == (0.001, 0.004)
     assert (record["images_seen"], record["train_seconds"], record["first_step_seconds"]) == (1280, 8.5, 3.0)
     assert record["images_per_s_median"] == 150.0  # the epochs after the first
-    assert record["loss_points"] == 7 and tracking.TRAIN_LOSS not in record["curves"]
-    assert record["curves"][tracking.latent_gap_at(100)] == [[0, 0.01], [1, 0.02], [2, 0.03]]
-    assert record["curves"][tracking.latent_gap_at(900)] == [[0, 0.0], [1, 0.0], [2, 0.001]]
-    assert tracking.latent_gap_at(500) not in record["curves"]  # not measured by this run
+    assert record["loss_points"] == 7 and TRAIN_LOSS not in record["curves"]
+    assert record["curves"][latent_gap_at(100)] == [[0, 0.01], [1, 0.02], [2, 0.03]]
+    assert record["curves"][latent_gap_at(900)] == [[0, 0.0], [1, 0.0], [2, 0.001]]
+    assert latent_gap_at(500) not in record["curves"]  # not measured by this run

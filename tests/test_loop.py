@@ -9,10 +9,27 @@ import time
 import pytest
 import torch
 
-from soda import tracking
 from soda.data import LabelledImages
 from soda.errors import DivergenceError
 from soda.loop import CHECKPOINT, StopRequested, Trainer
+from soda.record import (
+    DECODER_GRAD_NORM,
+    DIAGNOSTICS,
+    ENCODER_GRAD_NORM,
+    EPOCH_SECONDS,
+    EVAL_SECONDS,
+    FIRST_STEP_SECONDS,
+    IMAGES_PER_SECOND,
+    IMAGES_SEEN,
+    KNN_ACC,
+    LATENT_NORM,
+    LATENT_RANK,
+    LATENT_STD,
+    MODULATION_STD,
+    TRAIN_LOSS,
+    TRAIN_LR,
+    TRAIN_SECONDS,
+)
 from soda.trainer_parts import Hooks, Optimization, Schedule, Views
 from tests.helpers import REPO, reference_view
 from tests.models.helpers import tiny_soda
@@ -84,7 +101,7 @@ def test_each_evaluation_reaches_on_evaluation_with_its_progress(tmp_path):
     def evaluate(ema_model, epoch, last):
         assert ema_model is trainer.ema.ema_model  # the EMA copy, not the trained weights
         evaluated.append((epoch, last))
-        return {tracking.KNN_ACC: epoch / 10}
+        return {KNN_ACC: epoch / 10}
 
     def on_evaluation(epoch, metrics):
         seen.append((epoch, metrics))
@@ -95,13 +112,13 @@ def test_each_evaluation_reaches_on_evaluation_with_its_progress(tmp_path):
 
     # At the start, every eval_every=2 epochs, and at the last epoch (3).
     assert evaluated == [(0, False), (2, False), (3, True)]
-    assert metrics == {tracking.KNN_ACC: 0.3}  # the last evaluation, without the progress keys
+    assert metrics == {KNN_ACC: 0.3}  # the last evaluation, without the progress keys
     assert [epoch for epoch, _ in seen] == [0, 2, 3]
     steps_per_epoch = 24 // 8
     for epoch, reported in seen:
-        assert reported[tracking.KNN_ACC] == epoch / 10
-        assert reported[tracking.IMAGES_SEEN] == epoch * steps_per_epoch * 8
-        assert reported[tracking.EVAL_SECONDS] >= 0 and tracking.TRAIN_SECONDS in reported
+        assert reported[KNN_ACC] == epoch / 10
+        assert reported[IMAGES_SEEN] == epoch * steps_per_epoch * 8
+        assert reported[EVAL_SECONDS] >= 0 and TRAIN_SECONDS in reported
     # Checkpoints every 2 epochs and at the end: the last one is epoch 3's, with what it needs.
     state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     assert state["epoch"] == 3 and state["global_step"] == 9 and state["mlflow_run_id"] == ""
@@ -109,7 +126,7 @@ def test_each_evaluation_reaches_on_evaluation_with_its_progress(tmp_path):
 
 
 def test_on_evaluation_asking_to_stop_ends_the_run_before_it_trains_on(tmp_path):
-    trainer = _trainer(tmp_path, lambda model, epoch, last: {tracking.KNN_ACC: 0.5}, lambda epoch, m: epoch == 2)
+    trainer = _trainer(tmp_path, lambda model, epoch, last: {KNN_ACC: 0.5}, lambda epoch, m: epoch == 2)
     with pytest.raises(StopRequested, match="pruned at epoch 2"):
         trainer.fit()
     assert trainer.epoch == 2 and trainer.global_step == 6
@@ -119,16 +136,16 @@ def test_training_metrics_go_to_the_tracker_by_their_contract_keys(tmp_path):
     recorder = Recorder()
 
     def evaluate(model, epoch, last):
-        return {tracking.KNN_ACC: 0.5}
+        return {KNN_ACC: 0.5}
 
     _trainer(tmp_path, evaluate, tracker=recorder, epochs=1, eval_at_start=False).fit()
     keys = {key for _, metrics in recorder.points for key in metrics}
-    assert {tracking.TRAIN_LOSS, tracking.TRAIN_LR, tracking.FIRST_STEP_SECONDS} <= keys
-    assert {tracking.EPOCH_SECONDS, tracking.IMAGES_PER_SECOND} <= keys
-    losses = [(step, m[tracking.TRAIN_LOSS]) for step, m in recorder.points if tracking.TRAIN_LOSS in m]
+    assert {TRAIN_LOSS, TRAIN_LR, FIRST_STEP_SECONDS} <= keys
+    assert {EPOCH_SECONDS, IMAGES_PER_SECOND} <= keys
+    losses = [(step, m[TRAIN_LOSS]) for step, m in recorder.points if TRAIN_LOSS in m]
     assert [step for step, _ in losses] == [1, 2, 3] and all(value > 0 for _, value in losses)
     # Warm-up over one epoch (3 steps): the learning rate rises linearly to decoder_lr.
-    rates = [m[tracking.TRAIN_LR] for _, m in recorder.points if tracking.TRAIN_LR in m]
+    rates = [m[TRAIN_LR] for _, m in recorder.points if TRAIN_LR in m]
     assert rates == pytest.approx([1e-3 * 2 / 3, 1e-3, 1e-3])
     assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["mlflow_run_id"] == "run-1"
 
@@ -169,7 +186,7 @@ def test_a_loss_that_turns_nan_between_log_points_fails_the_run_before_it_leaves
 
     def evaluate(ema_model, epoch, last):
         evaluated.append(epoch)
-        return {tracking.KNN_ACC: 0.5}
+        return {KNN_ACC: 0.5}
 
     trainer = _trainer(tmp_path, evaluate, log_every=100, checkpoint_every=1, eval_every=1)
     trainer.epochs = 1
@@ -190,7 +207,7 @@ def test_a_loss_that_turns_nan_between_log_points_fails_the_run_before_it_leaves
 def test_a_diverged_run_asked_to_preempt_writes_no_checkpoint(tmp_path):
     """Step 2's gradient is infinite with a finite loss, and SIGUSR1 arrives during that step:
     clipping then AdamW make the weights NaN, and the preemption checkpoint must not hold them."""
-    trainer = _trainer(tmp_path, lambda model, epoch, last: {tracking.KNN_ACC: 0.5}, eval_at_start=False)
+    trainer = _trainer(tmp_path, lambda model, epoch, last: {KNN_ACC: 0.5}, eval_at_start=False)
     _gradient_turns_inf_at(trainer, step=2, then=trainer.request_preemption)
     with pytest.raises(DivergenceError, match=r"^the gradient norm is inf at step 2 \(train/loss [0-9.]+\)"):
         trainer.fit()
@@ -206,11 +223,11 @@ def test_under_fp16_an_infinite_gradient_is_the_scalers_to_skip_not_a_divergence
     """The GradScaler skips a step whose gradients overflow and lowers its scale: the weights
     stay finite and the run goes on."""
     trainer = _trainer(
-        tmp_path, lambda model, epoch, last: {tracking.KNN_ACC: 0.5}, epochs=1, eval_at_start=False, precision="fp16"
+        tmp_path, lambda model, epoch, last: {KNN_ACC: 0.5}, epochs=1, eval_at_start=False, precision="fp16"
     )
     scale = trainer.scaler.get_scale()
     _gradient_turns_inf_at(trainer, step=2)
-    assert trainer.fit() == {tracking.KNN_ACC: 0.5}
+    assert trainer.fit() == {KNN_ACC: 0.5}
     assert trainer.scaler.get_scale() < scale and _finite(trainer.model)
     assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["global_step"] == 3
 
@@ -220,7 +237,7 @@ def test_the_divergence_watch_leaves_a_healthy_run_bit_for_bit_unchanged(tmp_pat
     the optimiser sees. The same run without it ends on the same weights, EMA and RNG state."""
 
     def evaluate(model, epoch, last):
-        return {tracking.KNN_ACC: 0.5}
+        return {KNN_ACC: 0.5}
 
     watched = _trainer(tmp_path / "watched", evaluate, epochs=1, eval_at_start=False)
     watched.fit()
@@ -237,15 +254,15 @@ def test_the_divergence_watch_leaves_a_healthy_run_bit_for_bit_unchanged(tmp_pat
 def test_log_points_carry_the_learning_diagnostics(tmp_path):
     recorder = Recorder()
     trainer = _trainer(
-        tmp_path, lambda model, epoch, last: {tracking.KNN_ACC: 0.5}, tracker=recorder, epochs=1, eval_at_start=False
+        tmp_path, lambda model, epoch, last: {KNN_ACC: 0.5}, tracker=recorder, epochs=1, eval_at_start=False
     )
     trainer.fit()
-    logged = [m for _, m in recorder.points if tracking.TRAIN_LOSS in m]
-    assert len(logged) == 3 and all(set(tracking.DIAGNOSTICS) <= set(m) for m in logged)
+    logged = [m for _, m in recorder.points if TRAIN_LOSS in m]
+    assert len(logged) == 3 and all(set(DIAGNOSTICS) <= set(m) for m in logged)
     for m in logged:
-        assert m[tracking.ENCODER_GRAD_NORM] > 0 and m[tracking.DECODER_GRAD_NORM] > 0
-        assert m[tracking.LATENT_NORM] > 0 and m[tracking.LATENT_STD] > 0 and m[tracking.MODULATION_STD] > 0
-        assert 1 <= m[tracking.LATENT_RANK] <= trainer.batch_size
+        assert m[ENCODER_GRAD_NORM] > 0 and m[DECODER_GRAD_NORM] > 0
+        assert m[LATENT_NORM] > 0 and m[LATENT_STD] > 0 and m[MODULATION_STD] > 0
+        assert 1 <= m[LATENT_RANK] <= trainer.batch_size
     # The latent diagnostics are of the latent as the evaluation sees it: the encoder in eval mode.
     images = trainer.train_images[:8].float() / 255
     trainer.model.eval()
@@ -257,19 +274,19 @@ def test_log_points_carry_the_learning_diagnostics(tmp_path):
 def test_an_encoder_cut_off_from_the_loss_shows_as_a_zero_gradient_norm(tmp_path):
     recorder = Recorder()
     trainer = _trainer(
-        tmp_path, lambda model, epoch, last: {tracking.KNN_ACC: 0.5}, tracker=recorder, epochs=1, eval_at_start=False
+        tmp_path, lambda model, epoch, last: {KNN_ACC: 0.5}, tracker=recorder, epochs=1, eval_at_start=False
     )
     encode = trainer.model.encoder.forward
     trainer.model.encoder.forward = lambda x: encode(x).detach()
     trainer.fit()
-    norms = [m[tracking.ENCODER_GRAD_NORM] for _, m in recorder.points if tracking.ENCODER_GRAD_NORM in m]
+    norms = [m[ENCODER_GRAD_NORM] for _, m in recorder.points if ENCODER_GRAD_NORM in m]
     assert norms == [0.0, 0.0, 0.0]
 
 
 def test_the_diagnostics_leave_training_bit_for_bit_unchanged(tmp_path):
     """An eval-mode encoder pass and gradient norms: no random draws, BatchNorm's statistics
     untouched. A run with a log point at every step ends where one without any does."""
-    evaluate = lambda model, epoch, last: {tracking.KNN_ACC: 0.5}  # noqa: E731
+    evaluate = lambda model, epoch, last: {KNN_ACC: 0.5}  # noqa: E731
     diagnosed = _trainer(tmp_path / "diagnosed", evaluate, epochs=2, eval_at_start=False, log_every=1)
     diagnosed.fit()
     plain = _trainer(tmp_path / "plain", evaluate, epochs=2, eval_at_start=False, log_every=1000)
@@ -296,7 +313,7 @@ def test_each_epoch_line_shows_the_time_left_and_an_evaluation_says_what_it_is_d
 
     def evaluate(ema_model, epoch, last):
         progress.stage("k-NN features", 24, "images")
-        return {tracking.KNN_ACC: 0.5}
+        return {KNN_ACC: 0.5}
 
     caplog.set_level(logging.INFO, logger="soda.loop")
     _trainer(tmp_path, evaluate).fit()
@@ -311,9 +328,7 @@ def test_each_epoch_line_shows_the_time_left_and_an_evaluation_says_what_it_is_d
 
 
 def test_the_time_left_is_the_recent_pace_over_the_epochs_evaluations_and_checkpoints_to_come(tmp_path):
-    trainer = _trainer(
-        tmp_path, lambda model, epoch, last: {tracking.KNN_ACC: 0.5}
-    )  # 3 epochs, eval and checkpoint every 2
+    trainer = _trainer(tmp_path, lambda model, epoch, last: {KNN_ACC: 0.5})  # 3 epochs, eval and checkpoint every 2
     trainer.recent_seconds = {"epoch": [9.0, 11.0], "eval": [5.0], "save": [1.0]}
     # After epoch 1: two epochs of 10 s, evaluations and checkpoints at epochs 2 and 3.
     assert trainer._eta(1) == "eta 32s"
@@ -324,7 +339,7 @@ def test_the_time_left_is_the_recent_pace_over_the_epochs_evaluations_and_checkp
 
 def test_on_pace_hears_once_how_long_the_training_left_takes(tmp_path):
     heard = []
-    trainer = _trainer(tmp_path, lambda ema_model, epoch, last: {tracking.KNN_ACC: 0.0})
+    trainer = _trainer(tmp_path, lambda ema_model, epoch, last: {KNN_ACC: 0.0})
     trainer.on_pace = heard.append
     started = time.perf_counter()
     trainer.fit()

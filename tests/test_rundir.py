@@ -1,5 +1,5 @@
 """A run directory has one owner and one set of settings (soda/rundir.py), and every way a run's
-process ends leaves its MLflow record saying so (soda.train.run, soda.tracking.ENDINGS)."""
+process ends leaves its MLflow record saying so (soda.train.run, soda.ENDINGS)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from soda import rundir, store, tracking, train
+from soda import rundir, store, train
 from soda.errors import RunDirError
+from soda.record import ENDED, ERROR, KNN_ACC, LOST, PREVIOUS_END, RESUME_CHANGES, RUN_DIR, TRAIN_LOSS
 from tests.helpers import REPO, SMOKE, compose_config
 
 # ------------------------------------------------------------------------------------------------
@@ -175,10 +176,10 @@ def test_more_epochs_on_resume_are_recorded_without_rewriting_the_params(tmp_pat
     train.run(compose_config([*SMOKE, "tracking.experiment=soda", "schedule.epochs=2"], tmp_path), run_dir=run_dir)
     (run,) = _runs(tmp_path)
     assert run.info.status == "FINISHED" and run.data.params["schedule.epochs"] == "1"
-    assert run.data.tags[tracking.RESUME_CHANGES].endswith("schedule.epochs: 1 -> 2")
-    assert run.data.tags[tracking.PREVIOUS_END] == "finished" and tracking.ERROR not in run.data.tags
+    assert run.data.tags[RESUME_CHANGES].endswith("schedule.epochs: 1 -> 2")
+    assert run.data.tags[PREVIOUS_END] == "finished" and ERROR not in run.data.tags
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    assert [m.step for m in client.get_metric_history(run.info.run_id, tracking.KNN_ACC)] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, KNN_ACC)] == [1, 2]
     assert "epochs: 2" in (run_dir / rundir.CONFIG_FILE).read_text()
 
 
@@ -217,7 +218,7 @@ def _wait_for_training(tmp_path: Path, process: subprocess.Popen) -> None:
             runs = _runs(tmp_path) if (tmp_path / "mlflow.db").exists() else []
         except Exception:  # the run is still creating the store's tables
             runs = []
-        if runs and tracking.TRAIN_LOSS in runs[0].data.metrics:
+        if runs and TRAIN_LOSS in runs[0].data.metrics:
             return
         time.sleep(1)
     process.kill()
@@ -239,8 +240,8 @@ def test_a_stop_signal_leaves_the_run_killed_and_a_later_finish_claims_no_error(
     (line,) = [line for line in stderr.splitlines() if line.startswith("stopped:")]
     assert f"hydra.run.dir={run_dir}" in line
     (run,) = _runs(tmp_path)
-    assert run.info.status == "KILLED" and run.data.tags[tracking.ENDED] == ended
-    assert signal.Signals(signum).name in run.data.tags[tracking.ERROR]
+    assert run.info.status == "KILLED" and run.data.tags[ENDED] == ended
+    assert signal.Signals(signum).name in run.data.tags[ERROR]
     assert not (run_dir / rundir.LOCK_FILE).exists()
 
     # The same directory again, to its end (fewer epochs: an allowed change).
@@ -248,9 +249,9 @@ def test_a_stop_signal_leaves_the_run_killed_and_a_later_finish_claims_no_error(
     _, stderr = finish.communicate(timeout=300)
     assert finish.returncode == 0, stderr[-3000:]
     (run,) = _runs(tmp_path)
-    assert run.info.status == "FINISHED" and run.data.tags[tracking.ENDED] == "finished"
-    assert tracking.ERROR not in run.data.tags
-    assert run.data.tags[tracking.PREVIOUS_END].startswith(ended)
+    assert run.info.status == "FINISHED" and run.data.tags[ENDED] == "finished"
+    assert ERROR not in run.data.tags
+    assert run.data.tags[PREVIOUS_END].startswith(ended)
 
 
 def test_a_sigkilled_run_is_found_lost_by_the_next_start(tmp_path):
@@ -267,7 +268,7 @@ def test_a_sigkilled_run_is_found_lost_by_the_next_start(tmp_path):
     _, stderr = finish.communicate(timeout=300)
     assert finish.returncode == 0, stderr[-3000:]
     (run,) = _runs(tmp_path)
-    assert run.info.status == "FINISHED" and run.data.tags[tracking.PREVIOUS_END] == tracking.LOST
+    assert run.info.status == "FINISHED" and run.data.tags[PREVIOUS_END] == LOST
 
 
 def test_a_second_launch_into_a_live_run_directory_stops_in_one_line(tmp_path):
@@ -308,7 +309,7 @@ def test_two_launches_in_the_same_second_get_their_own_directory_and_record(tmp_
     run_dirs = sorted(path.parent for path in (tmp_path / "outputs").glob(f"*/*/{rundir.CONFIG_FILE}"))
     assert len(run_dirs) == 2
     runs = _runs(tmp_path)
-    assert len(runs) == 2 and {r.data.tags[tracking.RUN_DIR] for r in runs} == {str(d) for d in run_dirs}
+    assert len(runs) == 2 and {r.data.tags[RUN_DIR] for r in runs} == {str(d) for d in run_dirs}
     for run in runs:
         assert run.data.params["seed"] == run.data.tags["seed"]
     assert {run.data.params["seed"] for run in runs} == {"1", "2"}

@@ -22,8 +22,8 @@ from launching.sweeper.scheduler import Scheduler
 from launching.sweeper.search_space import grid_cells, parse_space
 from launching.sweeper.study import SETTINGS_ATTR, check_sweep_settings, sweep_settings
 from launching.sweeper.trials import ERROR_ATTR, STORAGE_LOST, SweepState, recover
-from soda import tracking
 from soda.journal import TORN_SUFFIX
+from soda.record import ERROR, LINEAR_ACC, PREVIOUS_END, RESUME_CHANGES
 from soda.sweep import PatientStorage, StorageLost, SweepError, open_storage
 from tests.test_sweep_scheduler import FakeParent, _returned
 
@@ -239,17 +239,17 @@ def test_a_storage_lost_mid_sweep_stops_it_and_each_record_says_why(tmp_path):
 def test_the_parent_run_of_a_lost_sweep_ends_failed_and_its_resume_says_why(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     study = optuna.create_study(study_name="s")
-    parent = ParentRun.open(uri, "sweeps", None, study, {}, {}, objectives=[tracking.LINEAR_ACC])
+    parent = ParentRun.open(uri, "sweeps", None, study, {}, {}, objectives=[LINEAR_ACC])
     parent.fail("Optuna storage /x/optuna.log stopped answering (...) for 120 s; start it again ...")
     client = mlflow.MlflowClient(uri)
     run = client.get_run(parent.run_id)
-    assert run.info.status == "FAILED" and run.data.tags[tracking.ERROR].startswith("Optuna storage /x/optuna.log")
+    assert run.info.status == "FAILED" and run.data.tags[ERROR].startswith("Optuna storage /x/optuna.log")
 
-    again = ParentRun.open(uri, "sweeps", None, study, {}, {}, objectives=[tracking.LINEAR_ACC])
+    again = ParentRun.open(uri, "sweeps", None, study, {}, {}, objectives=[LINEAR_ACC])
     run = client.get_run(again.run_id)
     assert again.run_id == parent.run_id and run.info.status == "RUNNING"
-    assert tracking.ERROR not in run.data.tags  # live again: the error is its previous end now
-    assert run.data.tags[tracking.PREVIOUS_END].startswith("failed: Optuna storage /x/optuna.log stopped answering")
+    assert ERROR not in run.data.tags  # live again: the error is its previous end now
+    assert run.data.tags[PREVIOUS_END].startswith("failed: Optuna storage /x/optuna.log stopped answering")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +291,7 @@ def test_other_sweep_settings_are_refused_in_one_line_unless_asked_and_each_chan
     parent = ParentRun.open(uri, "sweeps", None, study, {"sweep.sampler_seed": "1"}, {}, objectives=[])
     parent.record_changes(changes)
     parent.record_changes({"sweep.n_jobs": ("2", "1")})
-    tag = mlflow.MlflowClient(uri).get_run(parent.run_id).data.tags[tracking.RESUME_CHANGES]
+    tag = mlflow.MlflowClient(uri).get_run(parent.run_id).data.tags[RESUME_CHANGES]
     first, second = tag.splitlines()
     assert first.endswith(" hydra.sweeper.sampler.seed: 1 -> 2, sweep.n_trials: 8 -> 12")
     assert second.endswith(" sweep.n_jobs: 2 -> 1") and second[:4].isdigit()

@@ -19,8 +19,19 @@ from launching.sweeper.parent_run import END_ATTR, ParentRun
 from launching.sweeper.scheduler import Scheduler
 from launching.sweeper.search_space import check_every_value, grid_cells, parse_space
 from launching.sweeper.trials import ERROR_ATTR, TRACKING_LOST, SweepState, plan, recover, summary
-from soda import tracking
 from soda.errors import TrackingLost
+from soda.record import (
+    ERROR,
+    LINEAR_ACC,
+    PARENT_RUN,
+    PREVIOUS_END,
+    STUDY,
+    SWEEP,
+    SWEEP_PARENT,
+    TRIAL,
+    TRIAL_STATE,
+    trial_tags,
+)
 from soda.sweep import SweepError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -197,7 +208,7 @@ def test_each_way_a_trial_ends_is_told_to_optuna_and_the_parent_run():
     assert first == [
         "seed=7",
         "a=0",
-        f"tracking.run_name='s #{numbers[0]}: a=0'",
+        f"run_name='s #{numbers[0]}: a=0'",
         "sweep.study_name=s",
         "sweep.storage='/tmp/journal.log'",  # quoted: a bare / is not override syntax
         f"sweep.trial={numbers[0]}",
@@ -382,22 +393,22 @@ def test_the_parent_run_is_reused_on_resume_and_closes_a_trial_that_never_starte
     study = _study(optuna.storages.InMemoryStorage())
     params = {"sweep.params.augmentation/view@augmentation.target": "choice(a, b)"}
     artifacts = {"sweep.yaml": "sampler: grid\n"}
-    parent = ParentRun.open(uri, "sweeps", None, study, params, artifacts, objectives=[tracking.LINEAR_ACC])
-    again = ParentRun.open(uri, "sweeps", None, study, {}, {}, objectives=[tracking.LINEAR_ACC])
+    parent = ParentRun.open(uri, "sweeps", None, study, params, artifacts, objectives=[LINEAR_ACC])
+    again = ParentRun.open(uri, "sweeps", None, study, {}, {}, objectives=[LINEAR_ACC])
     assert again.run_id == parent.run_id  # the study remembers its run
 
     client = mlflow.MlflowClient(uri)
     run = client.get_run(parent.run_id)
-    assert run.data.tags[tracking.SWEEP] == tracking.SWEEP_PARENT and run.data.tags[tracking.STUDY] == "s"
+    assert run.data.tags[SWEEP] == SWEEP_PARENT and run.data.tags[STUDY] == "s"
     assert run.data.tags["resumed"] == "true"
     assert run.data.params == {"sweep.params.augmentation/view_augmentation.target": "choice(a, b)"}
 
     parent.close_child(4, "FAILED", "job died: out of memory", {"a": 1})
-    children = client.search_runs([parent.experiment_id], filter_string=f"tags.{tracking.TRIAL} = '4'")
+    children = client.search_runs([parent.experiment_id], filter_string=f"tags.{TRIAL} = '4'")
     assert len(children) == 1
     child = children[0]
-    assert child.data.tags[tracking.PARENT_RUN] == parent.run_id
-    assert child.data.tags[tracking.TRIAL_STATE] == "FAIL" and child.data.tags[tracking.ERROR].startswith("job died")
+    assert child.data.tags[PARENT_RUN] == parent.run_id
+    assert child.data.tags[TRIAL_STATE] == "FAIL" and child.data.tags[ERROR].startswith("job died")
     assert child.info.status == "FAILED" and child.data.params == {"a": "1"}
 
     _finish(study, {"a": 2}, TrialState.COMPLETE, 0.9)
@@ -411,25 +422,25 @@ def test_the_parent_run_is_reused_on_resume_and_closes_a_trial_that_never_starte
 def test_a_sweep_that_lost_its_tracking_store_says_so_when_it_continues(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     study = _study(optuna.storages.InMemoryStorage())
-    parent = ParentRun.open(uri, "sweeps", None, study, {}, {}, objectives=[tracking.LINEAR_ACC])
+    parent = ParentRun.open(uri, "sweeps", None, study, {}, {}, objectives=[LINEAR_ACC])
     assert parent.uri == uri
     study.set_user_attr(END_ATTR, TRACKING_LOST)  # the sweeper's record when MLflow could not be told
-    ParentRun.open(uri, "sweeps", None, study, {}, {}, objectives=[tracking.LINEAR_ACC])
-    assert mlflow.MlflowClient(uri).get_run(parent.run_id).data.tags[tracking.PREVIOUS_END] == TRACKING_LOST
+    ParentRun.open(uri, "sweeps", None, study, {}, {}, objectives=[LINEAR_ACC])
+    assert mlflow.MlflowClient(uri).get_run(parent.run_id).data.tags[PREVIOUS_END] == TRACKING_LOST
 
 
 def test_closing_a_trial_never_changes_a_run_that_ended_and_its_result_is_read_back(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     study = _study(optuna.storages.InMemoryStorage())
-    parent = ParentRun.open(uri, "sweeps", None, study, {}, {}, objectives=[tracking.LINEAR_ACC])
+    parent = ParentRun.open(uri, "sweeps", None, study, {}, {}, objectives=[LINEAR_ACC])
     client = mlflow.MlflowClient(uri)
 
     def child(number: int, status: str, state: str | None, values=()) -> str:
         """Trial `number`'s own run, as soda.train leaves it."""
-        tags = tracking.trial_tags("s", number, parent.run_id) | ({tracking.TRIAL_STATE: state} if state else {})
+        tags = trial_tags("s", number, parent.run_id) | ({TRIAL_STATE: state} if state else {})
         run_id = client.create_run(parent.experiment_id, tags=tags).info.run_id
         for step, value in enumerate(values, start=1):
-            client.log_metric(run_id, tracking.LINEAR_ACC, value, step=step)
+            client.log_metric(run_id, LINEAR_ACC, value, step=step)
         if status != "RUNNING":
             client.set_terminated(run_id, status=status)
         return run_id
@@ -443,7 +454,7 @@ def test_closing_a_trial_never_changes_a_run_that_ended_and_its_result_is_read_b
 
     def ended(run_id):
         run = client.get_run(run_id)
-        return run.info.status, run.data.tags.get(tracking.TRIAL_STATE), run.data.tags.get(tracking.ERROR)
+        return run.info.status, run.data.tags.get(TRIAL_STATE), run.data.tags.get(ERROR)
 
     assert ended(finished) == ("FINISHED", "COMPLETE", None)
     assert ended(pruned) == ("KILLED", "PRUNED", None)
@@ -563,8 +574,8 @@ def test_a_custom_search_space_adds_a_parameter_only_to_the_trials_that_need_it(
     assert seen == list(range(6)) and state.done == 6
     for trial in study.trials:
         overrides = launched[trial.number]
-        params = [o for o in overrides if not o.startswith(("sweep.", "seed=", "tracking.run_name="))]
-        assert f"tracking.run_name='s #{trial.number}: optimizer={trial.params['optimizer']}" in " ".join(overrides)
+        params = [o for o in overrides if not o.startswith(("sweep.", "seed=", "run_name="))]
+        assert f"run_name='s #{trial.number}: optimizer={trial.params['optimizer']}" in " ".join(overrides)
         if trial.params["optimizer"] == "sgd":
             momentum = trial.params["schedule.momentum"]
             assert 0.5 <= momentum <= 0.99

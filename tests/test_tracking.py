@@ -7,10 +7,37 @@ import pandas as pd
 import pytest
 
 from analysis.runs import exclusion_note, finished_runs, select_runs, sweep_parents
-from soda import tracking
+from soda.record import (
+    KNN_ACC,
+    LATENT_GAP,
+    LINEAR_ACC,
+    OBJECTIVES,
+    PARENT_RUN,
+    RECON_MSE,
+    STUDY,
+    TRIAL,
+    TRIAL_STATE,
+    latent_gap_at,
+    parent_tags,
+    run_name,
+    shown_order,
+    trial_run_name,
+    trial_tags,
+)
+from soda.store import (
+    MLFLOW_URI_ENV,
+    STORE_DIR_ENV,
+    SWEEP_STORAGE_ENV,
+    TRACKING_URI_ENV,
+    default_artifact_location,
+    default_sweep_storage,
+    default_tracking_uri,
+    redact,
+    store_dir,
+)
 from tests.helpers import compose_config
 
-STORE_ENVS = (tracking.TRACKING_URI_ENV, tracking.MLFLOW_URI_ENV, tracking.SWEEP_STORAGE_ENV, tracking.STORE_DIR_ENV)
+STORE_ENVS = (TRACKING_URI_ENV, MLFLOW_URI_ENV, SWEEP_STORAGE_ENV, STORE_DIR_ENV)
 
 
 @pytest.fixture
@@ -27,45 +54,45 @@ def test_default_stores_lie_in_the_working_directory(no_store_env, tmp_path):
     for folder in (tmp_path / "a", tmp_path / "b"):
         folder.mkdir()
         no_store_env.chdir(folder)
-        assert tracking.store_dir() == folder.resolve()
-        assert tracking.default_tracking_uri() == f"sqlite:///{folder.resolve()}/mlflow.db"
-        assert tracking.default_sweep_storage() == f"{folder.resolve()}/optuna-journal.log"
-        assert tracking.default_artifact_location() == f"{folder.resolve()}/mlartifacts"
+        assert store_dir() == folder.resolve()
+        assert default_tracking_uri() == f"sqlite:///{folder.resolve()}/mlflow.db"
+        assert default_sweep_storage() == f"{folder.resolve()}/optuna-journal.log"
+        assert default_artifact_location() == f"{folder.resolve()}/mlartifacts"
 
 
 def test_the_tracking_uri_is_the_command_lines_then_soda_then_mlflows_variable(no_store_env, tmp_path):
     no_store_env.chdir(tmp_path)
-    no_store_env.setenv(tracking.MLFLOW_URI_ENV, "http://mlflow.example:5000")
+    no_store_env.setenv(MLFLOW_URI_ENV, "http://mlflow.example:5000")
     assert compose_config([]).tracking.uri == "http://mlflow.example:5000"  # tracking=local honours it
-    no_store_env.setenv(tracking.TRACKING_URI_ENV, "sqlite:////tmp/soda.db")
+    no_store_env.setenv(TRACKING_URI_ENV, "sqlite:////tmp/soda.db")
     assert compose_config([]).tracking.uri == "sqlite:////tmp/soda.db"
     assert compose_config(["tracking.uri=http://other:5000"]).tracking.uri == "http://other:5000"
 
 
 def test_store_dir_env_moves_both_embedded_stores(no_store_env, tmp_path):
     no_store_env.chdir(tmp_path)
-    no_store_env.setenv(tracking.STORE_DIR_ENV, "stores")  # relative: to the working directory
+    no_store_env.setenv(STORE_DIR_ENV, "stores")  # relative: to the working directory
     stores = (tmp_path / "stores").resolve()
-    assert tracking.default_tracking_uri() == f"sqlite:///{stores}/mlflow.db"
-    assert tracking.default_sweep_storage() == f"{stores}/optuna-journal.log"
+    assert default_tracking_uri() == f"sqlite:///{stores}/mlflow.db"
+    assert default_sweep_storage() == f"{stores}/optuna-journal.log"
     no_store_env.chdir("/")
-    no_store_env.setenv(tracking.STORE_DIR_ENV, str(tmp_path))
-    assert tracking.default_tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    no_store_env.setenv(STORE_DIR_ENV, str(tmp_path))
+    assert default_tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
 
 
 def test_uri_envs_win_over_the_store_dir(no_store_env, tmp_path):
     no_store_env.chdir(tmp_path)
-    no_store_env.setenv(tracking.STORE_DIR_ENV, str(tmp_path / "stores"))
-    no_store_env.setenv(tracking.TRACKING_URI_ENV, "http://127.0.0.1:5000")
-    no_store_env.setenv(tracking.SWEEP_STORAGE_ENV, "postgresql://soda@localhost:5433/optuna")
-    assert tracking.default_tracking_uri() == "http://127.0.0.1:5000"
-    assert tracking.default_sweep_storage() == "postgresql://soda@localhost:5433/optuna"
+    no_store_env.setenv(STORE_DIR_ENV, str(tmp_path / "stores"))
+    no_store_env.setenv(TRACKING_URI_ENV, "http://127.0.0.1:5000")
+    no_store_env.setenv(SWEEP_STORAGE_ENV, "postgresql://soda@localhost:5433/optuna")
+    assert default_tracking_uri() == "http://127.0.0.1:5000"
+    assert default_sweep_storage() == "postgresql://soda@localhost:5433/optuna"
     # Each variable names one store: the sweep's does not move the tracking store, nor the reverse.
-    no_store_env.delenv(tracking.TRACKING_URI_ENV)
-    assert tracking.default_tracking_uri() == f"sqlite:///{tmp_path.resolve()}/stores/mlflow.db"
-    no_store_env.delenv(tracking.SWEEP_STORAGE_ENV)
-    no_store_env.setenv(tracking.TRACKING_URI_ENV, "http://127.0.0.1:5000")
-    assert tracking.default_sweep_storage() == f"{tmp_path.resolve()}/stores/optuna-journal.log"
+    no_store_env.delenv(TRACKING_URI_ENV)
+    assert default_tracking_uri() == f"sqlite:///{tmp_path.resolve()}/stores/mlflow.db"
+    no_store_env.delenv(SWEEP_STORAGE_ENV)
+    no_store_env.setenv(TRACKING_URI_ENV, "http://127.0.0.1:5000")
+    assert default_sweep_storage() == f"{tmp_path.resolve()}/stores/optuna-journal.log"
 
 
 def test_composed_config_resolves_the_stores_where_it_is_launched(no_store_env, tmp_path):
@@ -78,8 +105,8 @@ def test_composed_config_resolves_the_stores_where_it_is_launched(no_store_env, 
 
 def test_composed_config_follows_the_environment(no_store_env, tmp_path):
     no_store_env.chdir(tmp_path)
-    no_store_env.setenv(tracking.TRACKING_URI_ENV, "http://127.0.0.1:5000")
-    no_store_env.setenv(tracking.STORE_DIR_ENV, str(tmp_path / "stores"))
+    no_store_env.setenv(TRACKING_URI_ENV, "http://127.0.0.1:5000")
+    no_store_env.setenv(STORE_DIR_ENV, str(tmp_path / "stores"))
     cfg = compose_config([])
     assert cfg.tracking.uri == "http://127.0.0.1:5000"
     assert cfg.sweep.storage == f"{(tmp_path / 'stores').resolve()}/optuna-journal.log"
@@ -101,8 +128,8 @@ def test_composed_config_follows_the_environment(no_store_env, tmp_path):
     ],
 )
 def test_redact_hides_the_password(url, secret, shown):
-    assert tracking.redact(url) == shown
-    assert secret not in tracking.redact(url)
+    assert redact(url) == shown
+    assert secret not in redact(url)
 
 
 @pytest.mark.parametrize(
@@ -116,26 +143,26 @@ def test_redact_hides_the_password(url, secret, shown):
     ],
 )
 def test_redact_leaves_a_url_without_a_password_as_it_is(url):
-    assert tracking.redact(url) == url
+    assert redact(url) == url
 
 
 # Keys and tags.
 
 
 def test_latent_gap_at_a_timestep_extends_the_gap_key():
-    assert tracking.latent_gap_at(500) == tracking.LATENT_GAP + "_t500"
-    assert tracking.latent_gap_at(500) != tracking.latent_gap_at(700)
+    assert latent_gap_at(500) == LATENT_GAP + "_t500"
+    assert latent_gap_at(500) != latent_gap_at(700)
 
 
 def test_objectives_are_evaluation_metrics():
-    assert set(tracking.OBJECTIVES) == {tracking.KNN_ACC, tracking.LINEAR_ACC, tracking.RECON_MSE, tracking.LATENT_GAP}
+    assert set(OBJECTIVES) == {KNN_ACC, LINEAR_ACC, RECON_MSE, LATENT_GAP}
 
 
 def test_trial_tags_name_the_study_the_trial_and_the_sweeps_run():
-    assert tracking.trial_tags("ablation", 3) == {tracking.TRIAL: "3", tracking.STUDY: "ablation"}
-    tags = tracking.trial_tags("ablation", 3, parent_run_id="abc123")
-    assert tags[tracking.PARENT_RUN] == "abc123"
-    assert tracking.PARENT_RUN == "mlflow.parentRunId"  # MLflow's own tag, which nests runs in its UI
+    assert trial_tags("ablation", 3) == {TRIAL: "3", STUDY: "ablation"}
+    tags = trial_tags("ablation", 3, parent_run_id="abc123")
+    assert tags[PARENT_RUN] == "abc123"
+    assert PARENT_RUN == "mlflow.parentRunId"  # MLflow's own tag, which nests runs in its UI
 
 
 def _runs(*rows: tuple[str, str, dict[str, str]]) -> pd.DataFrame:
@@ -150,12 +177,12 @@ def _runs(*rows: tuple[str, str, dict[str, str]]) -> pd.DataFrame:
 
 def test_analysis_recognises_the_tags_sweeps_write():
     runs = _runs(
-        ("ablation-parent", "FINISHED", tracking.parent_tags("ablation")),
-        ("trial-0", "FINISHED", tracking.trial_tags("ablation", 0, "ablation-parent")),
-        ("trial-1", "FINISHED", tracking.trial_tags("ablation", 1, "ablation-parent")),
-        ("pruned", "KILLED", {**tracking.trial_tags("ablation", 2), tracking.TRIAL_STATE: "PRUNED"}),
-        ("lr-parent", "FINISHED", tracking.parent_tags("lr")),
-        ("lr-trial", "FAILED", tracking.trial_tags("lr", 0, "lr-parent")),
+        ("ablation-parent", "FINISHED", parent_tags("ablation")),
+        ("trial-0", "FINISHED", trial_tags("ablation", 0, "ablation-parent")),
+        ("trial-1", "FINISHED", trial_tags("ablation", 1, "ablation-parent")),
+        ("pruned", "KILLED", {**trial_tags("ablation", 2), TRIAL_STATE: "PRUNED"}),
+        ("lr-parent", "FINISHED", parent_tags("lr")),
+        ("lr-trial", "FAILED", trial_tags("lr", 0, "lr-parent")),
         ("single", "FINISHED", {}),
     )
     assert list(sweep_parents(runs)) == [True, False, False, False, True, False, False]
@@ -170,7 +197,7 @@ def test_analysis_recognises_the_tags_sweeps_write():
 
 def test_lines_show_the_probes_and_the_gap_before_the_factor_probes():
     metrics = {"eval/factor/size": 0.5, "eval/linear_acc": 0.7, "eval/factor/shape": 0.6, "eval/knn_acc": 0.8}
-    assert [key for key, _ in tracking.shown_order(metrics)] == [
+    assert [key for key, _ in shown_order(metrics)] == [
         "eval/knn_acc",
         "eval/linear_acc",
         "eval/factor/shape",
@@ -181,11 +208,11 @@ def test_lines_show_the_probes_and_the_gap_before_the_factor_probes():
 def test_run_names_say_what_ran():
     from soda.config import compose_config, to_settings
 
-    assert tracking.run_name(to_settings(compose_config(["experiment=demo", "seed=3"]))) == "tiny shapes seed=3"
+    assert run_name(to_settings(compose_config(["experiment=demo", "seed=3"]))) == "tiny shapes seed=3"
     trial = to_settings(compose_config(["sweep.study_name=ablation", "sweep.trial=4"]))
-    assert tracking.run_name(trial) == "ablation #4: soda_r18_ddpm cifar10 seed=0"
+    assert run_name(trial) == "ablation #4: soda_r18_ddpm cifar10 seed=0"
     params = {"augmentation/view@augmentation.target": "flip", "schedule.decoder_lr": 3.16227766e-4, "seed": 1}
-    assert tracking.trial_run_name("augment_ablation", 3, params) == (
+    assert trial_run_name("augment_ablation", 3, params) == (
         "augment_ablation #3: target=flip decoder_lr=0.000316 seed=1"
     )
-    assert tracking.trial_run_name("s", 0, {}) == "s #0"
+    assert trial_run_name("s", 0, {}) == "s #0"

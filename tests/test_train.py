@@ -7,9 +7,10 @@ import mlflow
 import pytest
 import torch
 
-from soda import loop, progress, tracking, train
+from soda import loop, progress, train
 from soda.checkpoint import load_checkpoint
 from soda.errors import CheckpointError, TrackingError
+from soda.record import COMPILE, KNN_ACC, LATENT_GAP, LINEAR_ACC, RECON_MSE, TRAIN_LOSS, latent_gap_at
 from tests.helpers import CONF, SMOKE, compose_config, launch
 
 
@@ -36,14 +37,14 @@ def test_experiment_smoke_run_writes_a_complete_mlflow_record(experiment, tmp_pa
     assert params["schedule.epochs"] == "1" and params["seed"] == "0"
     assert len(tags["git_sha"]) in (40, 7) or tags["git_sha"] == "unknown"
     assert tags["git_dirty"] in ("true", "false", "unknown") and tags["seed"] == "0"
-    assert tags[tracking.COMPILE] == "eager"  # schedule.compile=auto compiles on CUDA only
-    for key in (tracking.KNN_ACC, tracking.LINEAR_ACC):
+    assert tags[COMPILE] == "eager"  # schedule.compile=auto compiles on CUDA only
+    for key in (KNN_ACC, LINEAR_ACC):
         assert 0.0 <= metrics[key] <= 1.0
     assert objective == metrics[cfg.objective]
-    assert metrics[tracking.TRAIN_LOSS] > 0 and tracking.RECON_MSE in metrics
-    assert -1 < metrics[tracking.LATENT_GAP] < 1 and tracking.latent_gap_at(700) in metrics
+    assert metrics[TRAIN_LOSS] > 0 and RECON_MSE in metrics
+    assert -1 < metrics[LATENT_GAP] < 1 and latent_gap_at(700) in metrics
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    history = client.get_metric_history(run.info.run_id, tracking.KNN_ACC)
+    history = client.get_metric_history(run.info.run_id, KNN_ACC)
     epochs = [0, 1] if cfg.eval.at_start else [1]  # eval.at_start evaluates the untrained encoder too
     assert [m.step for m in history] == epochs
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

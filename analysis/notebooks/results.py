@@ -17,7 +17,7 @@
 # The runs of an MLflow store as tables and plots, with the same functions as `make table` and
 # `python -m analysis`. Open it as a notebook (`jupytext --to ipynb analysis/notebooks/results.py`,
 # or Jupyter with jupytext installed). It reads the store the runs write by default
-# (soda.tracking.default_tracking_uri): `$SODA_TRACKING_URI`, else `mlflow.db` in `$SODA_STORE_DIR`,
+# (soda.store.default_tracking_uri): `$SODA_TRACKING_URI`, else `mlflow.db` in `$SODA_STORE_DIR`,
 # else in the working directory. Jupyter starts the kernel in the notebook's folder, not where the
 # runs were launched, so name the store: e.g. `SODA_STORE_DIR=$PWD jupyter lab` from the repository
 # root, or set TRACKING_URI below.
@@ -40,7 +40,8 @@ from analysis import (
     provenance,
     select_runs,
 )
-from soda.tracking import KNN_ACC, LINEAR_ACC, default_tracking_uri
+from soda.record import KNN_ACC, LINEAR_ACC
+from soda.store import default_tracking_uri
 
 TRACKING_URI = default_tracking_uri()
 EXPERIMENTS = None  # a list of experiment names, e.g. ["soda"]; None reads every experiment

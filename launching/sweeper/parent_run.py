@@ -2,7 +2,7 @@
 
 Its settings are params, the base config and the sweeper's config artifacts; each trial's end is a
 point of its progress metrics; the best trial is a metric and tags at the end. The trials create
-their own runs and tag themselves as its children (soda/train.py, tracking.trial_tags); this
+their own runs and tag themselves as its children (soda/train.py, trial_tags); this
 module closes a trial's run when the trial's job could not (it died, or was interrupted), and
 creates one for a trial that failed before its run started, so that every trial has one.
 
@@ -24,8 +24,21 @@ from datetime import datetime, timezone
 from typing import Any
 
 from launching.sweeper.study import best_trial
-from soda import tracking
 from soda.errors import first_line
+from soda.record import (
+    ERROR,
+    PREVIOUS_END,
+    RESUME_CHANGES,
+    RESUMED,
+    STUDY,
+    TRIAL,
+    TRIAL_STATE,
+    git_state,
+    parent_tags,
+    trial_run_name,
+    trial_tags,
+)
+from soda.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +46,6 @@ PARENT_ATTR = "soda_mlflow_parent"  # study user attribute: the sweep's MLflow r
 # Study user attribute: why the sweep stopped, where MLflow could not be told (its tracking store
 # was lost); the run that continues the sweep records it and clears it (trials.recover).
 END_ATTR = "soda_sweep_end"
-RESUMED = tracking.RESUMED
 BEST_TRIAL = "best_trial"
 ENDED_STATUSES = ("FINISHED", "FAILED", "KILLED")  # MLflow statuses of a run that ended
 # previous_end of a sweep run that nobody closed.
@@ -41,8 +53,8 @@ LOST = "lost: the sweeper ended without recording how (SIGKILL, a closed termina
 
 
 class ParentRun:
-    def __init__(self, store: tracking.Store, experiment_id: str, study_name: str, run_id: str, objectives: list[str]):
-        self.store = store  # every read and write of the sweep's records (soda.tracking.Store)
+    def __init__(self, store: Store, experiment_id: str, study_name: str, run_id: str, objectives: list[str]):
+        self.store = store  # every read and write of the sweep's records (soda.store.Store)
         self.experiment_id = experiment_id
         self.study_name = study_name
         self.run_id = run_id
@@ -66,28 +78,26 @@ class ParentRun:
         """The run recorded in the study (a resumed sweep), or a new one with `params` and
         `artifacts` (file name -> text). Fails, before any job starts, if the store is unusable.
         `objectives`: the metric names of the config's `objective` (a trial's value, in order)."""
-        store = tracking.Store.checked(uri)
+        store = Store.checked(uri)
         experiment_id = store.experiment_id(experiment, artifact_location)
         run = store.find_run(study.user_attrs.get(PARENT_ATTR))
         if run is not None:
             run_id = run.info.run_id
-            error = run.data.tags.get(tracking.ERROR)
+            error = run.data.tags.get(ERROR)
             ended = (
                 (study.user_attrs.get(END_ATTR) or LOST) if run.info.status == "RUNNING" else run.info.status.lower()
             )
             store.reopen(run_id)
             # The run is live again: why the sweep before this one ended is history now.
-            store.set_tags(
-                run_id, {RESUMED: "true", tracking.PREVIOUS_END: f"{ended}: {error}"[:5000] if error else ended}
-            )
+            store.set_tags(run_id, {RESUMED: "true", PREVIOUS_END: f"{ended}: {error}"[:5000] if error else ended})
             if error is not None:
-                store.delete_tag(run_id, tracking.ERROR)
+                store.delete_tag(run_id, ERROR)
             return cls(store, experiment_id, study.study_name, run_id, objectives)
 
         run_id = store.create_run(
             experiment_id,
             study.study_name,
-            tags={**tracking.parent_tags(study.study_name), **tracking.git_state()},
+            tags={**parent_tags(study.study_name), **git_state()},
             params={mlflow_key(key): value[:6000] for key, value in params.items()},
             texts=artifacts,
         )
@@ -101,8 +111,8 @@ class ParentRun:
             return
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         added = f"{now} " + ", ".join(f"{key}: {old} -> {new}" for key, (old, new) in changes.items())
-        earlier = self.store.get_run(self.run_id).data.tags.get(tracking.RESUME_CHANGES, "")
-        self.store.set_tags(self.run_id, {tracking.RESUME_CHANGES: "\n".join(filter(None, [earlier, added]))[-5000:]})
+        earlier = self.store.get_run(self.run_id).data.tags.get(RESUME_CHANGES, "")
+        self.store.set_tags(self.run_id, {RESUME_CHANGES: "\n".join(filter(None, [earlier, added]))[-5000:]})
         log.info("study %s continues with other sweep settings: %s", self.study_name, added)
 
     def trial_ended(self, number: int, state: str, values: list[float] | None) -> None:
@@ -127,7 +137,7 @@ class ParentRun:
             return None
         ended: dict[tuple, Any] = {}  # (status, trial_state) -> the newest such run
         for run in runs:
-            ended.setdefault((run.info.status, run.data.tags.get(tracking.TRIAL_STATE)), run)
+            ended.setdefault((run.info.status, run.data.tags.get(TRIAL_STATE)), run)
         finished = ended.get(("FINISHED", "COMPLETE"))
         if finished is not None:
             values = [finished.data.metrics.get(name) for name in self.objectives]
@@ -146,8 +156,8 @@ class ParentRun:
             log.warning("could not read the MLflow run of trial %d: %s", number, first_line(problem, 500))
             return None
         for run in runs:
-            if run.info.status in ("FAILED", "KILLED") and run.data.tags.get(tracking.ERROR):
-                return run.data.tags[tracking.ERROR]
+            if run.info.status in ("FAILED", "KILLED") and run.data.tags.get(ERROR):
+                return run.data.tags[ERROR]
         return None
 
     def close_child(self, number: int, status: str, error: str, params: dict[str, Any] | None = None) -> None:
@@ -161,17 +171,17 @@ class ParentRun:
             if not runs:
                 run_id = self.store.create_run(
                     self.experiment_id,
-                    tracking.trial_run_name(self.study_name, number, params or {}),
-                    tags=tracking.trial_tags(self.study_name, number, self.run_id),
+                    trial_run_name(self.study_name, number, params or {}),
+                    tags=trial_tags(self.study_name, number, self.run_id),
                     params={mlflow_key(key): str(value) for key, value in (params or {}).items()},
                 )
                 runs = [self.store.get_run(run_id)]
             for run in runs:
                 if run.info.status not in ENDED_STATUSES:
-                    self.store.set_tags(run.info.run_id, {tracking.TRIAL_STATE: "FAIL", tracking.ERROR: error[:5000]})
+                    self.store.set_tags(run.info.run_id, {TRIAL_STATE: "FAIL", ERROR: error[:5000]})
                     self.store.end(run.info.run_id, status)
-                elif run.info.status != "FINISHED" and tracking.TRIAL_STATE not in run.data.tags:
-                    self.store.set_tags(run.info.run_id, {tracking.TRIAL_STATE: "FAIL"})
+                elif run.info.status != "FINISHED" and TRIAL_STATE not in run.data.tags:
+                    self.store.set_tags(run.info.run_id, {TRIAL_STATE: "FAIL"})
         except Exception as problem:
             log.warning("could not close the MLflow run of trial %d: %s", number, first_line(problem, 500))
 
@@ -180,7 +190,7 @@ class ParentRun:
         created one)."""
         return self.store.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.{tracking.STUDY} = '{self.study_name}' and tags.{tracking.TRIAL} = '{number}'",
+            filter_string=f"tags.{STUDY} = '{self.study_name}' and tags.{TRIAL} = '{number}'",
             max_results=5,
             order_by=["attributes.start_time DESC"],
         )
@@ -206,7 +216,7 @@ class ParentRun:
         study's counts cannot be read (its storage was lost). Never raises: the caller is
         reporting an error already."""
         try:
-            self.store.set_tags(self.run_id, {tracking.ERROR: error[:5000]})
+            self.store.set_tags(self.run_id, {ERROR: error[:5000]})
             self.store.end(self.run_id, "FAILED")
         except Exception as problem:
             log.warning("could not end the sweep's MLflow run %s: %s", self.run_id, first_line(problem, 500))

@@ -55,8 +55,8 @@ from launching.sweeper.trials import (
     number_text,
     trial_overrides,
 )
-from soda import tracking
 from soda.errors import TrackingError, TrackingLost, first_line
+from soda.store import check_reachable
 from soda.sweep import StorageLost, SweepError
 
 log = logging.getLogger(__name__)
@@ -287,7 +287,7 @@ class Scheduler:
         if uri is None or not _STORE_GONE.search(message):
             return
         try:
-            tracking.check_reachable(uri)
+            check_reachable(uri)
             return  # it answers again: an ordinary failure
         except TrackingError as error:
             reason = first_line(error, limit=300)

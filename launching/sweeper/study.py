@@ -16,8 +16,8 @@ from typing import Any
 
 from launching.sweeper.sampler import GRID, SamplerSpec
 from soda.errors import first_line
+from soda.record import flatten
 from soda.sweep import PRUNER_ATTR, SweepError, make_pruner
-from soda.tracking import flatten
 
 log = logging.getLogger(__name__)
 

@@ -34,10 +34,9 @@ from launching.sweeper.study import (
     sweep_settings,
 )
 from launching.sweeper.trials import SweepState, plan, recover, summary
-from soda import tracking
 from soda.errors import TrackingLost
+from soda.store import quick_http_failures, redact
 from soda.sweep import STORAGE_TIMEOUT_ATTR, STORAGE_TIMEOUT_S, StorageLost, SweepError, make_pruner, open_storage
-from soda.tracking import redact
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +131,7 @@ class StudySweep:
             parent.fail(str(lost))
             raise
         except TrackingLost as lost:
-            with tracking.quick_http_failures(timeout=5):  # one quick try: the store was just found gone
+            with quick_http_failures(timeout=5):  # one quick try: the store was just found gone
                 parent.fail(str(lost))
             raise
 

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import mlflow
 
-from soda import faults, tracking
+from soda import faults
+from soda.record import KNN_ACC, LINEAR_ACC, RECON_MSE, RUN_DIR, TRAIN_LOSS, TRIAL
+from soda.store import STORE_DIR_ENV, SWEEP_STORAGE_ENV, TRACKING_URI_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,7 +37,7 @@ TINY = [
     "eval.sample_steps=3",
 ]
 # What a finished run ends with; an interrupted run must end with exactly the same values.
-FINAL_METRICS = (tracking.KNN_ACC, tracking.LINEAR_ACC, tracking.RECON_MSE)
+FINAL_METRICS = (KNN_ACC, LINEAR_ACC, RECON_MSE)
 
 
 def launch_command(*args: str) -> list[str]:
@@ -55,9 +57,9 @@ def environment(work: Path, **extra: str) -> dict[str, str]:
     """The caller's environment, minus what would send records elsewhere or announce fault marks;
     any store a command does not name goes into `work`."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1", "TQDM_DISABLE": "1"}
-    for name in (faults.ENV, tracking.TRACKING_URI_ENV, tracking.SWEEP_STORAGE_ENV, "MLFLOW_TRACKING_URI"):
+    for name in (faults.ENV, TRACKING_URI_ENV, SWEEP_STORAGE_ENV, "MLFLOW_TRACKING_URI"):
         env.pop(name, None)
-    env[tracking.STORE_DIR_ENV] = str(work)
+    env[STORE_DIR_ENV] = str(work)
     env.update(extra)
     return env
 
@@ -132,11 +134,11 @@ class Store:
 
     def runs_of(self, run_dir: Path) -> list:
         """The runs tagged with this run directory (one, when nothing was lost or doubled)."""
-        return self.runs(f"tags.{tracking.RUN_DIR} = '{Path(run_dir).resolve()}'")
+        return self.runs(f"tags.{RUN_DIR} = '{Path(run_dir).resolve()}'")
 
     def trials(self) -> list:
         """The runs of a sweep's trials (not the sweep's own run)."""
-        return self.runs(f"tags.{tracking.TRIAL} != ''")
+        return self.runs(f"tags.{TRIAL} != ''")
 
     def steps(self, run, key: str) -> list[int]:
         return sorted(point.step for point in self.client.get_metric_history(run.info.run_id, key))
@@ -161,8 +163,8 @@ class Store:
         for key in FINAL_METRICS:
             steps = self.steps(run, key)
             assert steps == list(range(1, epochs + 1)), f"{what}: {key} recorded at steps {steps}"
-        losses = self.steps(run, tracking.TRAIN_LOSS)
-        assert losses and len(losses) == len(set(losses)), f"{what}: {tracking.TRAIN_LOSS} steps {losses}"
+        losses = self.steps(run, TRAIN_LOSS)
+        assert losses and len(losses) == len(set(losses)), f"{what}: {TRAIN_LOSS} steps {losses}"
         missing = {"seed", "model.arch"} - set(run.data.params)
         assert not missing, f"{what}: params {sorted(missing)} missing"
         artifacts = {artifact.path for artifact in self.client.list_artifacts(run.info.run_id)}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from soda import tracking
+from soda.record import LINEAR_ACC, POINTS_LOGGED
 from tests.support.services import mlflow_server, needs_postgres
 from tests.system.campaign import REPO, TINY, Store, environment, launch_command
 
@@ -21,7 +21,7 @@ EXPERIMENT = "faults-crowd"
 SWEEP = f"""# @package _global_
 defaults:
   - override /hydra/sweeper: soda_optuna
-objective: {tracking.LINEAR_ACC}
+objective: {LINEAR_ACC}
 sweep:
   study_name: faults_crowd
 hydra:
@@ -64,7 +64,7 @@ def crowd(work: Path, name: str, uri: str, extra: list[str], record) -> None:
     store = Store(uri, EXPERIMENT)
     trials = store.trials()
     finished = sum(trial.info.status == "FINISHED" for trial in trials)
-    written = sum(int(trial.data.tags.get(tracking.POINTS_LOGGED, "-1")) for trial in trials)
+    written = sum(int(trial.data.tags.get(POINTS_LOGGED, "-1")) for trial in trials)
     read = sum(store.points(trial) for trial in trials)
     logs = result.stderr + "".join(path.read_text(errors="replace") for path in (work / f"sweep-{name}").rglob("*.err"))
     locks = sum(logs.count(pattern) for pattern in LOCK_ERRORS)

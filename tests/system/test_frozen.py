@@ -10,9 +10,9 @@ import socket
 import subprocess
 import time
 
-from soda import tracking
 from soda.heartbeat import BEATS_DIR
 from soda.loop import CHECKPOINT
+from soda.record import ERROR, PREVIOUS_END
 from tests.system.campaign import REPO, TINY, Store, environment, launch_command, tracking_overrides
 
 PEER_TIMEOUT_S = 10
@@ -60,10 +60,10 @@ def test_a_frozen_rank_ends_the_job_in_one_line_and_the_rerun_resumes(work, reco
     assert not _alive(int(pid)), "the frozen rank was left behind"
     store = Store(f"sqlite:///{work}/mlflow.db", "frozen")
     [run] = store.runs_of(run_dir)
-    assert run.info.status == "FAILED" and "PeerStalled: rank 1" in run.data.tags[tracking.ERROR]
+    assert run.info.status == "FAILED" and "PeerStalled: rank 1" in run.data.tags[ERROR]
 
     rerun = subprocess.run(command, cwd=REPO, env=environment(work), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     [run] = store.runs_of(run_dir)
     store.assert_complete(run, epochs=3, what="the job a frozen rank stopped")
-    assert run.data.tags[tracking.PREVIOUS_END].startswith("failed: PeerStalled: rank 1")
+    assert run.data.tags[PREVIOUS_END].startswith("failed: PeerStalled: rank 1")

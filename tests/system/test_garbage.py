@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from soda import tracking
+from soda.record import ERROR
 from tests.support.services import needs_slurm
 from tests.system.campaign import REPO, TINY, Store, environment, launch_command, store_snapshot, tracking_overrides
 
@@ -124,7 +124,7 @@ def failed_with_checkpoint_error(case_dir: Path) -> None:
     """The run that could not checkpoint is one complete FAILED record saying why, and left no
     partial checkpoint or temporary file behind."""
     runs = Store(f"sqlite:///{case_dir}/full-disk.db", EXPERIMENT).runs()
-    found = [(run.info.status, run.data.tags.get(tracking.ERROR, "")) for run in runs]
+    found = [(run.info.status, run.data.tags.get(ERROR, "")) for run in runs]
     assert len(found) == 1 and found[0][0] == "FAILED" and "cannot write checkpoint" in found[0][1], found
     left = sorted(path.name for path in (case_dir / "run" / "checkpoints").glob("*"))
     assert not left, f"files left in checkpoints/: {left}"

@@ -19,6 +19,7 @@ import pytest
 
 from launching.sweeper.trials import ERROR_ATTR
 from soda import tracking
+from soda.record import ERROR, PREVIOUS_END, SWEEP, SWEEP_PARENT
 from soda.sweep import open_storage
 from tests.helpers import free_port
 from tests.support.services import needs_postgres
@@ -109,12 +110,12 @@ def test_postgres_stopped_mid_sweep_ends_it_in_one_line_and_the_rerun_continues_
         assert waited < 120, waited
 
         store = Store(f"sqlite:///{work}/mlflow.db", EXPERIMENT)
-        [parent] = store.runs(f"tags.{tracking.SWEEP} = '{tracking.SWEEP_PARENT}'")
+        [parent] = store.runs(f"tags.{SWEEP} = '{SWEEP_PARENT}'")
         assert parent.info.status == "FAILED"
-        assert parent.data.tags[tracking.ERROR].startswith(f"Optuna storage {redacted} stopped answering")
+        assert parent.data.tags[ERROR].startswith(f"Optuna storage {redacted} stopped answering")
         [trial] = store.trials()
         assert trial.info.status in ("FAILED", "KILLED"), trial.info.status
-        assert "Optuna storage" in trial.data.tags[tracking.ERROR], trial.data.tags[tracking.ERROR]
+        assert "Optuna storage" in trial.data.tags[ERROR], trial.data.tags[ERROR]
 
         # PostgreSQL back, the same command: the same study and parent run, each record true.
         postgres.start()
@@ -124,9 +125,9 @@ def test_postgres_stopped_mid_sweep_ends_it_in_one_line_and_the_rerun_continues_
         states = [(t.params["seed"], t.state.name) for t in study.trials]
         assert states == [(0, "FAIL"), (0, "COMPLETE"), (1, "COMPLETE")], states
         assert "Optuna storage" in study.trials[0].user_attrs[ERROR_ATTR], study.trials[0].user_attrs
-        [again] = store.runs(f"tags.{tracking.SWEEP} = '{tracking.SWEEP_PARENT}'")
+        [again] = store.runs(f"tags.{SWEEP} = '{SWEEP_PARENT}'")
         assert again.info.run_id == parent.info.run_id and again.info.status == "FINISHED"
-        assert tracking.ERROR not in again.data.tags
-        assert again.data.tags[tracking.PREVIOUS_END].startswith(f"failed: Optuna storage {redacted}")
+        assert ERROR not in again.data.tags
+        assert again.data.tags[PREVIOUS_END].startswith(f"failed: Optuna storage {redacted}")
     finally:
         postgres.remove()

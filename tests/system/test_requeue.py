@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from soda import tracking
+from soda.record import RESUMED, RUN_DIR
 from tests.support.services import needs_slurm
 from tests.support.slurm import preempt, release_requeued, squeue
 from tests.system.campaign import REPO, TINY, Store, environment, launch_command, tracking_overrides
@@ -84,11 +84,11 @@ def test_a_preempted_and_requeued_job_ends_as_an_uninterrupted_one(work, record)
     store = Store(f"sqlite:///{work}/mlflow.db", EXPERIMENT)
     run_of = {}
     for name in ("reference", "storm"):
-        runs = store.runs(f"tags.{tracking.RUN_DIR} LIKE '{work}/{name}/%'")
+        runs = store.runs(f"tags.{RUN_DIR} LIKE '{work}/{name}/%'")
         assert len(runs) == 1, f"{name}: {len(runs)} MLflow runs"
         store.assert_complete(runs[0], EPOCHS, name)
         run_of[name] = runs[0]
-    assert run_of["storm"].data.tags.get(tracking.RESUMED) == "true", "the preempted job's run was never resumed"
+    assert run_of["storm"].data.tags.get(RESUMED) == "true", "the preempted job's run was never resumed"
     assert store.finals(run_of["storm"]) == store.finals(run_of["reference"]), (
         "final metrics differ from the uninterrupted job's"
     )

@@ -14,6 +14,7 @@ import mlflow
 
 from soda import tracking
 from soda.loop import CHECKPOINT
+from soda.record import KNN_ACC, LOST_RECORD, PREVIOUS_END, RECORD_STARTS_AT, RESUMED
 from tests.support.services import MlflowServer, needs_postgres
 from tests.system.campaign import REPO, TINY, Store, environment, launch_command, tracking_overrides
 
@@ -67,8 +68,8 @@ def test_a_server_killed_mid_run_ends_it_in_one_line_and_the_rerun_continues_it(
         [run] = store.runs_of(run_dir)
         store.assert_complete(run, epochs=3, what="the run the server outage cut")
         tags = run.data.tags
-        assert tags[tracking.RESUMED] == "true"
-        assert tags[tracking.PREVIOUS_END].startswith(f"tracking_lost: MLflow tracking store {server.uri}")
+        assert tags[RESUMED] == "true"
+        assert tags[PREVIOUS_END].startswith(f"tracking_lost: MLflow tracking store {server.uri}")
         assert not (run_dir / tracking.END_FILE).exists()
     finally:
         server.stop()
@@ -101,7 +102,7 @@ def test_a_deleted_store_is_not_silently_replaced_by_a_partial_record(work, reco
     assert asked.returncode == 0, asked.stderr[-3000:]
     [run] = Store(f"sqlite:///{store_path}", "deleted").runs_of(run_dir)
     tags = run.data.tags
-    assert tags[tracking.LOST_RECORD].startswith(lost) and tags[tracking.RECORD_STARTS_AT] == "1"
+    assert tags[LOST_RECORD].startswith(lost) and tags[RECORD_STARTS_AT] == "1"
     client = mlflow.MlflowClient(f"sqlite:///{store_path}")
-    assert [m.step for m in client.get_metric_history(run.info.run_id, tracking.KNN_ACC)] == [2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, KNN_ACC)] == [2]
     record.facts.append("a deleted store: refused, then a new run tagged lost_record from epoch 1")

@@ -15,7 +15,7 @@ import optuna
 import pytest
 
 from launching.sweeper.trials import ERROR_ATTR
-from soda import tracking
+from soda.record import ERROR, LINEAR_ACC, PID, TRAIN_LOSS, TRIAL
 from soda.sweep import open_storage
 from tests.system.campaign import REPO, TINY, Store, environment, launch_command, tracking_overrides
 
@@ -26,7 +26,7 @@ STUDY = "faults_trials"
 SWEEP = f"""# @package _global_
 defaults:
   - override /hydra/sweeper: soda_optuna
-objective: {tracking.LINEAR_ACC}
+objective: {LINEAR_ACC}
 sweep:
   study_name: {STUDY}
   n_jobs: 2
@@ -50,7 +50,7 @@ OPTIONS = {
 }
 ERRORS = {
     "raises": "not found under /nonexistent/soda-faults",
-    "diverges": f"{tracking.TRAIN_LOSS} is nan",
+    "diverges": f"{TRAIN_LOSS} is nan",
     "killed": "job died",
 }
 
@@ -71,7 +71,7 @@ class Sweep:
         (found by their trial number: a trial that died before its run started has the run the
         sweeper made for it, without the trial's params)."""
         study = optuna.load_study(study_name=STUDY, storage=open_storage(f"{self.work}/optuna.log"))
-        run_of = {run.data.tags[tracking.TRIAL]: run for run in Store(self.uri, EXPERIMENT).trials()}
+        run_of = {run.data.tags[TRIAL]: run for run in Store(self.uri, EXPERIMENT).trials()}
         trials: dict[str, list[tuple[str, str]]] = {}
         runs: dict[str, list[tuple[str, str]]] = {}
         for trial in study.trials:
@@ -79,7 +79,7 @@ class Sweep:
             trials.setdefault(option, []).append((trial.state.name, trial.user_attrs.get(ERROR_ATTR, "")))
             run = run_of.get(str(trial.number))
             if run is not None:
-                runs.setdefault(option, []).append((run.info.status, run.data.tags.get(tracking.ERROR, "")))
+                runs.setdefault(option, []).append((run.info.status, run.data.tags.get(ERROR, "")))
         return trials, runs
 
     @property
@@ -94,9 +94,9 @@ def kill_when_training(sweep: Sweep, process: subprocess.Popen, seed: int) -> No
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and process.poll() is None:
         runs = store.runs(f"params.seed = '{seed}' and attributes.status = 'RUNNING'")
-        if runs and tracking.PID in runs[0].data.tags:
+        if runs and PID in runs[0].data.tags:
             time.sleep(2)
-            os.kill(int(runs[0].data.tags[tracking.PID]), signal.SIGKILL)
+            os.kill(int(runs[0].data.tags[PID]), signal.SIGKILL)
             return
         time.sleep(0.2)
     pytest.fail(f"never saw the trial with seed {seed} training")
