@@ -18,10 +18,10 @@ from soda.config_groups import ViewConfig
 from soda.data import LabelledImages, ViewAugmentation, load_splits
 from soda.errors import ConfigError
 from soda.evaluator import Evaluator
-from soda.loop import PRECISION_DTYPES, Trainer
+from soda.loop import Trainer
 from soda.models import SODA, build_soda
 from soda.record import flatten
-from soda.trainer_parts import Hooks, OnEvaluation, Optimization, Schedule, Views
+from soda.trainer_parts import PRECISION_DTYPES, Hooks, OnEvaluation, Optimization, Schedule, Views
 
 
 def build_model(settings: Config) -> SODA:

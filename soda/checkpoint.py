@@ -1,9 +1,11 @@
 """Checkpoints: written atomically (temporary file, fsync, rename), so a crash mid-write leaves
-the previous checkpoint intact; read back only when complete and made by the same model."""
+the previous checkpoint intact; read back only when complete and made by the same model. What a
+trainer's checkpoint holds (trainer_state) and how a trainer takes it back (restore_trainer)."""
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from soda.errors import CheckpointError, first_line
 from soda.faults import mark
 from soda.files import write_atomically
 
+log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 
 
@@ -90,3 +93,61 @@ def load_checkpoint(path: str | os.PathLike, signature: dict[str, Any]) -> dict[
             f"settings, or use a new run directory"
         )
     return state
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's random state: torch's, and the device's on CUDA."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def trainer_state(trainer, rng_states: list[dict]) -> dict:
+    """What a soda.loop.Trainer's checkpoint holds (on rank 0, which keeps the EMA), with every
+    rank's random state (`rng_states`, one entry per rank)."""
+    return {
+        "signature": trainer.signature,
+        "epoch": trainer.epoch,
+        "step_in_epoch": trainer.step_in_epoch,
+        "global_step": trainer.global_step,
+        "model": trainer.model.state_dict(),
+        "ema": trainer.ema.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scaler": trainer.scaler.state_dict(),
+        "rng": rng_states,
+        "metrics": trainer.metrics,
+        "train_seconds": trainer.train_seconds,
+        "last_eval_seconds": trainer.last_eval_seconds,
+        "mlflow_run_id": trainer.tracker.run_id or "",
+    }
+
+
+def restore_trainer(trainer, state: dict) -> None:
+    """Put a checkpoint's `state` (trainer_state) back into `trainer`, this rank's random state
+    included when the checkpoint has one per rank of this world."""
+    trainer.model.load_state_dict(state["model"])
+    if trainer.ema is not None:
+        trainer.ema.load_state_dict(state["ema"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scaler.load_state_dict(state["scaler"])
+    rng_states, world = state["rng"], trainer.world
+    if len(rng_states) == world.world_size:
+        mine = rng_states[world.rank]
+        torch.set_rng_state(mine["torch"])
+        if trainer.device.type == "cuda" and "cuda" in mine:
+            torch.cuda.set_rng_state(mine["cuda"], trainer.device)
+    else:
+        log.warning(
+            "checkpoint has %d RNG states for %d ranks: resuming with fresh per-rank seeds, "
+            "so the run will not repeat an uninterrupted one bit for bit",
+            len(rng_states),
+            world.world_size,
+        )
+    trainer.epoch = state["epoch"]
+    trainer.step_in_epoch = state["step_in_epoch"]
+    trainer.global_step = state["global_step"]
+    trainer.metrics = dict(state["metrics"])
+    # Checkpoints written before the training clock existed have none of it.
+    trainer.train_seconds = state.get("train_seconds", 0.0)
+    trainer.last_eval_seconds = state.get("last_eval_seconds", 0.0)

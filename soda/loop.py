@@ -19,15 +19,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from soda import dist, progress
-from soda.checkpoint import save_checkpoint
-from soda.compiled import compile_loss, compile_state
+from soda.checkpoint import rng_state, save_checkpoint, trainer_state
+from soda.compiled import compile_state
 from soda.diagnostics import training_diagnostics
 from soda.divergence import DivergenceWatch
-from soda.ema import SyncFreeEMA
 from soda.errors import ConfigError
 from soda.models import SODA
 from soda.record import (
@@ -42,12 +40,10 @@ from soda.record import (
     shown_order,
 )
 from soda.tracking import NullTracker
-from soda.trainer_parts import Hooks, Optimization, Schedule, Views
-from soda.trainer_parts import OnEvaluation as OnEvaluation
+from soda.trainer_parts import Hooks, Optimization, Schedule, Views, optimizer_parts, place_model
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoints/last.pt"
-PRECISION_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 PACE_STEPS = 10  # steps after the first (or an epoch's, if fewer) that time the pace for Trainer.on_pace
 
 
@@ -97,13 +93,18 @@ class Trainer:
         self.eval_every, self.eval_every_seconds = schedule.eval_every, schedule.eval_every_seconds
         self.eval_at_start = schedule.eval_at_start
 
-        self.model = self._place(model, optimization.channels_last)
+        self.model, self.forward, self.memory_format = place_model(
+            model, device, self.world, optimization.channels_last
+        )
         # Data: the decoded set sits on the training device; batches are indexed from it directly.
         self.train_set = views.train_set
         self.train_images = views.train_set.images.to(device)
         self.source_augment = views.source_augment
         self.target_augment = views.target_augment
-        self._optimize_with(optimization)
+        # The optimiser, the precision, the EMA (rank 0 only) and the (compiled) loss.
+        parts = optimizer_parts(optimization, self.model, self.forward, device, self.world.is_main)
+        self.base_lrs, self.optimizer, self.scaler = parts.base_lrs, parts.optimizer, parts.scaler
+        self.autocast_dtype, self.ema, self.loss_fn = parts.autocast_dtype, parts.ema, parts.loss_fn
 
         # Progress.
         self.rank_batch = schedule.batch_size // self.world.world_size
@@ -132,52 +133,6 @@ class Trainer:
         self.divergence = DivergenceWatch(device)
         # Augmentation, timestep and noise draws differ per rank, seeded from the global rank.
         torch.manual_seed(seed * 1_000 + self.world.rank)
-
-    def _place(self, model: SODA, channels_last: bool | None) -> SODA:
-        """The model on the device, in its memory layout; `self.forward` is what the loss runs
-        through (DDP when there are several ranks: gradients averaged across them)."""
-        device = self.device
-        if self.world.enabled and device.type == "cuda":
-            # Batch statistics over the global batch; NCCL only (PyTorch's SyncBatchNorm needs a GPU).
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        if device.type == "cuda":
-            # Fixed shapes every step: let cuDNN pick its fastest convolution algorithms once.
-            torch.backends.cudnn.benchmark = True
-        channels_last = channels_last if channels_last is not None else device.type == "cpu"
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        model = model.to(device, memory_format=self.memory_format)
-        self.forward = model
-        if self.world.enabled:
-            self.forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        return model
-
-    def _optimize_with(self, optimization: Optimization) -> None:
-        """The optimiser, the precision, the EMA and the (compiled) loss of `self.model`."""
-        o, model, device = optimization, self.model, self.device
-        self.base_lrs = [o.decoder_lr * o.encoder_lr_ratio, o.decoder_lr]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": model.encoder.parameters()}, {"params": model.decoder.parameters()}],
-            lr=o.decoder_lr,
-            betas=tuple(o.adam_betas),
-            weight_decay=o.weight_decay,
-            fused=device.type == "cuda",
-        )
-        self.autocast_dtype = PRECISION_DTYPES[o.precision]
-        self.scaler = torch.amp.GradScaler(device.type, enabled=o.precision == "fp16")
-        # Only rank 0 evaluates, so only rank 0 keeps the EMA copy.
-        self.ema = None
-        if self.world.is_main:
-            self.ema = SyncFreeEMA(
-                model,
-                beta=o.ema_decay,
-                update_after_step=0,
-                update_every=o.ema_update_every,
-                power=o.ema_warmup_power,
-                include_online_model=False,
-            )
-        # The loss, compiled where that pays; the EMA and the probes use the plain modules, and
-        # checkpoints hold the plain state_dict.
-        self.loss_fn = compile_loss(self.forward, o.compile, device)
 
     @property
     def compile_state(self) -> str:
@@ -285,9 +240,9 @@ class Trainer:
         """Checkpoint on rank 0 (with every rank's RNG state); all ranks leave together."""
         # Before anything is written: a diverged model must never replace the last good checkpoint.
         self._raise_if_diverged()
-        rng_states = dist.gather_to_main(self._rng_state())
+        rng_states = dist.gather_to_main(rng_state(self.device))
         if self.world.is_main:
-            save_checkpoint(self.run_dir / CHECKPOINT, self.state_dict(rng_states))
+            save_checkpoint(self.run_dir / CHECKPOINT, trainer_state(self, rng_states))
         dist.wait_for_all()
 
     # ----------------------------------------------------------------------------------------
@@ -442,54 +397,3 @@ class Trainer:
 
     def _lr_factor(self) -> float:
         return min(1.0, (self.global_step + 1) / self.warmup_steps)
-
-    # ----------------------------------------------------------------------------------------
-    def _rng_state(self) -> dict:
-        state = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
-
-    def state_dict(self, rng_states: list[dict]) -> dict:
-        return {
-            "signature": self.signature,
-            "epoch": self.epoch,
-            "step_in_epoch": self.step_in_epoch,
-            "global_step": self.global_step,
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": rng_states,  # one entry per rank
-            "metrics": self.metrics,
-            "train_seconds": self.train_seconds,
-            "last_eval_seconds": self.last_eval_seconds,
-            "mlflow_run_id": self.tracker.run_id or "",
-        }
-
-    def load_state(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        rng_states = state["rng"]
-        if len(rng_states) == self.world.world_size:
-            mine = rng_states[self.world.rank]
-            torch.set_rng_state(mine["torch"])
-            if self.device.type == "cuda" and "cuda" in mine:
-                torch.cuda.set_rng_state(mine["cuda"], self.device)
-        else:
-            log.warning(
-                "checkpoint has %d RNG states for %d ranks: resuming with fresh per-rank seeds, "
-                "so the run will not repeat an uninterrupted one bit for bit",
-                len(rng_states),
-                self.world.world_size,
-            )
-        self.epoch = state["epoch"]
-        self.step_in_epoch = state["step_in_epoch"]
-        self.global_step = state["global_step"]
-        self.metrics = dict(state["metrics"])
-        # Checkpoints written before the training clock existed have none of it.
-        self.train_seconds = state.get("train_seconds", 0.0)
-        self.last_eval_seconds = state.get("last_eval_seconds", 0.0)

@@ -25,22 +25,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from soda import dist, progress, tracking
 from soda.build import build_evaluator, build_model, build_trainer, load_data, resolve_device, signature
-from soda.checkpoint import load_checkpoint
+from soda.checkpoint import load_checkpoint, restore_trainer
 from soda.config import Config, gpu_sized, run_directory, to_settings
 from soda.errors import ConfigError, RunDirError, Terminated, TrackingLost
 from soda.heartbeat import Heartbeat, PeerStalled
-from soda.loop import CHECKPOINT, OnEvaluation, Preempted, StopRequested, Trainer
+from soda.loop import CHECKPOINT, Preempted, StopRequested
 from soda.models import SODA
 from soda.record import COMPILE, HOST, PID, TRIAL_STATE, flatten, git_state, run_name, shown_order, trial_tags
 from soda.rundir import RunDirectory, resolved_settings
 from soda.sweep import TrialReporter
 from soda.tracking import NullTracker, Tracker
+from soda.trainer_parts import OnEvaluation
 
 log = logging.getLogger(__name__)
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
-# The builders live in soda.build; these names stay importable from here for the tests and scripts
-# that import them from soda.train.
-__all__ = ["CHECKPOINT", "Trainer", "build_model", "build_trainer", "load_data", "run", "signature"]
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | list[float] | None:
@@ -151,7 +149,7 @@ def _run(
     on_evaluation = _on_evaluation(tracker, reporter, settings.objective)
     trainer = build_trainer(settings, model, train_set, run_dir, device, evaluate, on_evaluation, tracker, world)
     if resume is not None:
-        trainer.load_state(resume)
+        restore_trainer(trainer, resume)
         log.info("resuming from %s at epoch %d, step %d", checkpoint_path, trainer.epoch, trainer.step_in_epoch)
     if world.is_main and settings.device == "auto" and device.type == "cpu":
         trainer.on_pace = cpu_pace_warning(gpu_sized(settings))

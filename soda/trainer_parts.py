@@ -1,18 +1,26 @@
 """What a training loop (soda.loop.Trainer) is built from, in four parts: the views it trains on,
 how the weights move, how long it trains and how often it stops to log, evaluate and checkpoint,
-and what it tells the outside. soda.build makes them from the config."""
+and what it tells the outside. soda.build makes them from the config; the Trainer turns them into
+the model on its device (place_model) and what steps it (optimizer_parts)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from soda import dist
+from soda.compiled import compile_loss
 from soda.data import LabelledImages, ViewAugmentation
+from soda.ema import SyncFreeEMA
 from soda.models import SODA
 
 # evaluate(ema_model, epoch, last) -> metrics; on_evaluation(epoch, metrics) -> stop the run?
 Evaluate = Callable[[SODA, int, bool], dict[str, float]]
 OnEvaluation = Callable[[int, dict[str, float]], bool]
+PRECISION_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -63,3 +71,67 @@ class Hooks:
     evaluate: Evaluate  # probes of the EMA model (rank 0 only)
     on_evaluation: OnEvaluation | None = None  # where each evaluation's metrics go
     tracker: object = None  # training metrics and the run id; NullTracker when None
+
+
+def place_model(model: SODA, device: torch.device, world: dist.Distributed, channels_last: bool | None):
+    """(model, forward, memory_format): the model on the device, in its memory layout; `forward`
+    is what the loss runs through (DDP when there are several ranks: gradients averaged across them)."""
+    if world.enabled and device.type == "cuda":
+        # Batch statistics over the global batch; NCCL only (PyTorch's SyncBatchNorm needs a GPU).
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if device.type == "cuda":
+        # Fixed shapes every step: let cuDNN pick its fastest convolution algorithms once.
+        torch.backends.cudnn.benchmark = True
+    channels_last = channels_last if channels_last is not None else device.type == "cpu"
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    forward = model
+    if world.enabled:
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, forward, memory_format
+
+
+@dataclass(frozen=True)
+class OptimizerParts:
+    """What steps a placed model: made from its Optimization by optimizer_parts."""
+
+    base_lrs: list[float]  # encoder's, decoder's (before the warm-up factor)
+    optimizer: torch.optim.Optimizer
+    autocast_dtype: torch.dtype | None  # None: fp32
+    scaler: torch.amp.GradScaler
+    ema: SyncFreeEMA | None  # rank 0 only
+    loss_fn: Callable  # soda.compiled.compile_loss of `forward`
+
+
+def optimizer_parts(
+    o: Optimization, model: SODA, forward: torch.nn.Module, device: torch.device, is_main: bool
+) -> OptimizerParts:
+    """The optimiser, the precision, the EMA and the (compiled) loss of a placed `model`."""
+    optimizer = torch.optim.AdamW(
+        [{"params": model.encoder.parameters()}, {"params": model.decoder.parameters()}],
+        lr=o.decoder_lr,
+        betas=tuple(o.adam_betas),
+        weight_decay=o.weight_decay,
+        fused=device.type == "cuda",
+    )
+    # Only rank 0 evaluates, so only rank 0 keeps the EMA copy.
+    ema = None
+    if is_main:
+        ema = SyncFreeEMA(
+            model,
+            beta=o.ema_decay,
+            update_after_step=0,
+            update_every=o.ema_update_every,
+            power=o.ema_warmup_power,
+            include_online_model=False,
+        )
+    return OptimizerParts(
+        base_lrs=[o.decoder_lr * o.encoder_lr_ratio, o.decoder_lr],
+        optimizer=optimizer,
+        autocast_dtype=PRECISION_DTYPES[o.precision],
+        scaler=torch.amp.GradScaler(device.type, enabled=o.precision == "fp16"),
+        ema=ema,
+        # The loss, compiled where that pays; the EMA and the probes use the plain modules, and
+        # checkpoints hold the plain state_dict.
+        loss_fn=compile_loss(forward, o.compile, device),
+    )

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
+from soda.build import build_model, build_trainer, load_data
 from soda.config import compose_config, to_settings
 from soda.eval import latent_errors, latent_gap
-from soda.train import build_model, build_trainer, load_data
 
 CANARY = [
     "experiment=demo",

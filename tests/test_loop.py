@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from soda.checkpoint import rng_state
 from soda.data import LabelledImages
 from soda.errors import DivergenceError
 from soda.loop import CHECKPOINT, StopRequested, Trainer
@@ -241,14 +242,17 @@ def test_the_divergence_watch_leaves_a_healthy_run_bit_for_bit_unchanged(tmp_pat
 
     watched = _trainer(tmp_path / "watched", evaluate, epochs=1, eval_at_start=False)
     watched.fit()
+    watched_rng = rng_state(watched.device)["torch"]
     unwatched = _trainer(tmp_path / "unwatched", evaluate, epochs=1, eval_at_start=False)
-    unwatched._watch_divergence = lambda loss, grad_norm: None
+    folded = []
+    unwatched.divergence.fold = lambda step, loss, grad_norm: folded.append(step)  # the watch sees nothing
     unwatched.fit()
+    assert folded  # the watch was off in this run: each step went to the no-op instead
     for module in ("model", "ema"):
         first, second = getattr(watched, module).state_dict(), getattr(unwatched, module).state_dict()
         assert first.keys() == second.keys()
         assert all(torch.equal(first[key], second[key]) for key in first), module
-    assert torch.equal(watched._rng_state()["torch"], unwatched._rng_state()["torch"])
+    assert torch.equal(watched_rng, rng_state(unwatched.device)["torch"])
 
 
 def test_log_points_carry_the_learning_diagnostics(tmp_path):

@@ -56,14 +56,14 @@ def test_experiment_smoke_run_writes_a_complete_mlflow_record(experiment, tmp_pa
 
 
 def _interrupt_at(monkeypatch, epoch_to_fail: int):
-    original = train.Trainer.train_epoch
+    original = loop.Trainer.train_epoch
 
     def failing(self, epoch):
         if epoch == epoch_to_fail:
             raise RuntimeError("simulated preemption")
         return original(self, epoch)
 
-    monkeypatch.setattr(train.Trainer, "train_epoch", failing)
+    monkeypatch.setattr(loop.Trainer, "train_epoch", failing)
 
 
 def test_resume_after_an_interruption_matches_the_uninterrupted_run(tmp_path, monkeypatch):
@@ -174,7 +174,7 @@ def test_sigusr1_checkpoints_mid_epoch_and_the_rerun_matches_an_uninterrupted_ru
     straight_dir, preempted_dir = tmp_path / "straight", tmp_path / "preempted"
     straight = train.run(compose_config(overrides, straight_dir), run_dir=straight_dir / "run")
 
-    original = train.Trainer.train_step
+    original = loop.Trainer.train_step
 
     def signalling(self, images):
         if self.global_step == 4:  # in the second epoch (3 steps per epoch)
@@ -182,7 +182,7 @@ def test_sigusr1_checkpoints_mid_epoch_and_the_rerun_matches_an_uninterrupted_ru
         return original(self, images)
 
     with monkeypatch.context() as patch:
-        patch.setattr(train.Trainer, "train_step", signalling)
+        patch.setattr(loop.Trainer, "train_step", signalling)
         with pytest.raises(SystemExit, match=r"preempted: checkpoint saved at epoch 1 \+ 2 steps"):
             train.run(compose_config(overrides, preempted_dir), run_dir=preempted_dir / "run")
     (stopped,) = _runs(preempted_dir)
@@ -205,13 +205,13 @@ def test_a_time_boxed_run_stops_on_its_training_clock_and_probes_linearly_at_the
 
     clock = [0.0]
     monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: clock[0], sleep=lambda s: None))
-    original = train.Trainer.train_step
+    original = loop.Trainer.train_step
 
     def timed_step(self, images):
         clock[0] += 0.25
         return original(self, images)
 
-    monkeypatch.setattr(train.Trainer, "train_step", timed_step)
+    monkeypatch.setattr(loop.Trainer, "train_step", timed_step)
     overrides = [
         *SMOKE,
         "schedule.epochs=1000",

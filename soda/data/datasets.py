@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from soda.data.cache import CACHE_FOLDER as CACHE_FOLDER
 from soda.data.cache import Source, cache_key, load_cached
 from soda.data.images import LabelledImages
 from soda.data.shapes import CLASSES as SHAPE_CLASSES
