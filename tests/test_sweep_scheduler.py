@@ -208,7 +208,7 @@ def test_each_way_a_trial_ends_is_told_to_optuna_and_the_parent_run():
     assert first == [
         "seed=7",
         "a=0",
-        f"run_name='s #{numbers[0]}: a=0'",
+        f"tracking.run_name='s #{numbers[0]}: a=0'",
         "sweep.study_name=s",
         "sweep.storage='/tmp/journal.log'",  # quoted: a bare / is not override syntax
         f"sweep.trial={numbers[0]}",
@@ -574,8 +574,8 @@ def test_a_custom_search_space_adds_a_parameter_only_to_the_trials_that_need_it(
     assert seen == list(range(6)) and state.done == 6
     for trial in study.trials:
         overrides = launched[trial.number]
-        params = [o for o in overrides if not o.startswith(("sweep.", "seed=", "run_name="))]
-        assert f"run_name='s #{trial.number}: optimizer={trial.params['optimizer']}" in " ".join(overrides)
+        params = [o for o in overrides if not o.startswith(("sweep.", "seed=", "tracking.run_name="))]
+        assert f"tracking.run_name='s #{trial.number}: optimizer={trial.params['optimizer']}" in " ".join(overrides)
         if trial.params["optimizer"] == "sgd":
             momentum = trial.params["schedule.momentum"]
             assert 0.5 <= momentum <= 0.99

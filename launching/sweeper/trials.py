@@ -124,8 +124,8 @@ def trial_overrides(
 ) -> list[str]:
     """A trial's command line: the fixed overrides, its parameters, where it reports to, and its
     MLflow run's name (its study, number and values), unless the command line names the run."""
-    named = any(override.lstrip("+").startswith("run_name=") for override in fixed)
-    naming = [] if named else [f"run_name={override_value(trial_run_name(study_name, number, params))}"]
+    named = any(override.lstrip("+").startswith("tracking.run_name=") for override in fixed)
+    naming = [] if named else [f"tracking.run_name={override_value(trial_run_name(study_name, number, params))}"]
     return [
         *fixed,
         *(f"{name}={override_value(value)}" for name, value in params.items()),
