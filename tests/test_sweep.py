@@ -154,11 +154,19 @@ def test_an_unreachable_postgres_storage_is_one_line():
 # Whole sweeps through launch.py and the local launcher
 
 
-def test_augment_ablation_runs_every_cell_with_a_parent_run_and_a_child_per_trial(tmp_path):
-    result = launch(
-        _sweep_args(tmp_path, "sweep=augment_ablation", "augmentation/view@augmentation.source=reference", "seed=0"),
-        timeout=600,
-    )
+# One augment_ablation cell per target view (3 trials): what the tests below read, or launch again.
+ABLATION = ["sweep=augment_ablation", "augmentation/view@augmentation.source=reference", "seed=0"]
+
+
+@pytest.fixture(scope="module")
+def ablation(tmp_path_factory):
+    """(folder, result): one augment_ablation sweep, run once for the tests that share it."""
+    folder = tmp_path_factory.mktemp("ablation")
+    return folder, launch(_sweep_args(folder, *ABLATION), timeout=600)
+
+
+def test_augment_ablation_runs_every_cell_with_a_parent_run_and_a_child_per_trial(ablation):
+    tmp_path, result = ablation
     assert result.returncode == 0, result.stderr[-4000:]
     study = _study(tmp_path, "augment_ablation")
     trials = study.get_trials()
@@ -180,6 +188,10 @@ def test_augment_ablation_runs_every_cell_with_a_parent_run_and_a_child_per_tria
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.data.params["augmentation.target.name"] == trial.params["augmentation/view@augmentation.target"]
         assert child.data.metrics["eval/linear_acc"] == pytest.approx(trial.value)
+        # Its trial's MLflow run says what ran: study, trial number, swept values.
+        target = trial.params["augmentation/view@augmentation.target"]
+        assert child.info.run_name == f"augment_ablation #{trial.number}: target={target}"
+    assert parent.info.run_name == "augment_ablation"
     assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
     assert parent.data.tags["best_trial"] == str(study.best_trial.number)
     assert "sweep augment_ablation: 3 trials in the study (3 complete, 0 pruned, 0 failed)" in result.stdout
@@ -195,17 +207,36 @@ def test_augment_ablation_runs_every_cell_with_a_parent_run_and_a_child_per_tria
         3,
     ]
 
+
+def test_a_finished_sweep_launched_again_runs_nothing(ablation):
+    tmp_path, _ = ablation
     # The same command again: the study is complete, nothing runs, the parent is reused.
-    again = launch(
-        _sweep_args(tmp_path, "sweep=augment_ablation", "augmentation/view@augmentation.source=reference", "seed=0"),
-        timeout=300,
-    )
+    again = launch(_sweep_args(tmp_path, *ABLATION), timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(_study(tmp_path, "augment_ablation").trials) == 3
     parents, children = _runs(f"sqlite:///{tmp_path}/mlflow.db")
     assert len(parents) == 1 and len(children) == 3
+    # Where and how it runs may change: another tracking store, the same study, nothing to run.
+    other = [f"tracking.uri=sqlite:///{tmp_path}/other.db", "schedule.log_every=5"]
+    elsewhere = launch([*_sweep_args(tmp_path, *ABLATION), *other], timeout=120)
+    assert elsewhere.returncode == 0, elsewhere.stderr[-3000:]
+    said = elsewhere.stderr + elsewhere.stdout
+    assert "study augment_ablation (grid): 3 of 3 trials already finished; 0 grid cells to run" in said
 
 
+def test_a_sweep_with_other_fixed_settings_is_not_the_same_study(ablation):
+    tmp_path, _ = ablation
+    # The same sweep at another size: refused before any job, naming what differs.
+    other = launch([*_sweep_args(tmp_path, *ABLATION), "schedule.epochs=2", "model.latent_dim=32"], timeout=120)
+    assert _one_line_error(other) == (
+        "error: study augment_ablation was run with other fixed settings: model.latent_dim=32 (the study's: 64), "
+        "schedule.epochs=2 (the study's: 1); run it with the same settings to resume it, or give another "
+        "sweep.study_name for a study of its own"
+    )
+    assert len(_study(tmp_path, "augment_ablation").trials) == 3
+
+
+@pytest.mark.heavy
 def test_failed_trials_are_recorded_and_max_failure_rate_stops_the_sweep(tmp_path):
     # A data set that is not there: the job itself raises, after launch (the config cannot tell).
     space = ["dataset.name=choice(shapes, nowhere)", "seed=range(0, 2)", "sweep.max_failure_rate=0.5", *PINNED]
@@ -252,6 +283,7 @@ def _job_pids(sweep_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
 
 
+@pytest.mark.heavy
 def test_a_job_that_dies_is_a_failed_trial_and_the_sweep_goes_on(tmp_path):
     args = _sweep_args(
         tmp_path, "sweep=augment_ablation", "sweep.study_name=dies", "seed=range(0, 2)", "sweep.max_failure_rate=0.5"
@@ -285,6 +317,7 @@ def test_a_job_that_dies_is_a_failed_trial_and_the_sweep_goes_on(tmp_path):
     assert status["1"][0] == "FINISHED"
 
 
+@pytest.mark.heavy
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     args = _sweep_args(tmp_path, "sweep=augment_ablation", "sweep.study_name=resumed", "seed=range(0, 3)")
     args += PINNED
@@ -321,27 +354,6 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
     assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED", "FINISHED", "KILLED"]
 
 
-def test_a_sweep_with_other_fixed_settings_is_not_the_same_study(tmp_path):
-    args = _sweep_args(tmp_path, "sweep=augment_ablation", "sweep.study_name=fixed", "seed=range(0, 1)") + PINNED
-    first = launch(args, timeout=300)
-    assert first.returncode == 0, first.stderr[-3000:]
-    # Its trial's MLflow run says what ran: study, trial number, swept values.
-    parents, children = _runs(f"sqlite:///{tmp_path}/mlflow.db")
-    assert [run.info.run_name for run in parents + children] == ["fixed", "fixed #0: seed=0"]
-    # The same sweep at another size: refused before any job, naming what differs.
-    other = launch([*args, "schedule.epochs=2", "model.latent_dim=32"], timeout=120)
-    assert _one_line_error(other) == (
-        "error: study fixed was run with other fixed settings: model.latent_dim=32 (the study's: 64), "
-        "schedule.epochs=2 (the study's: 1); run it with the same settings to resume it, or give another "
-        "sweep.study_name for a study of its own"
-    )
-    assert len(_study(tmp_path, "fixed").trials) == 1
-    # Where and how it runs may change: another tracking store, the same study, nothing to run.
-    again = launch([*args, f"tracking.uri=sqlite:///{tmp_path}/other.db", "schedule.log_every=5"], timeout=120)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "study fixed (grid): 1 of 1 trials already finished; 0 grid cells to run" in again.stderr + again.stdout
-
-
 def test_fixed_settings_leave_out_what_the_sweep_varies_and_where_it_runs():
     from launching.sweeper.study import fixed_settings
 
@@ -373,6 +385,7 @@ def test_a_sweep_file_run_as_the_demo_is_a_study_of_its_own():
     assert named.sweep.study_name == "mine"
 
 
+@pytest.mark.heavy
 def test_ctrl_c_cancels_the_jobs_in_flight_and_records_them_as_interrupted(tmp_path):
     args = _sweep_args(tmp_path, "sweep=augment_ablation", "sweep.study_name=ctrl_c", "seed=range(0, 2)")
     args += PINNED
@@ -397,6 +410,7 @@ def test_ctrl_c_cancels_the_jobs_in_flight_and_records_them_as_interrupted(tmp_p
     assert parents[0].info.status == "KILLED" and [c.info.status for c in children] == ["KILLED", "KILLED"]
 
 
+@pytest.mark.heavy
 def test_ctrl_c_in_the_terminal_keeps_the_finished_trial_and_says_one_line_per_stopped_job(tmp_path):
     # A terminal's Ctrl-C reaches its whole foreground process group: the sweeper, each job's
     # controller and the job's training process. Trial 0 (one epoch) has finished; trial 1 (many)
@@ -450,6 +464,7 @@ def test_ctrl_c_in_the_terminal_keeps_the_finished_trial_and_says_one_line_per_s
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
+@pytest.mark.heavy
 def test_a_pruned_trial_is_recorded_as_pruned_in_optuna_and_mlflow(tmp_path):
     # A contrived pruner: no linear probe reaches 101 %, so every trial stops at its first
     # evaluation after the warm-up (epoch 1 of 3); the untrained evaluation (epoch 0) is not reported.
@@ -604,6 +619,7 @@ def test_local_jobs_share_the_cores_instead_of_oversubscribing_them(monkeypatch)
     assert os.environ["OMP_NUM_THREADS"] == "5"
 
 
+@pytest.mark.heavy
 def test_a_multi_objective_search_tells_optuna_every_objective(tmp_path):
     searchpath = _write_sweep(
         tmp_path / "conf",
@@ -632,6 +648,7 @@ hydra:
         assert trial.values == pytest.approx([metrics["eval/linear_acc"], metrics["eval/recon_mse"]])
 
 
+@pytest.mark.heavy
 def test_a_custom_search_space_adds_a_parameter_to_the_trials_that_need_it(tmp_path):
     # A function of the user's, importable where the sweep is launched: the second seed's trial
     # also gets a decoder learning rate; the first keeps the config's.
@@ -685,6 +702,7 @@ def test_directions_must_match_the_objectives(tmp_path):
     assert "1 direction(s) ['maximize'] for 2 objective(s)" in _one_line_error(result)
 
 
+@pytest.mark.heavy
 def test_a_search_resumed_with_another_seed_is_refused_unless_asked_and_then_recorded(tmp_path):
     searchpath = _write_sweep(
         tmp_path / "conf",
