@@ -25,8 +25,8 @@ demo: install ## Train the demo run: synthetic shapes, tiny model, CPU, offline,
 sweep-demo: install ## What the latent learns at demo size: noise schedule x target view x 2 seeds, 8 trials 2 at a time, on this CPU (sweeps/learning_study.yaml)
 	$(PY) launch.py -m sweep=learning_study experiment=demo hydra/launcher=local sweep.n_jobs=2
 
-test: install ## The suite but the fault campaigns, slow and GPU tests (CPU; needs make slurm-up, postgres-up)
-	$(PY) -m pytest -m "not slow and not cuda and not system" --durations=15
+test: install ## The suite but the fault campaigns, heavy, slow and GPU tests (CPU; needs make slurm-up, postgres-up)
+	$(PY) -m pytest -m "not slow and not cuda and not system and not heavy" --durations=15
 
 # The fast tier: unit tests, the docs' commands and one smoke run; no real processes, no services.
 FAST := not slow and not cuda and not integration and not system and not slurm and not postgres
@@ -60,11 +60,11 @@ gpu-carry: install ## Pack .carry/ for a GPU machine without a registry: wheels 
 gpu-rehearsal: install ## The two device calls of gpu-check here: the device's torch 2.11, carried wheels, no .git, no network (~2 min) [ARGS=]
 	$(PY) bench/gpu_rehearsal.py $(ARGS)
 
-faults: install ## Fault campaign: kills, SLURM requeues, a crowd of trials, failing trials, bad inputs (needs slurm-up, postgres-up; about 30 min)
-	$(PY) -m pytest tests/system -v
+faults: install ## Fault campaign (kills, SLURM requeues, a crowd of trials, failing trials, bad inputs) and the heavy tests (needs slurm-up, postgres-up)
+	$(PY) -m pytest -m "(system or heavy) and not cuda" -v --durations=15
 
-faults-quick: install ## The fault campaign's quick part, as CI runs it after make test (no slow tests; needs slurm-up, postgres-up)
-	$(PY) -m pytest tests/system -m "not slow" -v
+faults-quick: install ## The fault campaign's quick part and the heavy tests, as CI runs them after make test (no slow tests; needs slurm-up, postgres-up)
+	$(PY) -m pytest -m "(system or heavy) and not slow and not cuda" -v --durations=15
 
 # The store and experiment `make table` reads (default: $SODA_TRACKING_URI, else $MLFLOW_TRACKING_URI, else the embedded store, every
 # experiment), e.g. make table TRACKING_URI=http://127.0.0.1:5000 EXPERIMENT=soda

@@ -61,6 +61,7 @@ def scontrol_state(job: str, timeout: float = 60) -> str:
         time.sleep(1)
 
 
+@pytest.mark.heavy
 @pytest.mark.slurm
 @needs_slurm
 def test_the_headline_command_as_typed_runs_the_ablation_as_slurm_jobs(tmp_path):

@@ -52,6 +52,7 @@ def test_two_gloo_ranks_apply_identical_gradients(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(first["params"], second["params"], strict=True))
 
 
+@pytest.mark.heavy
 def test_two_rank_job_through_the_local_launcher_matches_one_process(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     for folder, tasks in ((one, 1), (two, 2)):
@@ -121,6 +122,7 @@ def test_unknown_partition_shows_slurms_own_error(tmp_path):
     assert len(lines) == 1 and "nosuchpartition" in lines[0] and "SLURM" in lines[0], result.stderr
 
 
+@pytest.mark.heavy
 @pytest.mark.slurm
 @needs_slurm
 def test_two_point_multirun_with_two_tasks_per_job_on_slurm(tmp_path):
@@ -145,6 +147,7 @@ def test_two_point_multirun_with_two_tasks_per_job_on_slurm(tmp_path):
     assert all(len(list(folder.glob("*_log.out"))) == 2 for folder in job_folders)
 
 
+@pytest.mark.heavy
 @pytest.mark.slurm
 @needs_slurm
 def test_preempted_slurm_job_is_requeued_and_resumes_without_duplicates(tmp_path):

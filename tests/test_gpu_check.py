@@ -35,6 +35,7 @@ SUMMARY = re.compile(
 )
 
 
+@pytest.mark.heavy
 def test_cpu_sized_gpu_check_runs_every_stage_and_writes_its_record(tmp_path):
     record_path = tmp_path / "record.json"
     env = {k: v for k, v in os.environ.items() if k != "OUT"}
@@ -238,6 +239,7 @@ def test_a_stages_whole_process_group_is_ended(tmp_path, ends):
     assert not _alive(grandchild) and time.time() - began < 20
 
 
+@pytest.mark.heavy
 def test_a_call_ended_by_a_signal_records_the_cut_stage_and_prints_its_line(tmp_path):
     """SIGTERM (the device tool's limit) during a stage: the stage's processes are ended, the
     record says which stage was cut and why, its log is already in $OUT, the line comes last."""
@@ -356,6 +358,7 @@ def test_the_docs_give_the_device_calls_gpu_carry_prints():
         assert f"command='{gpu_carry.call_command(stages, timeout)}', carry=['.carry'], timeout_s={timeout})" in doc
 
 
+@pytest.mark.heavy
 def test_the_rehearsal_runs_the_documented_calls_offline_on_the_devices_torch(tmp_path):
     """make gpu-rehearsal: torch 2.11 (the device's) and the device's packages only, the carried
     wheels, a tree without .git, no network; both calls, and their records checked."""

@@ -300,7 +300,8 @@ def test_a_slurm_request_the_default_partition_cannot_satisfy_is_refused_before_
     [
         ["hydra/launcher=local"],
         pytest.param(
-            ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1"], marks=[pytest.mark.slurm, needs_slurm]
+            ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1"],
+            marks=[pytest.mark.slurm, needs_slurm, pytest.mark.heavy],
         ),
     ],
 )
@@ -555,6 +556,7 @@ def test_a_slurm_job_whose_python_lacks_the_project_fails_with_the_preflight_lin
     assert not (tmp_path / "sweep" / "0").exists()  # the run never started
 
 
+@pytest.mark.heavy
 @pytest.mark.slurm
 @needs_slurm
 def test_setup_lines_run_before_the_job_and_can_activate_its_environment(tmp_path):
