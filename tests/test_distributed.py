@@ -72,6 +72,7 @@ def test_two_rank_job_through_the_local_launcher_matches_one_process(tmp_path):
     assert len(logs) == 2 and logs[0].endswith("_0_log.err") and logs[1].endswith("_1_log.err")
 
 
+@pytest.mark.heavy
 def test_a_rank_that_crashes_ends_the_whole_job_promptly(tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests' / 'support'}", "SODA_TEST_FAIL_RANK": "1"}
     started = time.monotonic()

@@ -180,6 +180,7 @@ def test_local_jobs_use_the_gpus_the_machine_shows(tmp_path, args, first, plan):
     assert "no GPU" not in result.stderr
 
 
+@pytest.mark.heavy
 @pytest.mark.integration
 def test_a_reference_job_without_a_gpu_is_warned_about_and_too_many_gpus_refused(tmp_path):
     env = _fake_gpus(tmp_path, 2)

@@ -578,6 +578,7 @@ def test_setup_lines_run_before_the_job_and_can_activate_its_environment(tmp_pat
     assert progress.read_result(tmp_path / "sweep" / "0")["epoch"] == 1
 
 
+@pytest.mark.heavy
 @pytest.mark.slurm
 @needs_slurm
 def test_a_slurm_job_cancelled_from_outside_ends_the_launch_without_accounting(tmp_path):

@@ -225,10 +225,10 @@ def _wait_for_training(tmp_path: Path, process: subprocess.Popen) -> None:
     raise AssertionError(f"the run did not start training:\n{process.communicate()[1][-3000:]}")
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize(
     ("signum", "returncode", "ended"),
-    # SIGTERM takes the same path as SIGINT to its own ending: in make test, SIGINT; both in make faults.
-    [pytest.param(signal.SIGTERM, 143, "terminated", marks=pytest.mark.heavy), (signal.SIGINT, 130, "interrupted")],
+    [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")],
 )
 def test_a_stop_signal_leaves_the_run_killed_and_a_later_finish_claims_no_error(tmp_path, signum, returncode, ended):
     run_dir = tmp_path / "run"
@@ -273,6 +273,7 @@ def test_a_sigkilled_run_is_found_lost_by_the_next_start(tmp_path):
     assert run.info.status == "FINISHED" and run.data.tags[PREVIOUS_END] == LOST
 
 
+@pytest.mark.heavy
 def test_a_second_launch_into_a_live_run_directory_stops_in_one_line(tmp_path):
     run_dir = tmp_path / "run"
     process = _start(tmp_path, run_dir)
