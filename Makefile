@@ -1,5 +1,7 @@
 # Every target with a "## " comment is listed by `make help`.
 PYTHON ?= python3
+# make slurm-up: compute nodes in partition multi, each in a network namespace (scripts/slurm-up.sh)
+NODES ?= 3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
@@ -87,10 +89,10 @@ mlflow-server: install ## MLflow server on the local PostgreSQL (make postgres-u
 optuna-dashboard: install ## Watch the sweeps of the default Optuna storage (http://127.0.0.1:8080)
 	$(VENV)/bin/optuna-dashboard '$(or $(SODA_SWEEP_STORAGE),$(STORE_DIR)/optuna-journal.log)'
 
-slurm-up: ## Install (if needed) and start a single-node SLURM cluster on this machine (root)
-	bash scripts/slurm-up.sh
+slurm-up: ## Install (if needed) and start the SLURM test cluster: this machine's node and NODES (3) namespaced nodes (root) [NODES=n]
+	NODES=$(NODES) bash scripts/slurm-up.sh
 
-slurm-down: ## Stop the single-node SLURM cluster
+slurm-down: ## Stop the SLURM test cluster and remove its nodes' namespaces
 	bash scripts/slurm-up.sh down
 
 postgres-up: ## Install (if needed) and start a local PostgreSQL on 127.0.0.1:5433 with databases mlflow, optuna
