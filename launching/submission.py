@@ -39,7 +39,7 @@ from soda.store import redact
 
 log = logging.getLogger(__name__)
 _EXECUTOR_INIT_KEYS = ("submitit_folder", "max_num_timeout", "python")
-_OUR_KEYS = ("threads_per_task", "dry_run")  # handled here, not by submitit
+_OUR_KEYS = ("threads_per_task", "dry_run", "network_interface")  # handled here, not by submitit
 # What a job imports as it unpickles its HydraJob and config and runs the task.
 PREFLIGHT_IMPORTS = "soda, submitit, hydra_plugins.soda_launchers"
 POLL_S = 1.0  # how often a launch looks for jobs that ended
@@ -290,7 +290,8 @@ def make_executor(kind: str, params: dict):
     }
     if kind == "slurm":
         # submitit's python: hydra.launcher.python as given (a shell word), else this interpreter, quoted.
-        settings["slurm_setup"] = [*(params.get("setup") or []), preflight_line(submitit_adapter.job_python(executor))]
+        python = submitit_adapter.job_python(executor)
+        settings["slurm_setup"] = [*node_environment(params), *(params.get("setup") or []), preflight_line(python)]
     executor.update_parameters(**settings)
     return executor
 
@@ -299,6 +300,23 @@ def submission_script(executor, jobs: int) -> str:
     """The sbatch script a SLURM executor submits for `jobs` jobs at once: one plain job, or one job
     array (as submitit's SlurmExecutor submits a map_array of several)."""
     return submitit_adapter.submission_script(executor, jobs)
+
+
+def node_environment(params: dict) -> list[str]:
+    """The shell lines a SLURM job runs first, before the `setup` lines (which may override them);
+    srun hands the environment they set to every rank, on every node:
+    - OMP_NUM_THREADS = the CPUs SLURM gives each task (cpus_per_task), unless already set: without
+      CPU binding, each rank's torch would otherwise start a thread per core of the node;
+    - GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME = hydra.launcher.network_interface, when set: the
+      interface the ranks of a multi-node job talk over (soda.dist checks it exists on each node)."""
+    lines = [
+        '[ -n "${OMP_NUM_THREADS:-}" ] || [ -z "${SLURM_CPUS_PER_TASK:-}" ] || export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK'
+    ]
+    interface = params.get("network_interface")
+    if interface:
+        quoted = shlex.quote(str(interface))
+        lines.append(f"export GLOO_SOCKET_IFNAME={quoted} NCCL_SOCKET_IFNAME={quoted}")
+    return lines
 
 
 def preflight_line(python: str) -> str:

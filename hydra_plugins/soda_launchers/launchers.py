@@ -81,6 +81,9 @@ class SodaSlurmConf(SlurmQueueConf):
     srun_args: List[str] = field(default_factory=lambda: ["--kill-on-bad-exit=1"])
     # The job's Python on the node, a shell command; null: the one that submits (sys.executable).
     python: Optional[str] = None
+    # The network interface the ranks of a multi-node job talk over (GLOO_SOCKET_IFNAME and
+    # NCCL_SOCKET_IFNAME); null: gloo's and NCCL's own choice (launching/submission.node_environment).
+    network_interface: Optional[str] = None
     # On the command line: show each job's sbatch script and SLURM's verdict, submit none (launching/dryrun.py).
     dry_run: bool = False
 
