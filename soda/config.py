@@ -66,6 +66,9 @@ class Config:
     objective: Any = MISSING
     device: str = MISSING  # auto = cuda when available, else cpu
     peer_timeout_s: Optional[float] = MISSING  # a rank without a heartbeat this long ends the job (soda.heartbeat)
+    rendezvous_timeout_s: float = (
+        MISSING  # a rank that cannot reach rank 0's address this long ends the job (soda.dist)
+    )
 
     def model_arguments(self) -> dict[str, Any]:
         """soda.models.build_soda's arguments: the model node, plus what the data set decides."""
@@ -78,6 +81,10 @@ class Config:
         check_value(
             self.peer_timeout_s is None or self.peer_timeout_s >= 2,
             f"peer_timeout_s={self.peer_timeout_s} must be at least 2 (seconds) or null",
+        )
+        check_value(
+            self.rendezvous_timeout_s >= 1,
+            f"rendezvous_timeout_s={self.rendezvous_timeout_s} must be at least 1 (seconds)",
         )
         names = [self.objective] if isinstance(self.objective, str) else list(self.objective or [])
         factors = [factor_metric(name) for name in SHAPE_FACTORS] if self.dataset.name == "shapes" else []

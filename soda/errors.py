@@ -38,6 +38,10 @@ class RunDirError(SodaError):
     run with other settings."""
 
 
+class RendezvousError(SodaError):
+    """A rank could not reach rank 0's rendezvous (MASTER_ADDR:MASTER_PORT) in time."""
+
+
 class DivergenceError(SodaError):
     """The loss became NaN or infinite."""
 

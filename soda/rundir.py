@@ -52,6 +52,7 @@ NOT_RUN_SETTINGS = (
     "tracking.timeout_s",
     "tracking.resume_without_record",
     "peer_timeout_s",
+    "rendezvous_timeout_s",
 )
 
 

@@ -27,7 +27,7 @@ from soda import dist, progress, tracking
 from soda.build import build_evaluator, build_model, build_trainer, load_data, resolve_device, signature
 from soda.checkpoint import load_checkpoint, restore_trainer
 from soda.config import Config, gpu_sized, run_directory, to_settings
-from soda.errors import ConfigError, RunDirError, Terminated, TrackingLost
+from soda.errors import ConfigError, RendezvousError, RunDirError, Terminated, TrackingLost
 from soda.heartbeat import Heartbeat, PeerStalled
 from soda.loop import CHECKPOINT, Preempted, StopRequested
 from soda.models import SODA
@@ -51,7 +51,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | list[floa
     settings = to_settings(cfg)
     directory = RunDirectory(run_dir if run_dir is not None else run_directory())
     device = resolve_device(settings.device)
-    world = dist.setup(use_cuda=device.type == "cuda")
+    world = _join(settings, use_cuda=device.type == "cuda")
     if world.enabled and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
     if settings.schedule.batch_size % world.world_size:
@@ -72,6 +72,17 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | list[floa
             heartbeat.stop()
         if world.is_main:
             directory.release()
+
+
+def _join(settings: Config, use_cuda: bool) -> dist.Distributed:
+    """This process's rank in the job. A rank that cannot join leaves the process at once, as one
+    that fails later does, so that srun (or the local launcher) ends the others now."""
+    try:
+        return dist.setup(use_cuda=use_cuda, rendezvous_timeout_s=settings.rendezvous_timeout_s)
+    except RendezvousError:
+        log.exception("rank %s could not join the job", os.environ.get("RANK", "?"))
+        logging.shutdown()
+        os._exit(1)
 
 
 def _watch_peers(
@@ -302,6 +313,7 @@ def _record(resolved: dict, settings: Config, model: SODA, world: dist.Distribut
         **git_state(),
         "seed": str(settings.seed),
         "world_size": str(world.world_size),
+        "nodes": ",".join(world.nodes),  # the host names of the ranks, rank 0's first
         # Which process to look at (or stop) while the run is live.
         HOST: socket.gethostname(),
         PID: str(os.getpid()),

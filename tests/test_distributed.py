@@ -195,3 +195,88 @@ def test_preempted_slurm_job_is_requeued_and_resumes_without_duplicates(tmp_path
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/knn_acc")] == [0, 1, 2, 3, 4]
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert steps == sorted(set(steps)) and steps[-1] == 24
+
+
+def test_rank_0_refuses_to_host_a_rendezvous_at_an_address_its_node_lacks(monkeypatch):
+    from soda import dist
+    from soda.errors import RendezvousError
+
+    monkeypatch.setenv("MASTER_ADDR", "203.0.113.7")  # TEST-NET-3: no machine has it
+    monkeypatch.setenv("MASTER_PORT", "29411")
+    with pytest.raises(RendezvousError) as refused:
+        dist.check_rendezvous(0, timeout_s=5)
+    assert re.fullmatch(
+        r"rank 0 on \S+ cannot host the rendezvous at 203\.0\.113\.7:29411 \(MASTER_ADDR:MASTER_PORT\): "
+        r"203\.0\.113\.7 is not an address of this node \(.+\); MASTER_ADDR must name rank 0's node, .*",
+        str(refused.value),
+    ), str(refused.value)
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    dist.check_rendezvous(0, timeout_s=5)  # its own address: nothing to say
+
+
+def test_a_rank_gives_up_on_an_unreachable_rendezvous_after_its_timeout(monkeypatch):
+    from soda import dist
+    from soda.errors import RendezvousError
+
+    port = free_port()  # nothing listens there
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    started = time.monotonic()
+    with pytest.raises(RendezvousError) as refused:
+        dist.check_rendezvous(2, timeout_s=2)
+    assert 2 <= time.monotonic() - started < 10
+    assert re.fullmatch(
+        rf"rank 2 on \S+ could not reach the rendezvous at 127\.0\.0\.1:{port} \(MASTER_ADDR:MASTER_PORT\) within "
+        r"2 s: Connection refused; .*",
+        str(refused.value),
+    ), str(refused.value)
+
+
+def test_a_rank_waits_for_a_rendezvous_that_starts_late(monkeypatch):
+    import socket
+    import threading
+
+    from soda import dist
+
+    port = free_port()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    timer = threading.Timer(1.5, lambda: (server.bind(("127.0.0.1", port)), server.listen()))
+    timer.start()
+    try:
+        dist.check_rendezvous(1, timeout_s=30)  # refused at first, then accepted
+    finally:
+        timer.join()
+        server.close()
+
+
+def test_a_network_interface_the_node_lacks_is_one_line(monkeypatch):
+    from soda import dist
+    from soda.errors import RendezvousError
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "nosuch0")
+    with pytest.raises(RendezvousError, match=r"GLOO_SOCKET_IFNAME=nosuch0 names no network interface of this node"):
+        dist._check_network_interface(1)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "^docker,lo")  # NCCL's own forms are NCCL's to check
+    dist._check_network_interface(1)
+
+
+def test_slurm_jobs_set_threads_from_their_cpus_and_the_chosen_interface():
+    from launching.submission import node_environment
+
+    threads, interface = node_environment({"network_interface": "ib0"})
+    for cpus, preset, expected in (("4", None, "4"), (None, None, None), ("4", "2", "2")):
+        env = {k: v for k, v in {"SLURM_CPUS_PER_TASK": cpus, "OMP_NUM_THREADS": preset}.items() if v}
+        shown = subprocess.run(
+            ["bash", "-c", f'{threads}; echo "${{OMP_NUM_THREADS-unset}}"'],
+            env={"PATH": os.environ["PATH"], **env},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert shown.stdout.strip() == (expected or "unset")
+    assert interface == "export GLOO_SOCKET_IFNAME=ib0 NCCL_SOCKET_IFNAME=ib0"
+    assert node_environment({"network_interface": None}) == [threads]
