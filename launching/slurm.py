@@ -142,6 +142,7 @@ def partition_problem(params: dict, partition: dict, nodes: list) -> str | None:
 # A SLURM job in one of these states has ended (its result file, if any, is written).
 _ENDED_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 _FINAL_STATES: dict[str, str] = {}  # job id -> its final state, as scontrol showed it (ended_per_scontrol)
+_RESTARTS: dict[str, int] = {}  # job id -> how often SLURM had requeued it at the last look
 
 
 def ended_per_scontrol(job_id: str) -> str | None:
@@ -159,9 +160,24 @@ def ended_per_scontrol(job_id: str) -> str | None:
     else:
         found = re.search(r"\bJobState=(\w+)", shown.stdout)
         state = found[1] if found and found[1] in _ENDED_STATES else None
+        _note_requeue(str(job_id), shown.stdout)
     if state is not None:
         _FINAL_STATES[str(job_id)] = state
     return state
+
+
+def _note_requeue(job_id: str, shown: str) -> None:
+    """Say so once each time SLURM requeued the job (a lost node, a preemption, a time limit):
+    until it starts again, the launch waits with nothing else to show."""
+    restarts = re.search(r"\bRestarts=(\d+)", shown)
+    if restarts is None or int(restarts[1]) <= _RESTARTS.get(job_id, 0):
+        return
+    _RESTARTS[job_id] = int(restarts[1])
+    log.warning(
+        "job %s was requeued by SLURM (%s so far): it resumes from its run's last checkpoint when it starts again",
+        job_id,
+        progress.plural(int(restarts[1]), "requeue"),
+    )
 
 
 def final_state(job_id: str) -> str | None:

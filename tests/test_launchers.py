@@ -729,3 +729,26 @@ def test_local_jobs_start_all_or_none_and_give_their_gpus_back():
     assert taken == [("0",), ("1",), ("2",)]  # the caller gives them back, as _submit_and_wait does
     local.release_gpus(taken)
     assert not any(local._GPU_USE.values())
+
+
+def test_a_job_slurm_requeued_is_said_once_per_requeue(caplog, monkeypatch):
+    from launching import slurm
+
+    def shown(restarts: int, state: str = "PENDING Reason=BeginTime") -> str:
+        return f"JobId=901 JobName=launch JobState={state} Dependency=(null) Requeue=1 Restarts={restarts} BatchFlag=1"
+
+    answers = iter([shown(0, "RUNNING Reason=None"), shown(1), shown(1), shown(1, "RUNNING Reason=None"), shown(2)])
+    monkeypatch.setattr(
+        slurm.subprocess,
+        "run",
+        lambda *args, **kwargs: subprocess.CompletedProcess(args, 0, stdout=next(answers), stderr=""),
+    )
+    with caplog.at_level(logging.WARNING, logger="launching.slurm"):
+        for _ in range(5):
+            assert slurm.ended_per_scontrol("901") is None  # still in the queue
+    assert [record.getMessage() for record in caplog.records] == [
+        "job 901 was requeued by SLURM (1 requeue so far): it resumes from its run's last checkpoint when it "
+        "starts again",
+        "job 901 was requeued by SLURM (2 requeues so far): it resumes from its run's last checkpoint when it "
+        "starts again",
+    ]
