@@ -35,7 +35,21 @@ def postgres_available() -> bool:
         return False
 
 
+def multi_node_available() -> bool:
+    """The partition of namespaced compute nodes `make slurm-up` starts, with at least 3 of them up
+    (a 2-node job, and a node to requeue it on when one is lost)."""
+    if not slurm_available():
+        return False
+    shown = subprocess.run(["sinfo", "-h", "-p", "multi", "-N", "-o", "%N %T"], capture_output=True, text=True)
+    return (
+        sum(state.startswith(("idle", "mixed", "alloc")) for _, state in map(str.split, shown.stdout.splitlines())) >= 3
+    )
+
+
 needs_slurm = pytest.mark.skipif(not slurm_available(), reason="no SLURM cluster (run `make slurm-up`)")
+needs_nodes = pytest.mark.skipif(
+    not multi_node_available(), reason="no multi-node SLURM partition with 3 nodes up (run `make slurm-up`)"
+)
 needs_postgres = pytest.mark.skipif(not postgres_available(), reason="no PostgreSQL (run `make postgres-up`)")
 
 

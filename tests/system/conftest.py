@@ -81,6 +81,11 @@ SUMMARIES = {  # campaign: (what was done, the guarantee its tests check), in th
         lambda campaign, _: f"a 2-task SLURM job preempted and requeued {campaign.counts['requeues']} times",
         "it finished once in MLflow with every epoch's metrics once and final metrics equal to the uninterrupted job's",
     ),
+    "node_loss": (
+        lambda campaign, _: "; ".join(campaign.facts),
+        "SLURM requeued it, and it finished once in MLflow on other nodes with every epoch's metrics once and "
+        "metrics within rounding of the uninterrupted job's",
+    ),
     "crowd": (
         lambda campaign, _: "; ".join(["16 trials, 4 in flight", *campaign.facts]),
         "every trial finished, no metric point lost, no lock error",
