@@ -33,7 +33,6 @@ from soda.record import (
 from soda.store import check_reachable, get_or_create_experiment, quick_http_failures, redact, unanswered
 
 log = logging.getLogger(__name__)
-RUN_NAME_TAG = "mlflow.runName"  # what mlflow.start_run sets from run_name (mlflow.utils.mlflow_tags)
 RUN_ID_FILE = "mlflow_run_id"
 # How the last process ended, written into the run directory when it could not say so in the
 # store (the store had stopped answering); the next start records it as PREVIOUS_END.
@@ -120,6 +119,7 @@ class Tracker:
 
     def _start(self, run_dir: Path, params: dict[str, str], config_yaml: str, tags: dict[str, str], epoch: int) -> str:
         from mlflow.entities import Param
+        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
         from soda.mlflow_adapter import context_tags, watch_system
 
@@ -142,7 +142,7 @@ class Tracker:
             # wrote mlflow_run_id still finds its run on restart instead of leaving it orphaned.
             first_tags = {"run_dir": str(run_dir.resolve()), **self._lost_record_tags(unrecorded_end, epoch)}
             if self.run_name:
-                first_tags[RUN_NAME_TAG] = self.run_name
+                first_tags[MLFLOW_RUN_NAME] = self.run_name
             run = client.create_run(experiment_id, run_name=self.run_name, tags=context_tags(first_tags))
             self.run_id, self._live = run.info.run_id, True
             write_atomically(run_dir / RUN_ID_FILE, lambda handle: handle.write(f"{run.info.run_id}\n".encode()))
