@@ -35,16 +35,22 @@ stop_daemons() {
     log "stopped slurmctld and the slurmds"
 }
 
-remove_nodes() {
-    for ns in $(ip netns list 2>/dev/null | awk '/^soda-n[0-9]+/ {print $1}'); do
-        ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
-        ip netns del "$ns" 2>/dev/null || true
-        rm -rf "/etc/netns/$ns"
-    done
-    ip link del "$BRIDGE" 2>/dev/null || true
+# The compute nodes' namespaces there are now, by name.
+present_nodes() { ip netns list 2>/dev/null | awk '/^soda-n[0-9]+/ {print $1}'; }
+
+# A node's processes, namespace and hosts file.
+remove_node() {
+    ip netns pids "$1" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+    ip netns del "$1" 2>/dev/null || true
+    rm -rf "/etc/netns/$1"
 }
 
-if [ "${1:-up}" = "down" ]; then stop_daemons; remove_nodes; exit 0; fi
+if [ "${1:-up}" = "down" ]; then
+    stop_daemons
+    for ns in $(present_nodes); do remove_node "$ns"; done
+    ip link del "$BRIDGE" 2>/dev/null || true
+    exit 0
+fi
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "slurm-up: needs root (apt-get install, network namespaces and the daemons); run it with sudo" >&2
@@ -136,9 +142,7 @@ if [ "$NODES" -gt 0 ]; then
     echo "PartitionName=multi Nodes=soda-n[1-$NODES] MaxTime=INFINITE State=UP")
 fi
 # Namespaces of a cluster with more nodes than this one asks for go.
-for ns in $(ip netns list 2>/dev/null | awk '/^soda-n[0-9]+/ {print $1}'); do
-    [ "${ns#soda-n}" -le "$NODES" ] || { ip netns pids "$ns" | xargs -r kill -9; ip netns del "$ns"; rm -rf "/etc/netns/$ns"; }
-done
+for ns in $(present_nodes); do [ "${ns#soda-n}" -le "$NODES" ] || remove_node "$ns"; done
 [ "$NODES" -gt 0 ] || ip link del "$BRIDGE" 2>/dev/null || true
 
 mkdir -p "$STATE"/{spool,state,log} "$CONF_DIR"

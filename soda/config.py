@@ -66,9 +66,8 @@ class Config:
     objective: Any = MISSING
     device: str = MISSING  # auto = cuda when available, else cpu
     peer_timeout_s: Optional[float] = MISSING  # a rank without a heartbeat this long ends the job (soda.heartbeat)
-    rendezvous_timeout_s: float = (
-        MISSING  # a rank that cannot reach rank 0's address this long ends the job (soda.dist)
-    )
+    # A rank that cannot reach rank 0's rendezvous this long ends the job (soda.dist).
+    rendezvous_timeout_s: float = MISSING
 
     def model_arguments(self) -> dict[str, Any]:
         """soda.models.build_soda's arguments: the model node, plus what the data set decides."""

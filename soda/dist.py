@@ -9,10 +9,10 @@ Seeds derive from the *global* rank so they never collide across nodes. NCCL on 
 CPUs. Besides the training group, a gloo group serves barriers at which ranks wait for rank 0
 (evaluation, checkpoints): a gloo barrier blocks in a socket read, using no GPU and no CPU.
 
-Before joining, every rank but 0 checks that it can reach rank 0's rendezvous
-(MASTER_ADDR:MASTER_PORT; on SLURM the job's first node) and gives up after
-`rendezvous_timeout_s` in one line naming that address and port, not after the process group's
-30 minutes.
+Before joining, rank 0 checks that MASTER_ADDR is its node's, and every other rank that it can
+reach rank 0's rendezvous (MASTER_ADDR:MASTER_PORT; on SLURM the job's first node), giving up
+after `rendezvous_timeout_s`: either ends the job in one line naming that address and port, not
+after the process group's 30 minutes.
 """
 
 from __future__ import annotations
@@ -62,19 +62,12 @@ def _export_submitit_environment() -> None:
     except Exception:
         return  # not a submitit job
     if environment.num_tasks > 1:
-        # MASTER_ADDR / MASTER_PORT the site set (hydra.launcher.setup: a port its firewall opens,
-        # an address on the fast network) are kept; submitit's export would refuse to run.
-        torch_env = submitit.helpers.TorchDistributedEnvironment()
-        exported = {
-            "MASTER_ADDR": torch_env.master_addr,
-            "MASTER_PORT": str(torch_env.master_port),  # submitit's: from the job id, unless MASTER_PORT is set
-            "RANK": str(torch_env.rank),
-            "WORLD_SIZE": str(torch_env.world_size),
-            "LOCAL_RANK": str(torch_env.local_rank),
-            "LOCAL_WORLD_SIZE": str(torch_env.local_world_size),
-        }
-        for key, value in exported.items():
-            os.environ.setdefault(key, value)
+        # A MASTER_ADDR the site set (hydra.launcher.setup: an address on the fast network) is kept,
+        # as submitit keeps a MASTER_PORT; without overwrite=True, submitit refuses to export at all.
+        site_address = os.environ.get("MASTER_ADDR")
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        if site_address:
+            os.environ["MASTER_ADDR"] = site_address
 
 
 def setup(use_cuda: bool, rendezvous_timeout_s: float = 300) -> Distributed:

@@ -53,6 +53,29 @@ def tracking_overrides(work: Path, experiment: str) -> list[str]:
     ]
 
 
+def slurm_job(work: Path, name: str, experiment: str, epochs: int, *launcher: str) -> subprocess.Popen:
+    """The tiny run as a SLURM job named `soda-faults-<name>` through the SLURM launcher, its sweep
+    directory `<work>/<name>`, `launcher` the job's hydra.launcher overrides; the returned process
+    (stdout and stderr together) waits for the job to end."""
+    return subprocess.Popen(
+        launch_command(
+            "-m",
+            *TINY,
+            f"schedule.epochs={epochs}",
+            *tracking_overrides(work, experiment),
+            f"hydra.sweep.dir={work}/{name}",
+            "hydra/launcher=slurm",
+            *launcher,
+            f"hydra.launcher.name=soda-faults-{name}",
+        ),
+        cwd=REPO,
+        env=environment(work),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def environment(work: Path, **extra: str) -> dict[str, str]:
     """The caller's environment, minus what would send records elsewhere or announce fault marks;
     any store a command does not name goes into `work`."""

@@ -24,7 +24,7 @@ import pytest
 from soda.record import KNN_ACC, LINEAR_ACC, PREVIOUS_END, RECON_MSE, RESUMED, RUN_DIR, TRAIN_LOSS
 from tests.support.services import needs_nodes
 from tests.support.slurm import job_nodes, kill_node, release_requeued, squeue, start_node
-from tests.system.campaign import REPO, TINY, Store, environment, launch_command, tracking_overrides
+from tests.system.campaign import Store, slurm_job
 
 EPOCHS = 6
 EXPERIMENT = "faults-node-loss"
@@ -35,26 +35,15 @@ LOSS_RTOL, RECON_RTOL, ACCURACY_ATOL = 1e-3, 1e-2, 3 / 128
 
 
 def submit(work: Path, name: str) -> subprocess.Popen:
-    """The 2-node job through the SLURM launcher; the returned process waits for it to end."""
-    return subprocess.Popen(
-        launch_command(
-            "-m",
-            *TINY,
-            f"schedule.epochs={EPOCHS}",
-            *tracking_overrides(work, EXPERIMENT),
-            f"hydra.sweep.dir={work}/{name}",
-            "hydra/launcher=slurm",
-            "hydra.launcher.partition=multi",
-            "hydra.launcher.nodes=2",
-            "hydra.launcher.tasks_per_node=2",
-            "hydra.launcher.cpus_per_task=1",
-            f"hydra.launcher.name=soda-faults-{name}",
-        ),
-        cwd=REPO,
-        env=environment(work),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    return slurm_job(
+        work,
+        name,
+        EXPERIMENT,
+        EPOCHS,
+        "hydra.launcher.partition=multi",
+        "hydra.launcher.nodes=2",
+        "hydra.launcher.tasks_per_node=2",
+        "hydra.launcher.cpus_per_task=1",
     )
 
 

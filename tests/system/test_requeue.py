@@ -15,7 +15,7 @@ import pytest
 from soda.record import RESUMED, RUN_DIR
 from tests.support.services import needs_slurm
 from tests.support.slurm import preempt, release_requeued, squeue
-from tests.system.campaign import REPO, TINY, Store, environment, launch_command, tracking_overrides
+from tests.system.campaign import Store, slurm_job
 
 EPOCHS = 4
 EXPERIMENT = "faults-requeue"
@@ -23,24 +23,8 @@ REQUEUES = 3
 
 
 def submit(work: Path, name: str) -> subprocess.Popen:
-    """The job through the SLURM launcher; the returned process waits for it to end."""
-    return subprocess.Popen(
-        launch_command(
-            "-m",
-            *TINY,
-            f"schedule.epochs={EPOCHS}",
-            *tracking_overrides(work, EXPERIMENT),
-            f"hydra.sweep.dir={work}/{name}",
-            "hydra/launcher=slurm",
-            "hydra.launcher.tasks_per_node=2",
-            "hydra.launcher.cpus_per_task=1",
-            f"hydra.launcher.name=soda-faults-{name}",
-        ),
-        cwd=REPO,
-        env=environment(work),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    return slurm_job(
+        work, name, EXPERIMENT, EPOCHS, "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1"
     )
 
 
