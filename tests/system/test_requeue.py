@@ -17,7 +17,7 @@ from tests.support.services import needs_slurm
 from tests.support.slurm import preempt, release_requeued, squeue
 from tests.system.campaign import Store, slurm_job
 
-EPOCHS = 4
+EPOCHS = 8  # room for 3 preemptions at random moments: with one thread per rank, 4 epochs ended first
 EXPERIMENT = "faults-requeue"
 REQUEUES = 3
 
